@@ -1,0 +1,1002 @@
+"""Exact LUNA16 FROC / CPM evaluation, vectorised with numpy.
+
+This module reproduces the rules of the official LUNA16 evaluation script
+``noduleCADEvaluationLUNA16.py`` (the ``evaluationScript`` package that the LUNA16 challenge
+distributed, with ``NoduleFinding.py`` and ``tools/csvTools.py``), without pandas or scikit-learn.
+The official script is written as nested Python loops; here every step is an array operation, and
+the results are the same numbers (see "Exactness" below).
+
+Inputs
+------
+* ``annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm`` (world millimetres). These
+  are the *included* nodules: each one is a lesion that can be detected or missed.
+* ``annotations_excluded.csv`` (optional): same columns. These are the *excluded* findings
+  (non-nodules, nodules < 3 mm, nodules accepted by fewer than 3 of 4 radiologists). In the official
+  file many rows have ``diameter_mm = -1`` (no size was measured).
+* ``seriesuids.csv`` (optional): the list of evaluated scans, one uid per line.
+* predictions (the "CAD marks"): ``seriesuid,coordX,coordY,coordZ,probability``.
+
+Columns are found by header name (the official script uses ``header.index(name)``), so their order
+does not matter and extra columns are ignored.
+
+Rules of the official script, and where they come from
+------------------------------------------------------
+1. **Scans.** ``collect()`` reads ``seriesuids.csv`` with ``csv.reader`` and takes the first field of
+   *every* row: the official file has no header. Only the listed scans are evaluated; annotations and
+   excluded findings on other scans are silently ignored (``collectNoduleAnnotations`` only collects
+   rows whose uid is in the list), and so are predictions on other scans (``evaluateCAD`` only collects
+   marks per listed uid). The FP rate divides by the number of listed scans (``len(seriesUIDs)``),
+   so a listed scan without marks still counts.
+2. **At most 100 marks per scan** (``maxNumberOfCADMarks=100`` in ``noduleCADEvaluation``). The
+   official script does not raise: when a scan has more than 100 marks it sorts their probabilities in
+   decreasing order, takes the threshold ``t = probs[100]`` (the 101st largest) and keeps only the marks
+   with ``probability > t`` (strictly). Ties at the threshold are therefore all dropped, so a scan can
+   keep fewer than 100 marks. Scans with at most 100 marks are untouched. This happens before matching.
+3. **Hit test.** For every nodule (included and excluded) and every (kept) mark of the same scan the
+   squared Euclidean distance ``dx**2 + dy**2 + dz**2`` is compared with ``(diameter_mm / 2.0)**2``
+   using a *strict* ``<``: a mark exactly on the sphere of radius ``diameter / 2`` is not a hit.
+   A negative diameter (the ``-1`` of the excluded file) is replaced by **10 mm** (radius 5 mm)
+   before the test (``if diameter < 0.0: diameter = 10.0``).
+4. **Included nodules come first.** ``collectNoduleAnnotations`` lists a scan's included nodules
+   before its excluded findings, and ``evaluateCAD`` deletes every mark that hits an included nodule
+   from the set of candidate FPs before the excluded findings are looked at. So a mark that hits both an
+   included nodule and an excluded finding is a hit on the nodule, not an ignored mark.
+5. **One mark can detect several nodules.** The matching loops over *all* marks of the scan for each
+   nodule (not only over the marks still unmatched), so a mark inside two overlapping nodules counts for
+   both (the official script only prints "This is strange: CAD mark ... detected two nodules!").
+6. **One hit per nodule.** A detected nodule enters the FROC analysis once, as a positive with the
+   *highest* probability among all marks that hit it. The other marks that hit it are neither FPs nor
+   extra TPs (counted as "double detections ignored": ``len(matches) - 1`` per nodule).
+7. **Marks on excluded findings are ignored** (``bOtherNodulesAsIrrelevant = True``): a mark that hits
+   an excluded finding and no included nodule is neither a TP nor an FP. Each such mark is counted once
+   ("ignored candidates on excluded nodules"), however many excluded findings it hits.
+8. **Every other mark is a false positive**, with its own probability.
+9. **Missed nodules** are appended as positives with probability ``-1e9`` and ``exclude=True``;
+   ``computeFROC`` drops them before the ROC analysis but still counts them in the total number of
+   lesions, so the sensitivity of the curve saturates at ``detected / total``.
+10. **The FROC curve** (``computeFROC``): ``fpr, tpr, thr = sklearn.metrics.roc_curve(labels, probs)``
+    on the TPs and FPs, then ``fps = fpr * (n_candidates - n_detected) / n_scans`` (that is
+    ``fpr * n_FP / n_scans``) and ``sens = tpr * n_detected / n_lesions``. ``roc_curve`` is rebuilt here
+    exactly: one point per distinct probability, in decreasing order, with cumulative TP and FP counts;
+    its default ``drop_intermediate=True`` (drop a point when both count sequences have a zero second
+    difference there, keeping the first and last; only when there are more than 2 points); a point
+    ``(0, 0)`` with threshold ``inf`` prepended. Corner case: if there are no FPs at all the official
+    script sets ``fps`` to zeros (``roc_curve`` would give NaN), so the sensitivity is the final
+    ``detected / total`` at every FP rate.
+11. **Operating points.** The official script interpolates the curve with
+    ``np.interp(fps_itp, fps, sens)`` (``fps_itp = np.linspace(0.125, 8, 10001)``) and writes/plots it;
+    the LUNA16 score (CPM, Setio et al. 2017) is the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8
+    FPs per scan. Here the *same* ``np.interp`` is evaluated at exactly those 7 rates (note that 0.25,
+    0.5, 1, 2 and 4 are not points of the 10001-point grid, so reading them off that grid, as some copies
+    of the script do, is slightly off). ``np.interp`` on a vertical step (several points at the same FP
+    rate) returns the value of the last one, i.e. the top of the step; so does this module, because it
+    hands ``np.interp`` the same arrays.
+12. **Bootstrap** (``computeFROC_bootstrap``): ``numberOfBootstrapSamples = 1000`` resamples of the
+    *scans* with replacement (``np.random.randint(n_scans, size=n_scans)``); each resample pools the FROC
+    entries (TPs, FPs, missed nodules) of the drawn scans, repeated as often as drawn; the number of
+    scans is always ``n_scans``; the curve is recomputed by the same ``computeFROC``. Each curve is
+    interpolated on ``np.linspace(0.125, 8, 10000)`` and stored as float32; per FP rate the values are
+    sorted and the bounds are ``vec[floor(Pz * B)]`` and ``vec[floor((1 - Pz) * B)]`` with
+    ``Pz = (1 - 0.95) / 2`` (so the 25th and 975th of 1000), the centre is their mean. This module draws
+    the resamples with ``np.random.RandomState(seed).randint(n_scans, size=n_scans)``, one call per
+    resample: that is the very stream the official script uses after ``np.random.seed(seed)``. A
+    resample's curve depends only on how many times each scan was drawn, so it is computed from
+    per-scan weights on entries sorted once. The same order-statistic rule gives the intervals at the 7
+    operating points (interpolated in float64 at the exact rates) and for the CPM (mean of the 7 per
+    resample).
+
+Corner cases where this module deliberately differs (the official script crashes or gives NaN)
+--------------------------------------------------------------------------------------------
+* Predictions on a scan that is not in the series list: the official script ignores them silently;
+  here they are an error naming the file and line (usually a wrong ``seriesuids.csv`` or fold).
+* No series list given: the scans are the uids of the annotations and of the predictions (in order of
+  first appearance); the excluded file does not add scans.
+* A ``seriesuids.csv`` whose first line is exactly ``seriesuid`` is taken to have a header (the
+  official script would count a bogus scan called "seriesuid"); blank lines are skipped (the official
+  script crashes on them); a uid listed twice is an error (the official script would evaluate the scan
+  twice and count it twice).
+* Blank CSV lines are skipped; fields are stripped of surrounding whitespace.
+* Negative ``diameter_mm`` is an error, except ``-1`` in the excluded-findings file (treated as 10 mm).
+* Non-finite coordinates or probabilities (NaN, inf) are errors.
+* No detected nodule but some FPs: ``roc_curve`` gives ``tpr = NaN`` and the official curve is NaN; here
+  the sensitivity is 0 at every FP rate. No TP and no FP at all: the official script crashes; here the
+  curve is the single point (0, 0).
+* No included nodule among the evaluated scans: the sensitivity is undefined and :func:`froc` raises.
+  A bootstrap resample without any nodule (possible on tiny data sets) gives NaN in the official script
+  (which then sorts NaN last and averages it); here such resamples are left out of the intervals and
+  counted in ``FROCResult.n_bootstrap_valid``.
+
+Exactness
+---------
+The curve, the 7 sensitivities and the bootstrap intervals equal, bit for bit, those of a loop
+transcription of the official script (see ``tests/test_froc.py``). One platform detail cannot be
+reproduced by array code: the official script squares with ``math.pow(d, 2.)``, i.e. the C library
+``pow``, which on some libm versions is off by one unit in the last place for a few inputs; this module
+squares with ``d * d`` (correctly rounded). The two can only disagree for a mark whose squared distance
+is within one rounding unit (about 1e-16 relative) of the squared radius.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "OPERATING_POINTS",
+    "MAX_MARKS_PER_SCAN",
+    "FROCError",
+    "FROCInputError",
+    "LunaAnnotations",
+    "LunaPredictions",
+    "FROCResult",
+    "read_luna_annotations",
+    "read_luna_predictions",
+    "read_luna_seriesuids",
+    "froc",
+    "froc_curve",
+    "plot_froc",
+    "main",
+]
+
+#: FP rates (false positives per scan) at which the LUNA16 CPM averages the sensitivity.
+OPERATING_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: ``maxNumberOfCADMarks`` of the official script.
+MAX_MARKS_PER_SCAN = 100
+#: Diameter used by the official script for findings with a negative (unknown) diameter.
+UNKNOWN_DIAMETER_MM = 10.0
+#: Probability the official script gives to missed nodules (they are dropped before the ROC analysis).
+MISSED_NODULE_PROBABILITY = -1000000000.0
+FROC_MIN_X = 0.125
+FROC_MAX_X = 8.0
+CURVE_GRID_POINTS = 10001  # fps_itp of evaluateCAD
+BOOTSTRAP_GRID_POINTS = 10000  # all_fps of computeFROC_bootstrap
+
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and input containers
+# ----------------------------------------------------------------------------------------------
+
+
+class FROCError(ValueError):
+    """The evaluation cannot be carried out (e.g. no nodule among the evaluated scans)."""
+
+
+class FROCInputError(FROCError):
+    """Bad input; the message names the file (or array) and the 1-based line (or row)."""
+
+    def __init__(self, source: str, line: int | None, problem: str, word: str = "line"):
+        self.source = source
+        self.line = line
+        self.problem = problem
+        where = source if line is None else f"{source}, {word} {line}"
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True, eq=False)
+class LunaAnnotations:
+    """Nodule annotations (or excluded findings) in LUNA16 world coordinates (mm).
+
+    ``lines`` holds the 1-based line number of each row in ``source`` (used in error messages);
+    ``word`` is ``"line"`` for files and ``"row"`` for arrays.
+    """
+
+    seriesuids: np.ndarray  # (N,) str
+    centres: np.ndarray  # (N, 3) float64: coordX, coordY, coordZ
+    diameters: np.ndarray  # (N,) float64 mm; -1 = unknown (excluded findings only)
+    lines: np.ndarray  # (N,) int64
+    source: str = "<annotations>"
+    word: str = "row"
+
+    def __len__(self) -> int:
+        return int(self.seriesuids.shape[0])
+
+    @classmethod
+    def from_arrays(cls, seriesuids, centres, diameters, *, source: str = "<annotations>",
+                    allow_unknown_diameter: bool = False) -> "LunaAnnotations":
+        uids = _as_uid_array(seriesuids)
+        n = uids.shape[0]
+        lines = np.arange(1, n + 1, dtype=np.int64)
+        xyz = _as_float_array(centres, (n, 3), "centres", source)
+        diam = _as_float_array(diameters, (n,), "diameters", source)
+        _check_uids(uids, lines, source, "row")
+        _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "row")
+        _check_diameters(diam, lines, source, "row", allow_unknown_diameter)
+        return cls(uids, xyz, diam, lines, source, "row")
+
+
+@dataclass(frozen=True, eq=False)
+class LunaPredictions:
+    """CAD marks in LUNA16 world coordinates (mm) with their probabilities."""
+
+    seriesuids: np.ndarray  # (M,) str
+    centres: np.ndarray  # (M, 3) float64
+    probabilities: np.ndarray  # (M,) float64
+    lines: np.ndarray  # (M,) int64
+    source: str = "<predictions>"
+    word: str = "row"
+
+    def __len__(self) -> int:
+        return int(self.seriesuids.shape[0])
+
+    @classmethod
+    def from_arrays(cls, seriesuids, centres, probabilities, *,
+                    source: str = "<predictions>") -> "LunaPredictions":
+        uids = _as_uid_array(seriesuids)
+        n = uids.shape[0]
+        lines = np.arange(1, n + 1, dtype=np.int64)
+        xyz = _as_float_array(centres, (n, 3), "centres", source)
+        prob = _as_float_array(probabilities, (n,), "probabilities", source)
+        _check_uids(uids, lines, source, "row")
+        _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "row")
+        _check_probabilities(prob, lines, source, "row")
+        return cls(uids, xyz, prob, lines, source, "row")
+
+
+def _as_uid_array(values) -> np.ndarray:
+    arr = np.asarray([str(v).strip() for v in values] if not isinstance(values, np.ndarray)
+                     else np.char.strip(values.astype(str)), dtype=str)
+    return arr.reshape(-1)
+
+
+def _as_float_array(values, shape, name, source) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0 and int(np.prod(shape)) == 0:
+        return arr.reshape(shape)
+    if arr.shape != shape:
+        raise FROCInputError(source, None, f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV reading and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_blank(row: list[str]) -> bool:
+    return not any(field.strip() for field in row)
+
+
+def _open_csv(path: PathLike):
+    source = os.fspath(path)
+    try:
+        return source, open(source, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise FROCInputError(source, None, f"cannot open file ({exc.strerror})") from None
+
+
+def _read_table(path: PathLike, columns: Sequence[str]):
+    """Read the named columns of a CSV file with a header line; return strings and line numbers."""
+    source, handle = _open_csv(path)
+    with handle:
+        reader = csv.reader(handle)
+        header = None
+        header_line = 0
+        try:
+            for row in reader:
+                if not _is_blank(row):
+                    header = [field.strip() for field in row]
+                    header_line = reader.line_num
+                    break
+            if header is None:
+                raise FROCInputError(source, None, "empty file: expected a header line with the "
+                                     f"columns {','.join(columns)}")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise FROCInputError(source, header_line,
+                                     f"missing column(s) {', '.join(missing)} in the header "
+                                     f"{','.join(header)!r} (expected {','.join(columns)})")
+            index = [header.index(c) for c in columns]
+            need = max(index) + 1
+            fields: list[list[str]] = [[] for _ in columns]
+            lines: list[int] = []
+            for row in reader:
+                if _is_blank(row):
+                    continue
+                if len(row) < need:
+                    raise FROCInputError(source, reader.line_num,
+                                         f"too few fields: {len(row)}, the header has {len(header)} "
+                                         f"({','.join(header)})")
+                for out, i in zip(fields, index):
+                    out.append(row[i].strip())
+                lines.append(reader.line_num)
+        except csv.Error as exc:
+            raise FROCInputError(source, reader.line_num, f"malformed CSV ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise FROCInputError(source, None, f"not a UTF-8 text file ({exc.reason})") from None
+    return source, fields, np.asarray(lines, dtype=np.int64)
+
+
+def _parse_floats(strings: list[str], column: str, lines: np.ndarray, source: str) -> np.ndarray:
+    if not strings:
+        return np.zeros(0, dtype=np.float64)
+    try:
+        return np.asarray(strings, dtype=np.float64)
+    except ValueError:
+        pass
+    for text, line in zip(strings, lines):  # error path only: find the first bad row
+        try:
+            float(text)
+        except ValueError:
+            what = "empty value" if text == "" else f"malformed number {text!r}"
+            raise FROCInputError(source, int(line), f"{what} in column {column!r}") from None
+    raise FROCInputError(source, None, f"cannot parse column {column!r} as numbers")
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _check_uids(uids, lines, source, word):
+    empty = np.char.str_len(uids) == 0 if uids.size else np.zeros(0, bool)
+    if empty.any():
+        raise FROCInputError(source, int(lines[_first(empty)]), "empty seriesuid", word)
+
+
+def _check_finite(xyz, names, lines, source, word):
+    bad = ~np.isfinite(xyz)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise FROCInputError(source, int(lines[row]),
+                             f"{names[col]} is not a finite number ({xyz[row, col]!r})", word)
+
+
+def _check_diameters(diam, lines, source, word, allow_unknown):
+    nan = np.isnan(diam)
+    if nan.any():
+        raise FROCInputError(source, int(lines[_first(nan)]), "diameter_mm is NaN", word)
+    inf = np.isinf(diam)
+    if inf.any():
+        raise FROCInputError(source, int(lines[_first(inf)]), "diameter_mm is infinite", word)
+    negative = diam < 0
+    if allow_unknown:
+        negative &= diam != -1.0
+    if negative.any():
+        i = _first(negative)
+        hint = (" (only -1, 'unknown', is allowed, in the excluded-findings file)" if allow_unknown
+                else " (-1, 'unknown', is only allowed in the excluded-findings file)")
+        raise FROCInputError(source, int(lines[i]), f"negative diameter_mm {diam[i]!r}{hint}", word)
+
+
+def _check_probabilities(prob, lines, source, word):
+    nan = np.isnan(prob)
+    if nan.any():
+        raise FROCInputError(source, int(lines[_first(nan)]), "probability is NaN", word)
+    inf = np.isinf(prob)
+    if inf.any():
+        i = _first(inf)
+        raise FROCInputError(source, int(lines[i]), f"probability is infinite ({prob[i]!r})", word)
+
+
+def _columns_to_arrays(source, fields, lines, value_column):
+    uids = np.asarray(fields[0], dtype=str)
+    xyz = np.stack([_parse_floats(fields[k], name, lines, source)
+                    for k, name in ((1, "coordX"), (2, "coordY"), (3, "coordZ"))], axis=1)
+    values = _parse_floats(fields[4], value_column, lines, source)
+    _check_uids(uids, lines, source, "line")
+    _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "line")
+    return uids, xyz, values
+
+
+def read_luna_annotations(path: PathLike, *, allow_unknown_diameter: bool = False) -> LunaAnnotations:
+    """Read ``annotations.csv`` (or, with ``allow_unknown_diameter=True``, ``annotations_excluded.csv``,
+    whose ``diameter_mm`` may be ``-1``)."""
+    source, fields, lines = _read_table(path, ANNOTATION_COLUMNS)
+    uids, xyz, diam = _columns_to_arrays(source, fields, lines, "diameter_mm")
+    _check_diameters(diam, lines, source, "line", allow_unknown_diameter)
+    return LunaAnnotations(uids, xyz, diam, lines, source, "line")
+
+
+def read_luna_predictions(path: PathLike) -> LunaPredictions:
+    """Read a LUNA16 submission (``seriesuid,coordX,coordY,coordZ,probability``)."""
+    source, fields, lines = _read_table(path, PREDICTION_COLUMNS)
+    uids, xyz, prob = _columns_to_arrays(source, fields, lines, "probability")
+    _check_probabilities(prob, lines, source, "line")
+    return LunaPredictions(uids, xyz, prob, lines, source, "line")
+
+
+def read_luna_seriesuids(path: PathLike) -> list[str]:
+    """Read ``seriesuids.csv``: the first field of every line (no header in the official file).
+
+    A first line that is exactly ``seriesuid`` is skipped as a header; blank lines are skipped; a uid
+    listed twice is an error.
+    """
+    source, handle = _open_csv(path)
+    uids: list[str] = []
+    first_line: dict[str, int] = {}
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            for row in reader:
+                if _is_blank(row):
+                    continue
+                uid = row[0].strip()
+                if not uids and not first_line and uid == "seriesuid":
+                    first_line[""] = reader.line_num  # header seen; "" is never a valid uid
+                    continue
+                if uid == "":
+                    raise FROCInputError(source, reader.line_num, "empty seriesuid in the first field")
+                if uid in first_line:
+                    raise FROCInputError(source, reader.line_num,
+                                         f"duplicate seriesuid {uid!r} (first listed on line "
+                                         f"{first_line[uid]})")
+                first_line[uid] = reader.line_num
+                uids.append(uid)
+        except csv.Error as exc:
+            raise FROCInputError(source, reader.line_num, f"malformed CSV ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise FROCInputError(source, None, f"not a UTF-8 text file ({exc.reason})") from None
+    return uids
+
+
+# ----------------------------------------------------------------------------------------------
+# the FROC curve (computeFROC + sklearn.metrics.roc_curve, rebuilt)
+# ----------------------------------------------------------------------------------------------
+
+
+def _froc_from_counts(tps: np.ndarray, fps: np.ndarray, thresholds: np.ndarray, n_lesions: float,
+                      n_scans: int):
+    """Cumulative TP/FP counts at each distinct probability (decreasing) -> official FROC curve."""
+    if tps.size > 2:  # roc_curve(drop_intermediate=True)
+        keep = np.ones(tps.size, dtype=bool)
+        keep[1:-1] = (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0)
+        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+    tps = np.concatenate(([0.0], tps))
+    fps = np.concatenate(([0.0], fps))
+    thresholds = np.concatenate(([np.inf], thresholds))
+    n_fp = fps[-1]
+    n_detected = tps[-1]
+    if n_fp > 0:
+        curve_fps = (fps / n_fp) * n_fp / n_scans
+    else:  # official: "this system has no false positives" -> fps = zeros
+        curve_fps = np.zeros_like(fps)
+    if n_lesions <= 0:
+        curve_sens = np.full_like(tps, np.nan)
+    elif n_detected > 0:
+        curve_sens = (tps / n_detected) * n_detected / n_lesions
+    else:  # official: tpr = NaN; defined here as 0
+        curve_sens = np.zeros_like(tps)
+    return curve_fps, curve_sens, thresholds
+
+
+class _Entries:
+    """The FROC entries (one per detected nodule, one per FP mark), sorted once by probability."""
+
+    def __init__(self, scan: np.ndarray, positive: np.ndarray, score: np.ndarray,
+                 lesions_per_scan: np.ndarray):
+        order = np.argsort(-score, kind="stable")
+        s = score[order]
+        new = np.ones(s.size, dtype=bool)
+        new[1:] = s[1:] != s[:-1]
+        group = np.cumsum(new) - 1
+        self.n_groups = int(new.sum())
+        self.group_score = s[new]
+        pos = positive[order]
+        scan = scan[order]
+        self.pos_group, self.pos_scan = group[pos], scan[pos]
+        self.neg_group, self.neg_scan = group[~pos], scan[~pos]
+        self.lesions_per_scan = lesions_per_scan.astype(np.float64)
+        self.n_scans = int(lesions_per_scan.shape[0])
+
+    def curve(self, scan_weights: np.ndarray | None = None):
+        g = self.n_groups
+        if scan_weights is None:
+            g_tp = np.bincount(self.pos_group, minlength=g).astype(np.float64)
+            g_fp = np.bincount(self.neg_group, minlength=g).astype(np.float64)
+            n_lesions = float(self.lesions_per_scan.sum())
+            present = slice(None)
+        else:
+            g_tp = np.bincount(self.pos_group, weights=scan_weights[self.pos_scan], minlength=g)
+            g_fp = np.bincount(self.neg_group, weights=scan_weights[self.neg_scan], minlength=g)
+            n_lesions = float(scan_weights @ self.lesions_per_scan)
+            present = (g_tp + g_fp) > 0  # probabilities that occur in the resample
+        tps = np.cumsum(g_tp)[present]
+        fps = np.cumsum(g_fp)[present]
+        return _froc_from_counts(tps, fps, self.group_score[present], n_lesions, self.n_scans)
+
+
+def froc_curve(labels, probabilities, n_lesions: float, n_scans: int):
+    """``computeFROC`` of the official script on already matched entries.
+
+    ``labels``: 1 for a detected nodule (with the probability of its best mark), 0 for a false
+    positive; missed nodules are not passed, they only count in ``n_lesions``. Returns
+    ``(fps, sensitivities, thresholds)``.
+    """
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    scan = np.zeros(labels.size, dtype=np.int64)
+    entries = _Entries(scan, labels, probabilities, np.array([0.0]))
+    entries.n_scans = int(n_scans)
+    entries.lesions_per_scan = np.array([float(n_lesions)])
+    return entries.curve()
+
+
+# ----------------------------------------------------------------------------------------------
+# matching (evaluateCAD)
+# ----------------------------------------------------------------------------------------------
+
+
+def _truncate(mark_scan, mark_prob, n_scans, max_marks):
+    """Official cap: with more than ``max_marks`` marks keep those with p > (max_marks+1)-th largest p."""
+    keep = np.ones(mark_scan.shape[0], dtype=bool)
+    if max_marks is None or max_marks <= 0 or mark_scan.size == 0:
+        return keep
+    counts = np.bincount(mark_scan, minlength=n_scans)
+    over = counts > max_marks
+    if not over.any():
+        return keep
+    order = np.lexsort((-mark_prob, mark_scan))  # by scan, then probability decreasing
+    starts = np.cumsum(counts) - counts
+    threshold = np.full(n_scans, -np.inf)
+    threshold[over] = mark_prob[order[starts[over] + max_marks]]
+    return ~over[mark_scan] | (mark_prob > threshold[mark_scan])
+
+
+def _same_scan_pairs(nod_scan, mark_scan, n_scans):
+    """All (nodule, mark) index pairs on the same scan."""
+    order = np.argsort(mark_scan, kind="stable")
+    mcount = np.bincount(mark_scan, minlength=n_scans)
+    mstart = np.cumsum(mcount) - mcount
+    per_nod = mcount[nod_scan]
+    total = int(per_nod.sum())
+    pair_nod = np.repeat(np.arange(nod_scan.shape[0]), per_nod)
+    offset = np.cumsum(per_nod) - per_nod
+    pos = mstart[nod_scan][pair_nod] + (np.arange(total) - offset[pair_nod])
+    return pair_nod, order[pos]
+
+
+def _match(n_scans, nod_scan, nod_xyz, nod_diam, nod_included, mark_scan, mark_xyz, mark_prob):
+    pair_nod, pair_mark = _same_scan_pairs(nod_scan, mark_scan, n_scans)
+    d = nod_xyz[pair_nod] - mark_xyz[pair_mark]
+    dist2 = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+    radius = np.where(nod_diam < 0.0, UNKNOWN_DIAMETER_MM, nod_diam) / 2.0
+    hit = dist2 < (radius * radius)[pair_nod]
+    inc = hit & nod_included[pair_nod]
+    exc = hit & ~nod_included[pair_nod]
+    n_nod, n_mark = nod_scan.shape[0], mark_scan.shape[0]
+    mark_inc = np.bincount(pair_mark[inc], minlength=n_mark)
+    mark_exc = np.bincount(pair_mark[exc], minlength=n_mark)
+    nod_hits = np.bincount(pair_nod[inc], minlength=n_nod)
+    best = np.full(n_nod, -np.inf)
+    np.maximum.at(best, pair_nod[inc], mark_prob[pair_mark[inc]])
+    return mark_inc, mark_exc, nod_hits, best
+
+
+# ----------------------------------------------------------------------------------------------
+# result
+# ----------------------------------------------------------------------------------------------
+
+
+def _float_or_none(x):
+    if x is None:
+        return None
+    x = float(x)
+    return None if not math.isfinite(x) else x
+
+
+def _list(a):
+    return None if a is None else [_float_or_none(v) for v in np.asarray(a).tolist()]
+
+
+@dataclass(eq=False)
+class FROCResult:
+    """Outcome of :func:`froc`.
+
+    ``fps`` are the 7 operating points (FPs per scan), ``sensitivities`` the interpolated
+    sensitivities there, ``cpm`` their mean. ``*_ci_low``/``*_ci_high`` are the bootstrap bounds
+    (None without bootstrap). ``curve_*`` is the official FROC curve (``computeFROC`` output);
+    ``bootstrap_*`` the official bootstrap band on ``np.linspace(0.125, 8, 10000)``.
+    """
+
+    fps: np.ndarray
+    sensitivities: np.ndarray
+    cpm: float
+    sensitivities_ci_low: np.ndarray | None
+    sensitivities_ci_high: np.ndarray | None
+    cpm_ci_low: float | None
+    cpm_ci_high: float | None
+    curve_fps: np.ndarray
+    curve_sensitivities: np.ndarray
+    curve_thresholds: np.ndarray
+    bootstrap_fps: np.ndarray | None
+    bootstrap_mean: np.ndarray | None
+    bootstrap_low: np.ndarray | None
+    bootstrap_high: np.ndarray | None
+    n_scans: int
+    n_nodules: int
+    n_tp: int
+    n_fn: int
+    n_fp: int
+    n_ignored: int
+    n_double_hits: int
+    n_marks_on_several_nodules: int
+    n_marks: int
+    n_marks_truncated: int
+    n_excluded_findings: int
+    n_bootstrap: int
+    n_bootstrap_valid: int
+    confidence: float
+    seed: int | None
+    max_marks_per_scan: int | None
+
+    @property
+    def max_sensitivity(self) -> float:
+        """Sensitivity with all marks (detected / total nodules)."""
+        return self.n_tp / self.n_nodules
+
+    @property
+    def max_fps(self) -> float:
+        """FPs per scan with all marks."""
+        return self.n_fp / self.n_scans
+
+    def to_dict(self, include_curve: bool = False) -> dict:
+        out = {
+            "fps": _list(self.fps),
+            "sensitivities": _list(self.sensitivities),
+            "cpm": _float_or_none(self.cpm),
+            "sensitivities_ci_low": _list(self.sensitivities_ci_low),
+            "sensitivities_ci_high": _list(self.sensitivities_ci_high),
+            "cpm_ci_low": _float_or_none(self.cpm_ci_low),
+            "cpm_ci_high": _float_or_none(self.cpm_ci_high),
+            "confidence": self.confidence,
+            "counts": {
+                "scans": self.n_scans,
+                "nodules": self.n_nodules,
+                "tp": self.n_tp,
+                "fn": self.n_fn,
+                "fp": self.n_fp,
+                "ignored_on_excluded": self.n_ignored,
+                "double_hits_ignored": self.n_double_hits,
+                "marks_on_several_nodules": self.n_marks_on_several_nodules,
+                "marks_evaluated": self.n_marks,
+                "marks_truncated": self.n_marks_truncated,
+                "excluded_findings": self.n_excluded_findings,
+            },
+            "max_sensitivity": self.max_sensitivity,
+            "max_fps": self.max_fps,
+            "n_bootstrap": self.n_bootstrap,
+            "n_bootstrap_valid": self.n_bootstrap_valid,
+            "seed": self.seed,
+            "max_marks_per_scan": self.max_marks_per_scan,
+        }
+        if include_curve:
+            thr = self.curve_thresholds.tolist()
+            out["curve"] = {
+                "fps": _list(self.curve_fps),
+                "sensitivities": _list(self.curve_sensitivities),
+                # the first threshold is +inf (the prepended (0, 0) point): null in JSON
+                "thresholds": [None if not math.isfinite(t) else t for t in thr],
+            }
+        return out
+
+    def format_table(self) -> str:
+        has_ci = self.sensitivities_ci_low is not None
+        lines = [
+            "LUNA16 FROC (noduleCADEvaluationLUNA16 rules)",
+            f"scans {self.n_scans}  nodules {self.n_nodules}  detected {self.n_tp}  missed {self.n_fn}  "
+            f"FP marks {self.n_fp}  ignored on excluded {self.n_ignored}  "
+            f"double hits {self.n_double_hits}  truncated {self.n_marks_truncated}",
+            f"max sensitivity {self.max_sensitivity:.4f} at {self.max_fps:.3f} FPs/scan",
+        ]
+        ci_head = f"   {round(self.confidence * 100):d}% CI ({self.n_bootstrap_valid} bootstraps)" \
+            if has_ci else ""
+        lines.append(f"{'FPs/scan':>9}  {'sensitivity':>11}{ci_head}")
+
+        def row(label, value, lo, hi):
+            text = f"{label:>9}  {value:>11.4f}"
+            if has_ci:
+                text += f"   [{lo:.4f}, {hi:.4f}]"
+            return text
+
+        for i, fp in enumerate(self.fps):
+            lo = self.sensitivities_ci_low[i] if has_ci else None
+            hi = self.sensitivities_ci_high[i] if has_ci else None
+            lines.append(row(f"{fp:g}", self.sensitivities[i], lo, hi))
+        lines.append(row("CPM", self.cpm, self.cpm_ci_low, self.cpm_ci_high))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# main entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _ordered_unique(values: np.ndarray) -> np.ndarray:
+    if values.size == 0:
+        return values
+    uniq, first = np.unique(values, return_index=True)
+    return uniq[np.argsort(first, kind="stable")]
+
+
+def _lookup(scan_uids: np.ndarray, query: np.ndarray):
+    """Index of each query uid in ``scan_uids`` and whether it was found."""
+    if query.size == 0 or scan_uids.size == 0:
+        return np.zeros(query.size, dtype=np.int64), np.zeros(query.size, dtype=bool)
+    order = np.argsort(scan_uids, kind="stable")
+    sorted_uids = scan_uids[order]
+    pos = np.clip(np.searchsorted(sorted_uids, query), 0, sorted_uids.size - 1)
+    found = sorted_uids[pos] == query
+    return order[pos], found
+
+
+def _load_annotations(obj, allow_unknown, what):
+    if isinstance(obj, LunaAnnotations):
+        if not allow_unknown:
+            _check_diameters(obj.diameters, obj.lines, obj.source, obj.word, False)
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return read_luna_annotations(obj, allow_unknown_diameter=allow_unknown)
+    raise TypeError(f"{what} must be a path or a LunaAnnotations, got {type(obj).__name__}")
+
+
+def _load_scans(seriesuids):
+    if isinstance(seriesuids, (str, os.PathLike)):
+        return np.asarray(read_luna_seriesuids(seriesuids), dtype=str), os.fspath(seriesuids)
+    uids = _as_uid_array(list(seriesuids))
+    lines = np.arange(1, uids.size + 1)
+    _check_uids(uids, lines, "<seriesuids>", "row")
+    if uids.size:
+        uniq, first, counts = np.unique(uids, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            dup_mask = np.ones(uids.size, dtype=bool)
+            dup_mask[first] = False
+            i = _first(dup_mask)
+            raise FROCInputError("<seriesuids>", i + 1, f"duplicate seriesuid {uids[i]!r}", "row")
+    return uids, "<seriesuids>"
+
+
+def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: int = 1000,
+         seed: int | None = 0, *, max_marks_per_scan: int | None = MAX_MARKS_PER_SCAN,
+         confidence: float = 0.95) -> FROCResult:
+    """Evaluate CAD marks against LUNA16 annotations with the official rules (module docstring).
+
+    ``annotations``/``excluded``: paths or :class:`LunaAnnotations`; ``predictions``: path or
+    :class:`LunaPredictions`; ``seriesuids``: path, sequence of uids, or None (scans = uids of the
+    annotations and predictions). ``n_bootstrap=0`` skips the bootstrap. ``max_marks_per_scan=None``
+    (or <= 0) disables the official cap of 100 marks per scan.
+    """
+    ann = _load_annotations(annotations, False, "annotations")
+    exc = None if excluded is None else _load_annotations(excluded, True, "excluded")
+    if isinstance(predictions, LunaPredictions):
+        pred = predictions
+    elif isinstance(predictions, (str, os.PathLike)):
+        pred = read_luna_predictions(predictions)
+    else:
+        raise TypeError(f"predictions must be a path or a LunaPredictions, got "
+                        f"{type(predictions).__name__}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n_bootstrap = int(n_bootstrap)
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+
+    if seriesuids is None:
+        scan_uids = _ordered_unique(np.concatenate([ann.seriesuids, pred.seriesuids]).astype(str))
+        list_source = None
+    else:
+        scan_uids, list_source = _load_scans(seriesuids)
+    n_scans = int(scan_uids.size)
+    if n_scans == 0:
+        raise FROCError("no scans to evaluate (empty series list and no annotations or predictions)")
+
+    # marks: every prediction must be on a listed scan
+    mark_scan, found = _lookup(scan_uids, pred.seriesuids)
+    if not found.all():
+        i = _first(~found)
+        raise FROCInputError(pred.source, int(pred.lines[i]),
+                             f"seriesuid {pred.seriesuids[i]!r} is not in the series list "
+                             f"{list_source}", pred.word)
+    keep = _truncate(mark_scan, pred.probabilities, n_scans, max_marks_per_scan)
+    mark_scan = mark_scan[keep]
+    mark_xyz = pred.centres[keep]
+    mark_prob = pred.probabilities[keep]
+
+    # findings on the listed scans (others are ignored, as in the official script)
+    ann_scan, ann_found = _lookup(scan_uids, ann.seriesuids)
+    parts_scan = [ann_scan[ann_found]]
+    parts_xyz = [ann.centres[ann_found]]
+    parts_diam = [ann.diameters[ann_found]]
+    parts_inc = [np.ones(int(ann_found.sum()), dtype=bool)]
+    n_excluded_findings = 0
+    if exc is not None:
+        exc_scan, exc_found = _lookup(scan_uids, exc.seriesuids)
+        n_excluded_findings = int(exc_found.sum())
+        parts_scan.append(exc_scan[exc_found])
+        parts_xyz.append(exc.centres[exc_found])
+        parts_diam.append(exc.diameters[exc_found])
+        parts_inc.append(np.zeros(n_excluded_findings, dtype=bool))
+    nod_scan = np.concatenate(parts_scan).astype(np.int64)
+    nod_xyz = np.concatenate(parts_xyz).reshape(-1, 3)
+    nod_diam = np.concatenate(parts_diam)
+    nod_inc = np.concatenate(parts_inc)
+
+    mark_inc, mark_exc, nod_hits, best = _match(n_scans, nod_scan, nod_xyz, nod_diam, nod_inc,
+                                                mark_scan, mark_xyz, mark_prob)
+    n_nodules = int(nod_inc.sum())
+    if n_nodules == 0:
+        raise FROCError("no included nodule on the evaluated scans: the sensitivity is undefined")
+    detected = nod_inc & (nod_hits > 0)
+    is_fp = (mark_inc == 0) & (mark_exc == 0)
+    ignored = (mark_inc == 0) & (mark_exc > 0)
+
+    entry_scan = np.concatenate([nod_scan[detected], mark_scan[is_fp]])
+    entry_pos = np.concatenate([np.ones(int(detected.sum()), dtype=bool),
+                                np.zeros(int(is_fp.sum()), dtype=bool)])
+    entry_score = np.concatenate([best[detected], mark_prob[is_fp]])
+    lesions_per_scan = np.bincount(nod_scan[nod_inc], minlength=n_scans)
+    entries = _Entries(entry_scan, entry_pos, entry_score, lesions_per_scan)
+
+    curve_fps, curve_sens, curve_thr = entries.curve()
+    op = np.asarray(OPERATING_POINTS, dtype=np.float64)
+    sens = np.interp(op, curve_fps, curve_sens)
+    cpm = float(np.mean(sens))
+
+    ci_low = ci_high = None
+    cpm_low = cpm_high = None
+    bs_fps = bs_mean = bs_low = bs_high = None
+    n_valid = 0
+    if n_bootstrap > 0:
+        rs = np.random.RandomState(seed)
+        bs_fps = np.linspace(FROC_MIN_X, FROC_MAX_X, num=BOOTSTRAP_GRID_POINTS)
+        at_op = np.full((n_bootstrap, op.size), np.nan)
+        on_grid = np.full((n_bootstrap, bs_fps.size), np.nan, dtype=np.float32)
+        for b in range(n_bootstrap):  # one vectorised curve per resample
+            draw = rs.randint(n_scans, size=n_scans)
+            weights = np.bincount(draw, minlength=n_scans).astype(np.float64)
+            f, s, _ = entries.curve(weights)
+            if np.isnan(s[-1]):  # no nodule in this resample
+                continue
+            at_op[b] = np.interp(op, f, s)
+            on_grid[b] = np.interp(bs_fps, f, s)
+        valid = ~np.isnan(at_op[:, 0])
+        n_valid = int(valid.sum())
+        if n_valid:
+            at_op = at_op[valid]
+            cpms = at_op.mean(axis=1)
+            ci_low, ci_high = _order_stat_bounds(at_op, confidence)
+            lo, hi = _order_stat_bounds(cpms[:, None], confidence)
+            cpm_low, cpm_high = float(lo[0]), float(hi[0])
+            grid = on_grid[valid]
+            bs_low, bs_high = _order_stat_bounds(grid, confidence)
+            bs_mean = grid.astype(np.float64).mean(axis=0)
+        else:
+            bs_fps = None
+
+    n_marks = int(mark_scan.size)
+    return FROCResult(
+        fps=op, sensitivities=sens, cpm=cpm,
+        sensitivities_ci_low=ci_low, sensitivities_ci_high=ci_high,
+        cpm_ci_low=cpm_low, cpm_ci_high=cpm_high,
+        curve_fps=curve_fps, curve_sensitivities=curve_sens, curve_thresholds=curve_thr,
+        bootstrap_fps=bs_fps, bootstrap_mean=bs_mean, bootstrap_low=bs_low, bootstrap_high=bs_high,
+        n_scans=n_scans, n_nodules=n_nodules, n_tp=int(detected.sum()),
+        n_fn=n_nodules - int(detected.sum()), n_fp=int(is_fp.sum()), n_ignored=int(ignored.sum()),
+        n_double_hits=int(np.maximum(nod_hits[nod_inc] - 1, 0).sum()),
+        n_marks_on_several_nodules=int((mark_inc > 1).sum()),
+        n_marks=n_marks, n_marks_truncated=int(keep.size - n_marks),
+        n_excluded_findings=n_excluded_findings,
+        n_bootstrap=n_bootstrap, n_bootstrap_valid=n_valid, confidence=float(confidence),
+        seed=seed, max_marks_per_scan=max_marks_per_scan,
+    )
+
+
+def _order_stat_bounds(values: np.ndarray, confidence: float):
+    """compute_mean_ci of the official script: sorted[floor(Pz*n)], sorted[floor((1-Pz)*n)]."""
+    pz = (1.0 - confidence) / 2.0
+    v = np.sort(values, axis=0)
+    n = v.shape[0]
+    return v[int(math.floor(pz * n))], v[int(math.floor((1.0 - pz) * n))]
+
+
+# ----------------------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_froc(result: FROCResult, path: PathLike, *, title: str | None = None, dpi: int = 150) -> None:
+    """Write the FROC curve (log2 x axis from 1/8 to 8 FPs/scan) with the bootstrap band as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.linspace(FROC_MIN_X, FROC_MAX_X, num=CURVE_GRID_POINTS)
+    y = np.interp(x, result.curve_fps, result.curve_sensitivities)
+    colour = "tab:blue"
+    if result.bootstrap_fps is not None:
+        pct = f"{100 * result.confidence:g}%"
+        ax.fill_between(result.bootstrap_fps, result.bootstrap_low, result.bootstrap_high,
+                        color=colour, alpha=0.2, linewidth=0,
+                        label=f"{pct} bootstrap interval ({result.n_bootstrap_valid} resamples)")
+        ax.plot(result.bootstrap_fps, result.bootstrap_mean, color=colour, ls="--", lw=1,
+                label="bootstrap mean")
+    ax.plot(x, y, color=colour, lw=2, label=f"FROC (CPM = {result.cpm:.3f})")
+    ax.plot(result.fps, result.sensitivities, "o", color=colour, ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FROC_MIN_X, FROC_MAX_X)
+    ax.set_ylim(0.0, 1.0)
+    ax.xaxis.set_major_locator(FixedLocator(list(OPERATING_POINTS)))
+    ax.xaxis.set_major_formatter(FixedFormatter(["0.125", "0.25", "0.5", "1", "2", "4", "8"]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yticks(np.linspace(0.0, 1.0, 11))
+    ax.grid(True, which="major", alpha=0.4)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(title or f"FROC: {result.n_scans} scans, {result.n_nodules} nodules")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=dpi)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "medetect froc") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="LUNA16 FROC / CPM evaluation with the rules of the official "
+                    "noduleCADEvaluationLUNA16.py (hit = centre distance < radius, marks on excluded "
+                    "findings ignored, at most 100 marks per scan, bootstrap over scans).")
+    parser.add_argument("annotations", help="annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm)")
+    parser.add_argument("predictions", help="predictions CSV (seriesuid,coordX,coordY,coordZ,probability)")
+    parser.add_argument("--excluded", metavar="F", help="annotations_excluded.csv (marks on these "
+                        "findings are neither TP nor FP)")
+    parser.add_argument("--seriesuids", metavar="F", help="seriesuids.csv: the evaluated scans, one "
+                        "per line (default: the scans of the annotations and predictions)")
+    parser.add_argument("--bootstrap", metavar="N", type=int, default=1000,
+                        help="bootstrap resamples of the scans for the confidence intervals "
+                             "(default 1000; 0 = none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--max-marks", type=int, default=MAX_MARKS_PER_SCAN,
+                        help="most suspicious marks kept per scan (default 100 as in LUNA16; 0 = all)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--curve", action="store_true", help="with --json: include the full curve")
+    parser.add_argument("--plot", metavar="OUT.png", help="write the FROC plot to this PNG file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "medetect froc") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+    try:
+        result = froc(args.annotations, args.predictions, excluded=args.excluded,
+                      seriesuids=args.seriesuids, n_bootstrap=args.bootstrap, seed=args.seed,
+                      max_marks_per_scan=args.max_marks if args.max_marks > 0 else None)
+    except FROCError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            plot_froc(result, args.plot)
+        except OSError as exc:
+            print(f"{prog}: error: cannot write the plot {args.plot}: {exc.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(result.to_dict(include_curve=args.curve), indent=2))
+    else:
+        print(result.format_table())
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m medetect.evaluation.froc"))

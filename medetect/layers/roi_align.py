@@ -1,0 +1,389 @@
+"""RoIAlign and RoIPool for 2D and 3D (any d) feature maps, vectorised over RoIs.
+
+Both functions are written once for any number ``d`` of spatial dimensions, inferred from the feature map.
+Their semantics are those of ``torchvision.ops.roi_align`` (Mask R-CNN RoIAlign) and
+``torchvision.ops.roi_pool`` (Fast R-CNN RoI max pooling), extended from 2D to d dimensions; boxes follow the
+library convention: ``(lo_1..lo_d, hi_1..hi_d)`` in array-axis order (2D ``(y0, x0, y1, x1)``, 3D
+``(z0, y0, x0, z1, y1, x1)``), in input-image voxel units.
+
+Shape key
+---------
+    B         batch images                C     channels
+    d         number of spatial dims      N_a   feature map size along spatial axis a (N = prod N_a)
+    K         number of RoIs              P_a   output size along axis a (P = prod P_a)
+    Q = K*P   output bins                 G_a   samples per bin along axis a (RoIAlign)
+    M = prod_a 2*G_a   (row, weight) pairs per bin in RoIAlign: G_a samples times 2 interpolation corners
+    T_a       length of a sparse-table level along axis a (RoIPool): N_a - 2**j_a + 1
+
+Method
+------
+RoIAlign. Bilinear (trilinear, ...) interpolation with torchvision's border rule is separable: a sample's
+value is ``sum over corners of prod_a w_a(corner_a) * f[corner]``, and a sample outside ``[-1, N_a]`` on any
+axis is zero, i.e. its weight on that axis is zero. For each axis we compute, for all RoIs at once, the
+``G_a`` sample coordinates of every bin and their 2 corner indices and weights (``[K, P_a, 2*G_a]``); the
+outer "sum" of the per-axis indices and "product" of the per-axis weights gives, for every output bin, ``M``
+rows of the channels-last feature table ``[B*N, C]`` and their weights (``1/count`` folded in). The weighted
+sum of those rows is done by ``torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)``, a
+single fused gather-multiply-reduce kernel on CPU and CUDA: peak memory is the ``[Q, C]`` output plus the
+``[Q, M]`` index and weight tensors (no ``Q*M*C`` intermediate), each gathered row is a contiguous C-vector,
+and autograd to ``features`` goes through embedding_bag's backward (a scatter-add). No gradient flows to
+``rois`` (as in torchvision).
+
+Adaptive sampling (``sampling_ratio <= 0``) uses torchvision's per-RoI count ``ceil(roi_size_a / P_a)``.
+It is exact: the grid is the per-axis maximum count over all RoIs, and samples beyond a RoI's own count
+are masked out. Sizing that grid needs its maximum on the host, so this mode (and only this mode) makes one
+host synchronisation, and its memory grows with the largest RoI. ``sampling_ratio > 0`` (default 2) is
+fully sync-free.
+
+RoIPool. Each bin is the max over a box-shaped window ``[s_a, e_a)`` of data-dependent size, so a fixed-size
+gather cannot cover it. We use an exact d-dimensional sparse table (binary decomposition): a window of
+length ``L_a`` along axis a is the disjoint union of blocks of length ``2**j`` for the set bits ``j`` of
+``L_a``, the block for bit ``j`` starting at ``s_a + (L_a mod 2**j)``. The table for level tuple
+``(j_1..j_d)`` holds, at every position, the max (and its argmax) over the block of size ``2**j_1 x .. x
+2**j_d`` starting there; it is built from the previous level by one elementwise max of two shifted views.
+We visit every level tuple (``prod_a bit_length(N_a)`` of them, a static number), and every bin whose window
+uses that tuple takes one gathered C-vector from the table (a masked update; no loop over RoIs, no host
+sync). Ties go to the smallest flat index, i.e. the first element in raster order, exactly like
+torchvision's strict ``>`` scan; NaNs are skipped like torchvision; the values are finally gathered from
+``features`` at the argmax, so the gradient goes to the argmax only. Memory: ``d + 1`` tables of the feature
+map's size (values and int32/int64 argmax) alive at once; time: ``prod_a bit_length(N_a)`` table updates
+and gathers of ``[Q, C]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
+
+# torchvision starts each RoIPool max at -FLT_MAX (for every dtype); a window whose values never exceed it
+# (all NaN, all -inf) outputs -FLT_MAX with no gradient.
+_NEG_FLT_MAX = -torch.finfo(torch.float32).max
+
+
+def _output_size(output_size: int | Sequence[int], d: int) -> tuple[int, ...]:
+    if isinstance(output_size, bool):
+        raise ValueError(f"output_size must be an int or a tuple of {d} ints, got {output_size!r}")
+    if isinstance(output_size, int):
+        sizes: tuple = (output_size,) * d
+    elif isinstance(output_size, Sequence) and not isinstance(output_size, str):
+        sizes = tuple(output_size)
+    else:
+        raise ValueError(f"output_size must be an int or a tuple of {d} ints, got {output_size!r}")
+    if len(sizes) != d or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ValueError(
+            f"output_size must be a positive int or a tuple of {d} positive ints for a {d}-D feature map, "
+            f"got {output_size!r}"
+        )
+    return sizes
+
+
+def _check_inputs(
+    features: Tensor, rois: Tensor, output_size: int | Sequence[int], fn: str
+) -> tuple[int, tuple[int, ...]]:
+    """Validate ``features [B, C, *spatial]`` and ``rois [K, 1 + 2d]``; return ``(d, output_size)``."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{fn}: features must be a Tensor [B, C, *spatial], got {type(features).__name__}")
+    if not isinstance(rois, Tensor):
+        raise TypeError(f"{fn}: rois must be a Tensor [K, 1 + 2d], got {type(rois).__name__}")
+    if features.dim() < 3:
+        raise ValueError(
+            f"{fn}: features must be [B, C, *spatial] with at least one spatial dim, got shape "
+            f"{tuple(features.shape)}"
+        )
+    d = features.dim() - 2
+    if not features.is_floating_point():
+        raise TypeError(f"{fn}: features must have a floating dtype, got {features.dtype}")
+    if rois.dim() != 2 or rois.shape[-1] != 1 + 2 * d:
+        raise ValueError(
+            f"{fn}: rois must be [K, {1 + 2 * d}] = (batch index, lo_1..lo_{d}, hi_1..hi_{d}) for a {d}-D "
+            f"feature map {tuple(features.shape)}, got shape {tuple(rois.shape)}"
+        )
+    if not rois.is_floating_point():
+        raise TypeError(f"{fn}: rois must have a floating dtype (boxes are continuous), got {rois.dtype}")
+    if rois.device != features.device:
+        raise ValueError(f"{fn}: rois is on {rois.device} but features is on {features.device}")
+    return d, _output_size(output_size, d)
+
+
+def _broadcast_view(t: Tensor, d: int, axis: int, has_pairs: bool) -> Tensor:
+    """View a per-axis tensor ``[K, P_a(, M_a)]`` as ``[K, 1.., P_a at 1+axis, 1..(, M_a at 1+d+axis, 1..)]``."""
+    shape = [t.shape[0]] + [1] * (2 * d if has_pairs else d)
+    shape[1 + axis] = t.shape[1]
+    if has_pairs:
+        shape[1 + d + axis] = t.shape[2]
+    return t.view(shape)
+
+
+def roi_align(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> Tensor:
+    """RoIAlign (Mask R-CNN) of ``rois`` on ``features``, for any number d of spatial dims.
+
+    Args:
+        features: ``[B, C, *spatial]`` floating feature map (``[B, C, H, W]`` or ``[B, C, D, H, W]``).
+        rois: ``[K, 1 + 2d]`` rows ``(batch index, lo_1..lo_d, hi_1..hi_d)`` in array-axis order, in
+            input-image coordinates (multiplied by ``spatial_scale`` to reach feature coordinates). The
+            batch index is truncated to an integer and must lie in ``[0, B)`` (not checked: that would
+            need a host sync).
+        output_size: int or tuple of d ints ``P_a``.
+        spatial_scale: input-image to feature-map scale (e.g. 1/16).
+        sampling_ratio: samples per bin per axis; ``<= 0`` selects torchvision's adaptive
+            ``ceil(roi_size / output_size)`` per RoI (exact, but one host sync; see module docstring).
+        aligned: subtract half a pixel from the scaled box (pixel i covers ``[i, i+1)``, centre ``i+0.5``);
+            ``False`` reproduces the legacy behaviour (no offset, RoI size clamped to >= 1).
+
+    Returns:
+        ``[K, C, *output_size]``, equal to ``torchvision.ops.roi_align`` in 2D (boxes converted to xyxy).
+        Differentiable w.r.t. ``features``; no gradient w.r.t. ``rois``.
+    """
+    d, out = _check_inputs(features, rois, output_size, "roi_align")
+    B, C = features.shape[:2]
+    spatial = tuple(features.shape[2:])
+    K = rois.shape[0]
+    dtype, device = features.dtype, features.device
+    sampling_ratio = int(sampling_ratio)
+    if math.prod(spatial) == 0 or B == 0:  # nothing to sample from: every sample is outside the map
+        return features.new_zeros((K, C, *out))
+
+    rois = rois.detach().to(dtype)
+    n_vox = math.prod(spatial)
+    batch = rois[:, 0].long()  # [K]
+    offset = 0.5 if aligned else 0.0
+    lo = rois[:, 1 : 1 + d] * spatial_scale - offset  # [K, d]
+    hi = rois[:, 1 + d :] * spatial_scale - offset  # [K, d]
+    roi_size = hi - lo  # [K, d]
+    if not aligned:
+        roi_size = roi_size.clamp(min=1.0)
+    out_t = torch.tensor(out, dtype=dtype, device=device)  # [d]
+    bin_size = roi_size / out_t  # [K, d]
+
+    adaptive = sampling_ratio <= 0
+    if adaptive:
+        grid = torch.ceil(roi_size / out_t).clamp(min=0.0)  # [K, d] samples per bin per axis (may be 0)
+        # The one host sync of this mode: the grid size must be a Python int.
+        grid_max = grid.amax(0).clamp(min=1.0).long().tolist() if K > 0 else [1] * d
+        n_samples = tuple(int(g) for g in grid_max)
+        count = grid.prod(1).clamp(min=1.0)  # [K]
+    else:
+        grid = torch.full((K, d), float(sampling_ratio), dtype=dtype, device=device)  # [K, d]
+        n_samples = (sampling_ratio,) * d
+        count = torch.full((K,), float(sampling_ratio**d), dtype=dtype, device=device)  # [K]
+
+    # rows: flat row of the channels-last table [B*N, C]; weight: interpolation weight / count.
+    rows = (batch * n_vox).view([K] + [1] * (2 * d))  # [K, 1 x 2d]
+    weight = (1.0 / count).view([K] + [1] * (2 * d))  # [K, 1 x 2d]
+    stride = n_vox
+    for a in range(d):  # loop over the d spatial axes, not over RoIs
+        n = spatial[a]
+        stride //= n
+        p = torch.arange(out[a], dtype=dtype, device=device)  # [P_a]
+        s_idx = torch.arange(n_samples[a], dtype=dtype, device=device)  # [G_a]
+        start = lo[:, a, None, None]  # [K, 1, 1]
+        bs = bin_size[:, a, None, None]  # [K, 1, 1]
+        g = grid[:, a, None, None]  # [K, 1, 1]
+        # Same evaluation order as torchvision: start + p * bin + (s + 0.5) * bin / grid.
+        y = start + p[:, None] * bs + (s_idx + 0.5) * bs / g  # [K, P_a, G_a]
+        valid = (y >= -1.0) & (y <= float(n))  # [K, P_a, G_a] torchvision: zero outside [-1, N_a]
+        if adaptive:
+            valid = valid & (s_idx < g)  # this RoI has only grid[k, a] samples along the axis
+        y = y.clamp(min=0.0, max=float(n - 1))  # [-1, 0] -> 0 and [N_a - 1, N_a] -> N_a - 1
+        y_lo = y.floor()
+        frac = y - y_lo  # [K, P_a, G_a]
+        i_lo = y_lo.long().clamp(0, n - 1)  # clamp also tames NaN boxes (their weight is 0)
+        i_hi = (i_lo + 1).clamp(max=n - 1)
+        idx_a = torch.stack((i_lo, i_hi), -1).flatten(-2)  # [K, P_a, 2*G_a]
+        w_a = torch.stack((1.0 - frac, frac), -1)  # [K, P_a, G_a, 2]
+        w_a = torch.where(valid[..., None], w_a, torch.zeros((), dtype=dtype, device=device))
+        w_a = w_a.flatten(-2)  # [K, P_a, 2*G_a]
+        rows = rows + _broadcast_view(idx_a * stride, d, a, True)  # [K, P_1.., M_1..] (grows)
+        weight = weight * _broadcast_view(w_a, d, a, True)  # [K, P_1.., M_1..] (grows)
+
+    Q = K * math.prod(out)
+    M = math.prod(2 * s for s in n_samples)
+    table = features.movedim(1, -1).reshape(B * n_vox, C)  # [B*N, C] channels-last rows
+    rows = rows.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
+    weight = weight.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
+    pooled = F.embedding_bag(rows, table, per_sample_weights=weight, mode="sum")  # [Q, C]
+    return pooled.view(K, *out, C).movedim(-1, 1).contiguous()  # [K, C, *P]
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C ``round``: halves go away from zero (``torch.round`` rounds halves to even)."""
+    t = x.trunc()
+    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))
+
+
+def _merge(va: Tensor, ia: Tensor, vb: Tensor, ib: Tensor) -> tuple[Tensor, Tensor]:
+    """Max of two (value, argmax) pairs; ties go to the smaller flat index (first in raster order)."""
+    take_b = (vb > va) | ((vb == va) & (ib < ia))
+    return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
+
+
+def roi_pool(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+) -> Tensor:
+    """RoI max pooling (Fast R-CNN) of ``rois`` on ``features``, for any number d of spatial dims.
+
+    Semantics of ``torchvision.ops.roi_pool`` extended to d dims: box corners are scaled and rounded (half
+    away from zero) to integer pixels, the end is inclusive (RoI length ``max(hi - lo + 1, 1)``), bin ``p``
+    covers ``[floor(p * L / P) + lo, ceil((p + 1) * L / P) + lo)`` clipped to the map, empty bins give 0,
+    NaNs are skipped, the first maximum in raster order wins (its gradient gets the whole bin's gradient).
+
+    Args:
+        features: ``[B, C, *spatial]`` floating feature map.
+        rois: ``[K, 1 + 2d]`` rows ``(batch index, lo_1..lo_d, hi_1..hi_d)`` in array-axis order.
+        output_size: int or tuple of d ints.
+        spatial_scale: input-image to feature-map scale.
+
+    Returns:
+        ``[K, C, *output_size]``. Differentiable w.r.t. ``features``. Method: exact sparse-table
+        (binary-decomposition) max, see the module docstring.
+    """
+    d, out = _check_inputs(features, rois, output_size, "roi_pool")
+    B, C = features.shape[:2]
+    spatial = tuple(features.shape[2:])
+    K = rois.shape[0]
+    dtype, device = features.dtype, features.device
+    n_vox = math.prod(spatial)
+    if n_vox == 0 or B == 0:
+        return features.new_zeros((K, C, *out))
+
+    rois = rois.detach().to(dtype)
+    batch = rois[:, 0].long()  # [K]
+    corners = _round_half_away(rois[:, 1:] * spatial_scale).clamp(-(2.0**30), 2.0**30).long()  # [K, 2d]
+    roi_start, roi_end = corners[:, :d], corners[:, d:]  # [K, d] integer pixels, end inclusive
+    roi_len = (roi_end - roi_start + 1).clamp(min=1)  # [K, d]
+    bin_size = roi_len.to(dtype) / torch.tensor(out, dtype=dtype, device=device)  # [K, d]
+
+    # Per axis: window [s, e) of every bin, its length and, per sparse-table level, use flag and start.
+    idx_dtype = torch.int32 if n_vox < 2**31 - 1 else torch.int64
+    levels = []  # per axis: list over levels j of (use [K, P_a] bool, pos [K, P_a] long)
+    empty = torch.zeros((K, *out), dtype=torch.bool, device=device)  # [K, *P]
+    for a in range(d):  # loop over the d spatial axes
+        n = spatial[a]
+        p = torch.arange(out[a], dtype=dtype, device=device)  # [P_a]
+        bs = bin_size[:, a, None]  # [K, 1]
+        s = (torch.floor(p * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
+        e = (torch.ceil((p + 1) * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
+        length = (e - s).clamp(min=0)  # [K, P_a]
+        empty = empty | _broadcast_view(length == 0, d, a, False)
+        per_level = []
+        for j in range(n.bit_length()):  # levels of the sparse table along this axis (static count)
+            use = ((length >> j) & 1).bool()  # [K, P_a]
+            pos = (s + (length & ((1 << j) - 1))).clamp(0, n - (1 << j))  # [K, P_a] block start
+            per_level.append((use, pos))
+        levels.append(per_level)
+
+    Q = K * math.prod(out)
+    feats_cl = features.movedim(1, -1)  # [B, *N, C]
+    with torch.no_grad():
+        values = feats_cl.detach()
+        values = torch.where(torch.isnan(values), float("-inf"), values).contiguous()  # [B, *N, C]
+        index = torch.arange(n_vox, dtype=idx_dtype, device=device).view(1, *spatial, 1)
+        index = index.expand(B, *spatial, C).contiguous()  # [B, *N, C] flat spatial index of the argmax
+        best_v = torch.full((Q, C), float("-inf"), dtype=dtype, device=device)  # [Q, C]
+        best_i = torch.full((Q, C), torch.iinfo(idx_dtype).max, dtype=idx_dtype, device=device)  # [Q, C]
+        batch_q = batch.view([K] + [1] * d)  # [K, 1 x d]
+
+        def visit(vals: Tensor, idx: Tensor, axis: int, chosen: tuple[int, ...]) -> None:
+            nonlocal best_v, best_i
+            if axis == d:  # table for the level tuple `chosen`: one masked gather per bin
+                lens = vals.shape[1:-1]  # T_a
+                rows = batch_q * math.prod(lens)  # [K, 1..]
+                use = torch.ones((), dtype=torch.bool, device=device)
+                stride = math.prod(lens)
+                for a, j in enumerate(chosen):
+                    stride //= lens[a]
+                    u, pos = levels[a][j]
+                    rows = rows + _broadcast_view(pos * stride, d, a, False)  # [K, P_1..]
+                    use = use & _broadcast_view(u, d, a, False)  # [K, P_1..]
+                rows = rows.expand(K, *out).reshape(Q)  # [Q]
+                use = use.expand(K, *out).reshape(Q, 1)  # [Q, 1]
+                gv = vals.reshape(-1, C)[rows]  # [Q, C]
+                gi = idx.reshape(-1, C)[rows]  # [Q, C]
+                take = use & ((gv > best_v) | ((gv == best_v) & (gi < best_i)))  # [Q, C]
+                best_v = torch.where(take, gv, best_v)
+                best_i = torch.where(take, gi, best_i)
+                return
+            n = spatial[axis]
+            for j in range(n.bit_length()):
+                if j > 0:  # block 2**j = block 2**(j-1) at i and at i + 2**(j-1); table shrinks to T_a
+                    shift = 1 << (j - 1)
+                    length = vals.shape[1 + axis] - shift
+                    vals, idx = _merge(
+                        vals.narrow(1 + axis, 0, length),
+                        idx.narrow(1 + axis, 0, length),
+                        vals.narrow(1 + axis, shift, length),
+                        idx.narrow(1 + axis, shift, length),
+                    )  # [B, T_1.., C]
+                visit(vals, idx, axis + 1, chosen + (j,))
+
+        visit(values, index, 0, ())
+        # Output value: torchvision's running max starts at -FLT_MAX, and empty bins are 0.
+        found = best_v > _NEG_FLT_MAX  # [Q, C]
+        batch_rows = batch.view([K] + [1] * d).expand(K, *out).reshape(Q, 1)  # [Q, 1]
+        flat = batch_rows * n_vox + best_i.long().clamp(0, n_vox - 1)  # [Q, C] row of [B*N, C]
+        flat = flat * C + torch.arange(C, device=device)  # [Q, C] index into feats_cl flattened
+        fill = torch.where(
+            empty.reshape(Q, 1), torch.zeros((), dtype=dtype, device=device),
+            torch.full((), _NEG_FLT_MAX, dtype=dtype, device=device),
+        )  # [Q, 1]
+        keep = found & ~empty.reshape(Q, 1)  # [Q, C]
+    gathered = feats_cl.reshape(-1)[flat]  # [Q, C] values at the argmax (gradient flows here)
+    pooled = torch.where(keep, gathered, fill)  # [Q, C]
+    return pooled.view(K, *out, C).movedim(-1, 1).contiguous()  # [K, C, *P]
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`: ``forward(features [B, C, *spatial], rois [K, 1 + 2d])``."""
+
+    def __init__(
+        self,
+        output_size: int | Sequence[int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 2,
+        aligned: bool = True,
+    ) -> None:
+        super().__init__()
+        self.output_size = output_size if isinstance(output_size, int) else tuple(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tensor:
+        return roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+class RoIPool(nn.Module):
+    """Module form of :func:`roi_pool`: ``forward(features [B, C, *spatial], rois [K, 1 + 2d])``."""
+
+    def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0) -> None:
+        super().__init__()
+        self.output_size = output_size if isinstance(output_size, int) else tuple(output_size)
+        self.spatial_scale = float(spatial_scale)
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tensor:
+        return roi_pool(features, rois, self.output_size, self.spatial_scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
