@@ -1,0 +1,4 @@
+from .image import *
+from .io import *
+from .annotations import *
+from .transforms import *

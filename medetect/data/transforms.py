@@ -34,20 +34,21 @@ Geometry and the edge convention
   permuted/mirrored exactly and, for odd ``k``, the two spacings are swapped (the physical size of every voxel is kept).
 * Resampling (:func:`resample`, :func:`scale`) uses the sampling rule of ``torch.nn.functional.interpolate`` with
   ``align_corners=False``: output voxel ``j`` takes the value at input *centre* coordinate
-  ``(j + 0.5) * r - 0.5`` with ``r = in_units / out_unit = new_spacing / old_spacing``. In EDGE coordinates
+  ``(j + 0.5) * r - 0.5`` with ``r = new_spacing / old_spacing`` (input voxels per output voxel). In EDGE coordinates
   (``e = x + 0.5``) this is ``e_in = r * e_out``: a pure scale, with no half-voxel shift, so a box is scaled by
   ``old_spacing / new_spacing`` exactly and both grids keep the same lo edge (the same physical corner). With
   ``align_corners=True`` the corner voxel CENTRES would be pinned instead, which is an affine map with a shift and a
   factor ``(n - 1) / (m - 1)`` that is neither the spacing ratio nor consistent with the edge convention.
   The output size is ``m = floor(n * old / new + 0.5)`` (round half up, at least 1), and the spacing becomes exactly
   ``new``. Because ``m`` is rounded, ``m * new`` may differ from ``n * old`` by up to half an output voxel: the last
-  output voxel may sample up to half a voxel past the input's end (clamped to the border, as ``interpolate`` does) or the
-  grid may end just short of it. ``interpolate`` itself cannot take both a size and the exact scale, so the resampling
-  is done separably, one axis at a time, with the same formulas (``"linear"``: 2-tap interpolation with the source
-  index clamped to ``[0, n - 1]``, the product over axes is bi-/tri-linear; ``"nearest"``: ``floor((j + 0.5) * r)``,
-  ``interpolate``'s ``"nearest-exact"``; torch's legacy ``"nearest"`` is off by half a voxel and is not used). Where
-  the output size equals ``interpolate``'s, the result matches ``interpolate(..., scale_factor=old/new,
-  recompute_scale_factor=False, align_corners=False)`` (tested). After resampling, boxes are clipped to the new image
+  output voxel may sample up to half a voxel past the input's end (clamped to the border, as ``interpolate`` does, so
+  a mask touching the end may gain that voxel) or the grid may end just short of it. ``interpolate`` itself cannot
+  take both a size and the exact scale, so the resampling is done separably, one axis at a time, with the same
+  formulas (``"linear"``: 2-tap interpolation with the source index clamped to ``[0, n - 1]``, the product over axes
+  is bi-/tri-linear; ``"nearest"``: ``floor((j + 0.5) * r)``, ``interpolate``'s ``"nearest-exact"``; torch's legacy
+  ``"nearest"`` is off by half a voxel and is not used). On the voxels both produce, the result matches
+  ``interpolate(..., scale_factor=old/new, recompute_scale_factor=False, align_corners=False)`` (tested). After
+  resampling, boxes are clipped to the new image
   extent ``[0, m]`` (this only trims the sliver of at most half a voxel that the rounded grid does not cover).
 
 Crops and the VISIBILITY RULE
@@ -431,7 +432,7 @@ def _resample_image(image: torch.Tensor, out_shape: Sequence[int], ratios: Seque
     return out
 
 
-def _zoom(out: dict, d: int, zoom: Sequence[float], mode: str) -> dict:
+def _zoom(out: dict, zoom: Sequence[float], mode: str) -> dict:
     """Scale the sample by ``zoom[a]`` (output voxels per input voxel) on each axis; ``out`` is already a copy."""
     image = out["image"]
     in_shape = image.shape[1:]
@@ -457,7 +458,7 @@ def resample(sample: Mapping, target_spacing: float | Sequence[float], *, mode: 
     if out.get("spacing") is None:
         raise ValueError("sample['spacing'] is required by resample (mm per array axis)")
     old = out["spacing"]
-    out = _zoom(out, d, [o / t for o, t in zip(old, target)], mode)
+    out = _zoom(out, [o / t for o, t in zip(old, target)], mode)
     out["spacing"] = target
     return out
 
@@ -468,7 +469,7 @@ def scale(sample: Mapping, factor: float | Sequence[float], *, mode: str = "line
     mode = _check_mode(mode)
     out, d = _prepare(sample)
     factor = _per_axis(factor, d, "factor", positive=True)
-    return _zoom(out, d, factor, mode)
+    return _zoom(out, factor, mode)
 
 
 def _window(image: torch.Tensor, lo: Sequence[int], size: Sequence[int], value: float) -> torch.Tensor:
@@ -484,7 +485,7 @@ def _window(image: torch.Tensor, lo: Sequence[int], size: Sequence[int], value: 
     return out
 
 
-def _shift_boxes(out: dict, d: int, lo: Sequence[int]) -> None:
+def _shift_boxes(out: dict, lo: Sequence[int]) -> None:
     if "boxes" in out:
         boxes = out["boxes"]
         out["boxes"] = boxes - torch.tensor(list(lo) * 2, dtype=boxes.dtype, device=boxes.device)
@@ -500,7 +501,7 @@ def crop(sample: Mapping, lo: int | Sequence[int], size: int | Sequence[int], *,
     pad_value = _check_pad_value(pad_value, "pad_value")
     min_visibility, min_size = _check_visibility_args(min_visibility, min_size)
     out["image"] = _window(out["image"], lo, size, _resolve_pad_value(out["image"], pad_value))
-    _shift_boxes(out, d, lo)
+    _shift_boxes(out, lo)
     return filter_boxes(out, min_visibility=min_visibility, min_size=min_size)
 
 
@@ -516,7 +517,7 @@ def pad(sample: Mapping, before: int | Sequence[int], after: int | Sequence[int]
     size = [n + b + a for n, b, a in zip(image.shape[1:], before, after)]
     lo = [-b for b in before]
     out["image"] = _window(image, lo, size, _resolve_pad_value(image, value))
-    _shift_boxes(out, d, lo)
+    _shift_boxes(out, lo)
     return out
 
 

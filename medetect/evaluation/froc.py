@@ -11,8 +11,8 @@ Inputs
 * ``annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm`` (world millimetres). These
   are the *included* nodules: each one is a lesion that can be detected or missed.
 * ``annotations_excluded.csv`` (optional): same columns. These are the *excluded* findings
-  (non-nodules, nodules < 3 mm, nodules accepted by fewer than 3 of 4 radiologists). In the official
-  file many rows have ``diameter_mm = -1`` (no size was measured).
+  (non-nodules, nodules < 3 mm, nodules accepted by fewer than 3 of 4 radiologists). Rows without a
+  measured size carry ``diameter_mm = -1``, which the official script handles explicitly (rule 3).
 * ``seriesuids.csv`` (optional): the list of evaluated scans, one uid per line.
 * predictions (the "CAD marks"): ``seriesuid,coordX,coordY,coordZ,probability``.
 
@@ -83,7 +83,10 @@ Rules of the official script, and where they come from
     resample's curve depends only on how many times each scan was drawn, so it is computed from
     per-scan weights on entries sorted once. The same order-statistic rule gives the intervals at the 7
     operating points (interpolated in float64 at the exact rates) and for the CPM (mean of the 7 per
-    resample).
+    resample). The band on the 10000-point grid keeps the official float32 storage, so its bounds are
+    the official ones; its centre (``bootstrap_mean``) is averaged in float64.
+13. **Thresholds.** The curve's first threshold is ``inf`` (scikit-learn >= 1.3); the scikit-learn of
+    2016 used ``max(probability) + 1`` there. The FP rates and sensitivities are the same either way.
 
 Corner cases where this module deliberately differs (the official script crashes or gives NaN)
 --------------------------------------------------------------------------------------------
@@ -109,7 +112,9 @@ Corner cases where this module deliberately differs (the official script crashes
 Exactness
 ---------
 The curve, the 7 sensitivities and the bootstrap intervals equal, bit for bit, those of a loop
-transcription of the official script (see ``tests/test_froc.py``). One platform detail cannot be
+transcription of the official script (see ``tests/test_froc.py``); the same transcription calling the
+real ``sklearn.metrics.roc_curve`` (scikit-learn 1.9.1, checked during development; scikit-learn is not
+a dependency) gives the same bits too. One platform detail cannot be
 reproduced by array code: the official script squares with ``math.pow(d, 2.)``, i.e. the C library
 ``pow``, which on some libm versions is off by one unit in the last place for a few inputs; this module
 squares with ``d * d`` (correctly rounded). The two can only disagree for a mark whose squared distance
@@ -246,9 +251,8 @@ class LunaPredictions:
 
 
 def _as_uid_array(values) -> np.ndarray:
-    arr = np.asarray([str(v).strip() for v in values] if not isinstance(values, np.ndarray)
-                     else np.char.strip(values.astype(str)), dtype=str)
-    return arr.reshape(-1)
+    arr = np.asarray(values, dtype=str).reshape(-1)
+    return np.char.strip(arr) if arr.size else arr
 
 
 def _as_float_array(values, shape, name, source) -> np.ndarray:
@@ -350,7 +354,7 @@ def _check_finite(xyz, names, lines, source, word):
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise FROCInputError(source, int(lines[row]),
-                             f"{names[col]} is not a finite number ({xyz[row, col]!r})", word)
+                             f"{names[col]} is not a finite number ({float(xyz[row, col])!r})", word)
 
 
 def _check_diameters(diam, lines, source, word, allow_unknown):
@@ -367,7 +371,7 @@ def _check_diameters(diam, lines, source, word, allow_unknown):
         i = _first(negative)
         hint = (" (only -1, 'unknown', is allowed, in the excluded-findings file)" if allow_unknown
                 else " (-1, 'unknown', is only allowed in the excluded-findings file)")
-        raise FROCInputError(source, int(lines[i]), f"negative diameter_mm {diam[i]!r}{hint}", word)
+        raise FROCInputError(source, int(lines[i]), f"negative diameter_mm {float(diam[i])!r}{hint}", word)
 
 
 def _check_probabilities(prob, lines, source, word):
@@ -377,7 +381,7 @@ def _check_probabilities(prob, lines, source, word):
     inf = np.isinf(prob)
     if inf.any():
         i = _first(inf)
-        raise FROCInputError(source, int(lines[i]), f"probability is infinite ({prob[i]!r})", word)
+        raise FROCInputError(source, int(lines[i]), f"probability is infinite ({float(prob[i])!r})", word)
 
 
 def _columns_to_arrays(source, fields, lines, value_column):
@@ -418,14 +422,16 @@ def read_luna_seriesuids(path: PathLike) -> list[str]:
     first_line: dict[str, int] = {}
     with handle:
         reader = csv.reader(handle)
+        first_row = True
         try:
             for row in reader:
                 if _is_blank(row):
                     continue
                 uid = row[0].strip()
-                if not uids and not first_line and uid == "seriesuid":
-                    first_line[""] = reader.line_num  # header seen; "" is never a valid uid
-                    continue
+                if first_row:
+                    first_row = False
+                    if uid == "seriesuid":  # a header line (the official file has none)
+                        continue
                 if uid == "":
                     raise FROCInputError(source, reader.line_num, "empty seriesuid in the first field")
                 if uid in first_line:
@@ -475,7 +481,7 @@ class _Entries:
     """The FROC entries (one per detected nodule, one per FP mark), sorted once by probability."""
 
     def __init__(self, scan: np.ndarray, positive: np.ndarray, score: np.ndarray,
-                 lesions_per_scan: np.ndarray):
+                 lesions_per_scan: np.ndarray, n_scans: int):
         order = np.argsort(-score, kind="stable")
         s = score[order]
         new = np.ones(s.size, dtype=bool)
@@ -488,7 +494,7 @@ class _Entries:
         self.pos_group, self.pos_scan = group[pos], scan[pos]
         self.neg_group, self.neg_scan = group[~pos], scan[~pos]
         self.lesions_per_scan = lesions_per_scan.astype(np.float64)
-        self.n_scans = int(lesions_per_scan.shape[0])
+        self.n_scans = int(n_scans)
 
     def curve(self, scan_weights: np.ndarray | None = None):
         g = self.n_groups
@@ -516,11 +522,8 @@ def froc_curve(labels, probabilities, n_lesions: float, n_scans: int):
     """
     labels = np.asarray(labels).astype(bool).reshape(-1)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    scan = np.zeros(labels.size, dtype=np.int64)
-    entries = _Entries(scan, labels, probabilities, np.array([0.0]))
-    entries.n_scans = int(n_scans)
-    entries.lesions_per_scan = np.array([float(n_lesions)])
-    return entries.curve()
+    scan = np.zeros(labels.size, dtype=np.int64)  # one pseudo-scan holding every entry
+    return _Entries(scan, labels, probabilities, np.array([float(n_lesions)]), n_scans).curve()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +756,7 @@ def _load_scans(seriesuids):
             dup_mask = np.ones(uids.size, dtype=bool)
             dup_mask[first] = False
             i = _first(dup_mask)
-            raise FROCInputError("<seriesuids>", i + 1, f"duplicate seriesuid {uids[i]!r}", "row")
+            raise FROCInputError("<seriesuids>", i + 1, f"duplicate seriesuid {str(uids[i])!r}", "row")
     return uids, "<seriesuids>"
 
 
@@ -796,7 +799,7 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
     if not found.all():
         i = _first(~found)
         raise FROCInputError(pred.source, int(pred.lines[i]),
-                             f"seriesuid {pred.seriesuids[i]!r} is not in the series list "
+                             f"seriesuid {str(pred.seriesuids[i])!r} is not in the series list "
                              f"{list_source}", pred.word)
     keep = _truncate(mark_scan, pred.probabilities, n_scans, max_marks_per_scan)
     mark_scan = mark_scan[keep]
@@ -836,7 +839,7 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
                                 np.zeros(int(is_fp.sum()), dtype=bool)])
     entry_score = np.concatenate([best[detected], mark_prob[is_fp]])
     lesions_per_scan = np.bincount(nod_scan[nod_inc], minlength=n_scans)
-    entries = _Entries(entry_scan, entry_pos, entry_score, lesions_per_scan)
+    entries = _Entries(entry_scan, entry_pos, entry_score, lesions_per_scan, n_scans)
 
     curve_fps, curve_sens, curve_thr = entries.curve()
     op = np.asarray(OPERATING_POINTS, dtype=np.float64)

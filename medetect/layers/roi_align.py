@@ -211,7 +211,8 @@ def roi_align(
 
     Q = K * math.prod(out)
     M = math.prod(2 * s for s in n_samples)
-    table = features.movedim(1, -1).reshape(B * n_vox, C)  # [B*N, C] channels-last rows
+    # [B*N, C] channels-last rows; .contiguous() matters: for B == 1 reshape would give a strided view.
+    table = features.movedim(1, -1).contiguous().view(B * n_vox, C)
     rows = rows.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
     weight = weight.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
     pooled = F.embedding_bag(rows, table, per_sample_weights=weight, mode="sum")  # [Q, C]
@@ -224,8 +225,28 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))
 
 
-def _merge(va: Tensor, ia: Tensor, vb: Tensor, ib: Tensor) -> tuple[Tensor, Tensor]:
+# RoIPool's running (max, argmax) lives in one of two representations ("tables" are tuples of tensors of the
+# same shape, each [B, *T_a, C] for the sparse table or [Q, C] for the per-bin accumulator):
+#  * packed (float32/float16/bfloat16 and N < 2**32): one int64 key = (order-preserving int32 image of the
+#    value as float32) << 32 | (2**32 - 1 - flat spatial index). Integer max of keys = max value, ties to
+#    the smallest index. One elementwise op per merge.
+#  * general (float64, huge maps): a (value, int index) pair, merged with an explicit tie rule.
+_LOW32 = (1 << 32) - 1
+
+
+def _order_key32(x: Tensor) -> Tensor:
+    """int32 whose signed order is the float order of ``x`` (float32; NaN must already be replaced)."""
+    bits = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0 so the two zeros tie
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _merge_packed(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (torch.maximum(ta[0], tb[0]),)
+
+
+def _merge_general(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Max of two (value, argmax) pairs; ties go to the smaller flat index (first in raster order)."""
+    (va, ia), (vb, ib) = ta, tb
     take_b = (vb > va) | ((vb == va) & (ib < ia))
     return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
 
@@ -241,17 +262,20 @@ def roi_pool(
     Semantics of ``torchvision.ops.roi_pool`` extended to d dims: box corners are scaled and rounded (half
     away from zero) to integer pixels, the end is inclusive (RoI length ``max(hi - lo + 1, 1)``), bin ``p``
     covers ``[floor(p * L / P) + lo, ceil((p + 1) * L / P) + lo)`` clipped to the map, empty bins give 0,
-    NaNs are skipped, the first maximum in raster order wins (its gradient gets the whole bin's gradient).
+    NaNs are skipped, a window whose values never exceed ``-FLT_MAX`` gives ``-FLT_MAX``, and the first
+    maximum in raster order wins (it receives the bin's whole gradient).
 
     Args:
         features: ``[B, C, *spatial]`` floating feature map.
-        rois: ``[K, 1 + 2d]`` rows ``(batch index, lo_1..lo_d, hi_1..hi_d)`` in array-axis order.
+        rois: ``[K, 1 + 2d]`` rows ``(batch index, lo_1..lo_d, hi_1..hi_d)`` in array-axis order, in
+            input-image coordinates. The batch index must lie in ``[0, B)`` (not checked).
         output_size: int or tuple of d ints.
         spatial_scale: input-image to feature-map scale.
 
     Returns:
-        ``[K, C, *output_size]``. Differentiable w.r.t. ``features``. Method: exact sparse-table
-        (binary-decomposition) max, see the module docstring.
+        ``[K, C, *output_size]``. Differentiable w.r.t. ``features``; no gradient w.r.t. ``rois``. Method:
+        exact sparse-table (binary-decomposition) max, see the module docstring; cost grows with
+        ``prod_a bit_length(N_a)`` passes over the feature map.
     """
     d, out = _check_inputs(features, rois, output_size, "roi_pool")
     B, C = features.shape[:2]
@@ -269,9 +293,8 @@ def roi_pool(
     roi_len = (roi_end - roi_start + 1).clamp(min=1)  # [K, d]
     bin_size = roi_len.to(dtype) / torch.tensor(out, dtype=dtype, device=device)  # [K, d]
 
-    # Per axis: window [s, e) of every bin, its length and, per sparse-table level, use flag and start.
-    idx_dtype = torch.int32 if n_vox < 2**31 - 1 else torch.int64
-    levels = []  # per axis: list over levels j of (use [K, P_a] bool, pos [K, P_a] long)
+    # Per axis: window [s, e) of every bin and, per sparse-table level j, its use flag and block start.
+    levels = []  # levels[a][j] = (use [K, P_a] bool, pos [K, P_a] long)
     empty = torch.zeros((K, *out), dtype=torch.bool, device=device)  # [K, *P]
     for a in range(d):  # loop over the d spatial axes
         n = spatial[a]
@@ -280,7 +303,7 @@ def roi_pool(
         s = (torch.floor(p * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
         e = (torch.ceil((p + 1) * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
         length = (e - s).clamp(min=0)  # [K, P_a]
-        empty = empty | _broadcast_view(length == 0, d, a, False)
+        empty = empty | _broadcast_view(length == 0, d, a, False)  # [K, *P]
         per_level = []
         for j in range(n.bit_length()):  # levels of the sparse table along this axis (static count)
             use = ((length >> j) & 1).bool()  # [K, P_a]
@@ -289,23 +312,33 @@ def roi_pool(
         levels.append(per_level)
 
     Q = K * math.prod(out)
+    packed = dtype in (torch.float32, torch.float16, torch.bfloat16) and n_vox <= _LOW32
+    merge = _merge_packed if packed else _merge_general
     feats_cl = features.movedim(1, -1)  # [B, *N, C]
     with torch.no_grad():
         values = feats_cl.detach()
-        values = torch.where(torch.isnan(values), float("-inf"), values).contiguous()  # [B, *N, C]
-        index = torch.arange(n_vox, dtype=idx_dtype, device=device).view(1, *spatial, 1)
-        index = index.expand(B, *spatial, C).contiguous()  # [B, *N, C] flat spatial index of the argmax
-        best_v = torch.full((Q, C), float("-inf"), dtype=dtype, device=device)  # [Q, C]
-        best_i = torch.full((Q, C), torch.iinfo(idx_dtype).max, dtype=idx_dtype, device=device)  # [Q, C]
+        values = torch.where(torch.isnan(values), float("-inf"), values)  # [B, *N, C] NaNs never win
+        position = torch.arange(n_vox, device=device).view(1, *spatial, 1)  # [1, *N, 1] flat spatial index
+        if packed:
+            low = _LOW32 - position  # smaller index -> larger key
+            table0: tuple[Tensor, ...] = (_order_key32(values.float()).long() << 32 | low,)  # [B, *N, C]
+            best: tuple[Tensor, ...] = (torch.full((Q, C), torch.iinfo(torch.int64).min, device=device),)
+        else:
+            index = position.expand(B, *spatial, C).contiguous()  # [B, *N, C]
+            table0 = (values.contiguous(), index)
+            best = (
+                torch.full((Q, C), float("-inf"), dtype=dtype, device=device),  # [Q, C]
+                torch.full((Q, C), n_vox, dtype=torch.int64, device=device),  # [Q, C]
+            )
         batch_q = batch.view([K] + [1] * d)  # [K, 1 x d]
 
-        def visit(vals: Tensor, idx: Tensor, axis: int, chosen: tuple[int, ...]) -> None:
-            nonlocal best_v, best_i
+        def visit(table: tuple[Tensor, ...], axis: int, chosen: tuple[int, ...]) -> None:
+            nonlocal best
             if axis == d:  # table for the level tuple `chosen`: one masked gather per bin
-                lens = vals.shape[1:-1]  # T_a
-                rows = batch_q * math.prod(lens)  # [K, 1..]
-                use = torch.ones((), dtype=torch.bool, device=device)
+                lens = table[0].shape[1:-1]  # T_a
                 stride = math.prod(lens)
+                rows = batch_q * stride  # [K, 1 x d]
+                use = torch.ones((), dtype=torch.bool, device=device)
                 for a, j in enumerate(chosen):
                     stride //= lens[a]
                     u, pos = levels[a][j]
@@ -313,37 +346,39 @@ def roi_pool(
                     use = use & _broadcast_view(u, d, a, False)  # [K, P_1..]
                 rows = rows.expand(K, *out).reshape(Q)  # [Q]
                 use = use.expand(K, *out).reshape(Q, 1)  # [Q, 1]
-                gv = vals.reshape(-1, C)[rows]  # [Q, C]
-                gi = idx.reshape(-1, C)[rows]  # [Q, C]
-                take = use & ((gv > best_v) | ((gv == best_v) & (gi < best_i)))  # [Q, C]
-                best_v = torch.where(take, gv, best_v)
-                best_i = torch.where(take, gi, best_i)
+                got = tuple(t.reshape(-1, C)[rows] for t in table)  # [Q, C] each
+                merged = merge(best, got)
+                best = tuple(torch.where(use, m, b) for m, b in zip(merged, best))
                 return
-            n = spatial[axis]
-            for j in range(n.bit_length()):
-                if j > 0:  # block 2**j = block 2**(j-1) at i and at i + 2**(j-1); table shrinks to T_a
+            for j in range(spatial[axis].bit_length()):
+                if j > 0:  # block 2**j = blocks 2**(j-1) at i and at i + 2**(j-1); the axis shrinks to T_a
                     shift = 1 << (j - 1)
-                    length = vals.shape[1 + axis] - shift
-                    vals, idx = _merge(
-                        vals.narrow(1 + axis, 0, length),
-                        idx.narrow(1 + axis, 0, length),
-                        vals.narrow(1 + axis, shift, length),
-                        idx.narrow(1 + axis, shift, length),
-                    )  # [B, T_1.., C]
-                visit(vals, idx, axis + 1, chosen + (j,))
+                    length = table[0].shape[1 + axis] - shift
+                    table = merge(
+                        tuple(t.narrow(1 + axis, 0, length) for t in table),
+                        tuple(t.narrow(1 + axis, shift, length) for t in table),
+                    )  # [B, T_1.., C] each
+                visit(table, axis + 1, chosen + (j,))
 
-        visit(values, index, 0, ())
-        # Output value: torchvision's running max starts at -FLT_MAX, and empty bins are 0.
-        found = best_v > _NEG_FLT_MAX  # [Q, C]
+        visit(table0, 0, ())
+        if packed:
+            key = best[0]  # [Q, C]
+            found = (key >> 32) > _order_key32(torch.tensor(_NEG_FLT_MAX, device=device))
+            best_index = _LOW32 - (key & _LOW32)  # [Q, C]
+        else:
+            found = best[0] > _NEG_FLT_MAX
+            best_index = best[1]
         batch_rows = batch.view([K] + [1] * d).expand(K, *out).reshape(Q, 1)  # [Q, 1]
-        flat = batch_rows * n_vox + best_i.long().clamp(0, n_vox - 1)  # [Q, C] row of [B*N, C]
+        flat = batch_rows * n_vox + best_index.clamp(0, n_vox - 1)  # [Q, C] row of [B*N, C]
         flat = flat * C + torch.arange(C, device=device)  # [Q, C] index into feats_cl flattened
+        not_empty = ~empty.reshape(Q, 1)  # [Q, 1]
         fill = torch.where(
-            empty.reshape(Q, 1), torch.zeros((), dtype=dtype, device=device),
+            not_empty,
             torch.full((), _NEG_FLT_MAX, dtype=dtype, device=device),
+            torch.zeros((), dtype=dtype, device=device),
         )  # [Q, 1]
-        keep = found & ~empty.reshape(Q, 1)  # [Q, C]
-    gathered = feats_cl.reshape(-1)[flat]  # [Q, C] values at the argmax (gradient flows here)
+        keep = found & not_empty  # [Q, C]
+    gathered = feats_cl.reshape(-1)[flat]  # [Q, C] values at the argmax (the gradient flows here)
     pooled = torch.where(keep, gathered, fill)  # [Q, C]
     return pooled.view(K, *out, C).movedim(-1, 1).contiguous()  # [K, C, *P]
 

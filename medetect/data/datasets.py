@@ -1,0 +1,249 @@
+"""Datasets for 2D and 3D detection, and ready loaders for the datasets in ``../shared/data``.
+
+A :class:`DetectionDataset` turns annotation records (:class:`~medetect.data.annotations.ImageAnnotation`) into
+sample dicts (see :mod:`medetect.data.transforms`): ``image [C, *S]`` float32, ``boxes [N, 2d]``, ``labels [N]``
+(indices into ``classes``), ``spacing``, ``box_ids`` and ``image_id``. Images without any box are valid samples
+(negatives). Labels outside ``classes`` are an error naming the image, never a silent drop. Images are read lazily
+(``cache=False``) or kept in memory after the first read (``cache=True``, per worker process).
+
+:class:`PatchDataset` samples fixed-size patches from large volumes (positive-aware, see
+:class:`~medetect.data.transforms.RandomCrop`), ``patches_per_volume`` per volume per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import ImageAnnotation, read_dsb2018, read_lung_pet_ct_boxes, read_mias, read_voc_folder
+from .image import MedicalImage
+from .io import read_image
+from .transforms import RandomCrop
+
+__all__ = [
+    "DetectionDataset",
+    "PatchDataset",
+    "BCCD_CLASSES",
+    "bccd",
+    "dsb2018",
+    "mini_mias",
+    "lung_pet_ct_dx",
+]
+
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing paths that leave ``root`` (annotation files are untrusted input)."""
+    p = (root / rel).resolve()
+    r = root.resolve()
+    if p != r and r not in p.parents:
+        raise ValueError(f"image path {rel!r} leaves the dataset root {root}")
+    return p
+
+
+class DetectionDataset(Dataset):
+    """Records + a root folder (+ transforms) -> sample dicts.
+
+    Args (keyword-only):
+        records: one :class:`ImageAnnotation` per image (``image`` relative to ``root``); or with ``images`` given,
+            any records whose ``image`` is a key of ``images``.
+        root: folder the record paths are relative to.
+        classes: class names; labels are their indices. Unknown labels raise, naming image and label.
+        transform: callable ``sample -> sample`` (e.g. a :class:`~medetect.data.transforms.Compose`).
+        cache: keep decoded images in memory after the first read.
+        reader: ``path -> MedicalImage`` (default :func:`~medetect.data.io.read_image`).
+        images: optional mapping record.image -> path or :class:`MedicalImage` (volumes not stored as files
+            relative to root, e.g. a DICOM series folder).
+    """
+
+    def __init__(
+        self,
+        *,
+        records: Sequence[ImageAnnotation],
+        root: str | os.PathLike,
+        classes: Sequence[str],
+        transform: Callable | None = None,
+        cache: bool = False,
+        reader: Callable[[str | os.PathLike], MedicalImage] = read_image,
+        images: dict | None = None,
+    ):
+        self.records = list(records)
+        self.root = Path(root)
+        self.classes = tuple(classes)
+        self.class_index = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+        self.cache = cache
+        self.reader = reader
+        self.images = images or {}
+        self._cache: dict[int, MedicalImage] = {}
+        for r in self.records:
+            unknown = sorted(set(r.labels) - set(self.class_index))
+            if unknown:
+                raise ValueError(f"{r.image}: labels {unknown} are not among classes {list(self.classes)}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(len(r) for r in self.records)
+
+    def image(self, i: int) -> MedicalImage:
+        if i in self._cache:
+            return self._cache[i]
+        rec = self.records[i]
+        src = self.images.get(rec.image)
+        if isinstance(src, MedicalImage):
+            img = src
+        else:
+            img = self.reader(src if src is not None else _inside(self.root, rec.image))
+        if self.cache:
+            self._cache[i] = img
+        return img
+
+    def raw_sample(self, i: int) -> dict:
+        """The sample before transforms."""
+        rec = self.records[i]
+        img = self.image(i)
+        if rec.ndim != img.ndim:
+            raise ValueError(f"{rec.image}: boxes are {rec.ndim}D but the image is {img.ndim}D")
+        if rec.image_shape is not None and tuple(rec.image_shape) != tuple(img.spatial_shape):
+            raise ValueError(f"{rec.image}: annotation says image shape {rec.image_shape}, file has {img.spatial_shape}")
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.array, dtype=np.float32)),
+            "boxes": torch.from_numpy(rec.boxes.astype(np.float32)).reshape(-1, 2 * rec.ndim),
+            "labels": torch.tensor([self.class_index[c] for c in rec.labels], dtype=torch.long),
+            "box_ids": torch.arange(len(rec), dtype=torch.long),
+            "spacing": tuple(img.spacing),
+            "image_id": rec.image,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.raw_sample(i)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class PatchDataset(Dataset):
+    """``patches_per_volume`` random patches of ``patch_size`` per volume, positive-aware (``pos_prob``).
+
+    ``transform`` runs on the volume before cropping (e.g. resampling, windowing), ``patch_transform`` on each patch
+    (augmentation). A generator seeded from ``(seed, epoch, index)`` makes the patches of an epoch reproducible.
+    """
+
+    def __init__(
+        self,
+        base: DetectionDataset,
+        *,
+        patch_size: Sequence[int],
+        patches_per_volume: int = 4,
+        pos_prob: float = 0.5,
+        min_visibility: float = 0.5,
+        transform: Callable | None = None,
+        patch_transform: Callable | None = None,
+        seed: int = 0,
+        cache_volumes: bool = True,
+    ):
+        self.base = base
+        self.patches_per_volume = patches_per_volume
+        self.crop = RandomCrop(size=tuple(patch_size), pos_prob=pos_prob, min_visibility=min_visibility)
+        self.transform, self.patch_transform = transform, patch_transform
+        self.seed, self.epoch = seed, 0
+        self.cache_volumes = cache_volumes
+        self._vol: dict[int, dict] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base) * self.patches_per_volume
+
+    def _volume(self, v: int) -> dict:
+        if v in self._vol:
+            return self._vol[v]
+        s = self.base.raw_sample(v)
+        if self.transform is not None:
+            s = self.transform(s)
+        if self.cache_volumes:
+            self._vol[v] = s
+        return s
+
+    def __getitem__(self, i: int) -> dict:
+        v = i // self.patches_per_volume
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        patch = self.crop(self._volume(v), generator=g)
+        return self.patch_transform(patch, generator=g) if self.patch_transform is not None else patch
+
+
+# ------------------------------------------------------------------------------------------------ ready loaders
+
+
+def bccd(root: str | os.PathLike, split: str, *, transform=None, cache: bool = False) -> DetectionDataset:
+    """BCCD blood cells (Pascal VOC; RBC, WBC, Platelets). ``root`` is the VOC folder, ``split`` train/val/trainval
+    (or test, where present). The 2 zero-area boxes of upstream are skipped, counted and logged by the reader."""
+    records, report = read_voc_folder(root, split, classes=BCCD_CLASSES)
+    ds = DetectionDataset(records=records, root=root, classes=BCCD_CLASSES, transform=transform, cache=cache)
+    ds.report = report
+    return ds
+
+
+def dsb2018(root: str | os.PathLike, split: str, *, transform=None, cache: bool = False) -> DetectionDataset:
+    """DSB2018 nuclei (one class, boxes from instance masks)."""
+    records, report = read_dsb2018(root, split)
+    ds = DetectionDataset(records=records, root=root, classes=("nucleus",), transform=transform, cache=cache)
+    ds.report = report
+    return ds
+
+
+MIAS_CLASSES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
+
+
+def mini_mias(root: str | os.PathLike, split: str, *, transform=None, cache: bool = False, lesion_only: bool = True) -> DetectionDataset:
+    """mini-MIAS mammograms (research-only licence: read in place, never copied). Every image of the split is
+    included: normal ones (no box) are negatives. ``lesion_only`` maps every abnormality class to one ``lesion``
+    class (severity stays in ``meta``); otherwise the six MIAS classes."""
+    import csv
+
+    root = Path(root)
+    records, report = read_mias(root / "annotations.csv", root=root)
+    by_image = {r.image: r for r in records}
+    ids = [l.strip() for l in open(root / f"{split}.txt") if l.strip()]
+    rows = {row["image_id"]: row for row in csv.DictReader(open(root / "images.csv"))} if (root / "images.csv").exists() else {}
+    out = []
+    for ident in ids:
+        rel = f"images/{ident}.png"
+        r = by_image.get(rel) or next((v for k, v in by_image.items() if Path(k).stem == ident), None)
+        if r is None:
+            r = ImageAnnotation(rel, np.zeros((0, 4)), [], image_shape=(1024, 1024), meta={"image_label": rows.get(ident, {}).get("image_label", "normal")})
+        if lesion_only:
+            r = ImageAnnotation(r.image, r.boxes, ["lesion"] * len(r), None, r.image_shape, {**r.meta, "abnormality": list(r.labels)})
+        out.append(r)
+    classes = ("lesion",) if lesion_only else MIAS_CLASSES
+    ds = DetectionDataset(records=out, root=root, classes=classes, transform=transform, cache=cache)
+    ds.report = report
+    return ds
+
+
+def lung_pet_ct_dx(root: str | os.PathLike, *, transform=None) -> DetectionDataset:
+    """The 2 Lung-PET-CT-Dx CTs with their 3D tumour boxes: A0001 from its npz, A0002 from its original DICOM series."""
+    root = Path(root)
+    records, report = read_lung_pet_ct_boxes(root)
+    images = {}
+    for r in records:
+        npz = root / "volumes" / f"{r.image}.npz"
+        if npz.exists():
+            images[r.image] = npz
+        else:
+            series = sorted((root / "dicom").glob(f"{r.image}_*"))
+            if not series:
+                raise FileNotFoundError(f"{root}: no npz and no DICOM series for patient {r.image}")
+            images[r.image] = series[0]
+    classes = tuple(sorted({c for r in records for c in r.labels}))
+    ds = DetectionDataset(records=records, root=root, classes=classes, transform=transform, images=images)
+    ds.report = report
+    return ds

@@ -1,0 +1,307 @@
+"""Training loop: bf16 autocast on GPU, gradient clipping, warm-up + cosine/step schedule, a checkpoint every epoch,
+exact ``resume``, a NaN-loss guard, progress bar, CSV metrics (TensorBoard when installed), seeds, DDP via torchrun.
+
+Resuming is exact at epoch granularity: the data order of epoch ``e`` depends only on ``(seed, e)``, and the model,
+optimizer, scheduler and RNG states are restored from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "seed_everything", "detection_collate"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept on disk."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 24  # passes over the training set
+    batch_size: int = 4  # images (or patches) per step per process
+    lr: float = 0.01  # peak learning rate after warm-up
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, the Faster R-CNN recipe) or "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 200  # linear warm-up from warmup_factor * lr
+    warmup_factor: float = 0.001
+    schedule: str = "cosine"  # "cosine" | "step" (x0.1 at 2/3 and 8/9 of training) | "constant"
+    grad_clip: float = 10.0  # max global grad norm; 0 disables
+    amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
+    seed: int = 0
+    num_workers: int = 2
+    val_every: int = 1  # epochs between validations (0: never)
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between metric rows
+    max_steps_per_epoch: int = 0  # 0 = the whole dataset (for smoke tests)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant"), "amp": ("auto", "bf16", "off")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def detection_collate(samples: list[dict], size_divisor: int = 32) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Stack samples ``{"image": [C, *S], "boxes", "labels"}`` into ``[B, C, *S_max]`` (zero padding at the high end,
+    rounded up to ``size_divisor`` so every pyramid level divides evenly) and a list of targets."""
+    shapes = torch.tensor([s["image"].shape for s in samples])  # [B, 1 + d]
+    c = int(shapes[:, 0].max())
+    if (shapes[:, 0] != c).any():
+        raise ValueError(f"all images of a batch need the same number of channels, got {shapes[:, 0].tolist()}")
+    size = [int(math.ceil(int(m) / size_divisor) * size_divisor) for m in shapes[:, 1:].max(0).values]
+    batch = samples[0]["image"].new_zeros((len(samples), c, *size))
+    targets = []
+    for i, s in enumerate(samples):  # loop over the images of a batch
+        img = s["image"]
+        batch[(i, slice(None), *[slice(0, n) for n in img.shape[1:]])] = img
+        t = {k: v for k, v in s.items() if k != "image"}
+        targets.append(t)
+    return batch, targets
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        warm = 1.0
+        if step < cfg.warmup_iters:
+            a = step / max(1, cfg.warmup_iters)
+            warm = cfg.warmup_factor * (1 - a) + a
+        if cfg.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+        if cfg.schedule == "step":
+            return warm * (0.1 ** sum(step >= total_steps * m for m in (2 / 3, 8 / 9)))
+        return warm
+
+    return f
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Random order that depends only on (seed, epoch): resuming at an epoch replays the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Trainer:
+    """Train a model whose forward ``model(images, targets)`` returns ``{"losses": {...}, ...}``."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        train_data: Dataset,
+        config: TrainConfig,
+        run_dir: Path,
+        val_data: Dataset | None = None,
+        evaluate: Callable[[torch.nn.Module, Iterable], dict[str, float]] | None = None,
+        collate: Callable = detection_collate,
+        run_config: dict | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        config.validate()
+        if len(train_data) == 0:
+            raise ValueError("the training dataset is empty: check the data spec / split")
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if device is None:
+            if torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            else:
+                device = "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(config.seed + self.rank)
+        self.model = model.to(self.device)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+            )
+        self.train_data, self.val_data = train_data, val_data
+        self.evaluate, self.collate = evaluate, collate
+        self.run_config = run_config or {}
+        self.progress = progress and self.rank == 0
+        if self.world > 1:
+            self.sampler = DistributedSampler(train_data, num_replicas=self.world, rank=self.rank, shuffle=True, seed=config.seed)
+        else:
+            self.sampler = _EpochSampler(len(train_data), config.seed)
+        self.loader = DataLoader(
+            train_data, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.num_workers,
+            collate_fn=collate, drop_last=len(train_data) >= config.batch_size * self.world * 2,
+            persistent_workers=config.num_workers > 0, pin_memory=self.device.type == "cuda",
+        )
+        steps = len(self.loader) if not config.max_steps_per_epoch else min(len(self.loader), config.max_steps_per_epoch)
+        self.steps_per_epoch = max(1, steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(config, config.epochs * self.steps_per_epoch))
+        self.epoch, self.step = 0, 0
+        self.history: list[dict] = []
+        amp = config.amp
+        self.autocast = self.device.type == "cuda" and amp in ("auto", "bf16") or amp == "bf16"
+        self._tb = None
+
+    # ------------------------------------------------------------------------------------------- state
+    def resume(self) -> bool:
+        """Continue from the last complete checkpoint in ``run_dir``; False when there is none."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        state = load_checkpoint(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = state.get("metrics", {}).get("history", [])
+        return True
+
+    def _save(self) -> None:
+        if self.rank != 0:
+            return
+        save_checkpoint(
+            self.run_dir, epoch=self.epoch, step=self.step, model=self.model, optimizer=self.opt, scheduler=self.sched,
+            metrics={"history": self.history}, config=self.run_config, keep=self.cfg.keep_checkpoints,
+        )
+
+    def _log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        keys = sorted(row)
+        if not new:
+            with open(path) as f:
+                header = f.readline().strip().split(",")
+            if set(keys) - set(header):
+                # New columns (e.g. the first validation metrics): rewrite the file with the union of columns.
+                rows = list(csv.DictReader(open(path)))
+                keys = header + sorted(set(keys) - set(header))
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=keys)
+                    w.writeheader()
+                    w.writerows(rows)
+            else:
+                keys = header
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, restval="")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            except Exception:  # tensorboard not installed: CSV only
+                self._tb = False
+        if self._tb:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self._tb.add_scalar(k, v, row.get("step", 0))
+
+    # ------------------------------------------------------------------------------------------- loop
+    def _to_device(self, images, targets):
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+        return images, targets
+
+    def fit(self) -> list[dict]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        net = self.ddp or self.model
+        while self.epoch < self.cfg.epochs:
+            self.model.train()
+            self.sampler.set_epoch(self.epoch)
+            bar = None
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
+            t0, seen, sums = time.perf_counter(), 0, {}
+            for i, (images, targets) in enumerate(self.loader):
+                if i >= self.steps_per_epoch:
+                    break
+                images, targets = self._to_device(images, targets)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    out = net(images, targets)
+                losses = out["losses"]
+                loss = sum(losses.values())
+                vals = {k: float(v.detach()) for k, v in losses.items()}  # one sync per step, for the log and guard
+                total = sum(vals.values())
+                if not math.isfinite(total):
+                    raise TrainingDiverged(
+                        f"loss became {total} at epoch {self.epoch + 1}, step {self.step} ({vals}); the last good "
+                        f"checkpoint in {self.run_dir} is kept. Lower train.lr or raise train.warmup_iters."
+                    )
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.step += 1
+                seen += images.shape[0] * self.world
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{total:.3f}", img_s=f"{rate:.1f}")
+                    bar.update(1)
+                if self.step % self.cfg.log_every == 0:
+                    self._log({"epoch": self.epoch + 1, "step": self.step, "loss": total, "lr": self.sched.get_last_lr()[0], "images_per_s": rate, **vals})
+            if bar is not None:
+                bar.close()
+            self.epoch += 1
+            n = max(1, min(self.steps_per_epoch, i + 1))
+            row = {"epoch": self.epoch, "step": self.step, "train_loss": sum(sums.values()) / n, "images_per_s": seen / max(1e-9, time.perf_counter() - t0)}
+            if self.evaluate is not None and self.val_data is not None and self.cfg.val_every and self.epoch % self.cfg.val_every == 0 and self.rank == 0:
+                row.update(self.evaluate(self.model, self.val_data))
+            self.history.append(row)
+            self._log(row)
+            self._save()
+            if self.progress:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        return self.history

@@ -1,0 +1,126 @@
+"""Wiring for ``medetect train`` / ``evaluate``: datasets and transforms from a :class:`~medetect.config.DataConfig`,
+model from its config, evaluation on a validation split, and the trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import DataConfig, ExperimentConfig
+from .data import transforms as T
+from .data.datasets import BCCD_CLASSES, DetectionDataset, bccd, dsb2018, mini_mias
+from .data.annotations import read_voc_folder
+from .engine.predictor import Predictor
+from .engine.trainer import Trainer
+from .evaluation.detection import evaluate_coco, evaluate_voc
+from .models.detector import Detector, build_detector
+
+__all__ = ["build_transform", "build_dataset", "evaluate_model", "run_training", "predict_dataset"]
+
+
+class _Rescale(T.Transform):
+    """Divide intensities by ``max_value`` then normalise with mean/std (per channel or shared)."""
+
+    def __init__(self, *, max_value: float, mean, std):
+        self.max_value = max_value
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+
+    def __call__(self, sample, generator=None):
+        img = sample["image"].float() / self.max_value
+        shape = (-1,) + (1,) * (img.ndim - 1)
+        mean = self.mean.reshape(shape) if self.mean.numel() > 1 else self.mean
+        std = self.std.reshape(shape) if self.std.numel() > 1 else self.std
+        return {**sample, "image": (img - mean) / std}
+
+
+def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
+    steps: list = []
+    if cfg.scale != 1.0:
+        steps.append(_Fixed(T.scale, factor=cfg.scale))
+    if train:
+        if cfg.intensity:
+            steps.append(T.RandomIntensity(scale=(0.85, 1.15), shift=(-12.0, 12.0), noise_std=None, gamma=None))
+        if cfg.random_scale[0] != 1.0 or cfg.random_scale[1] != 1.0:
+            steps.append(T.RandomScale(range=tuple(cfg.random_scale)))
+        if cfg.hflip:
+            steps.append(T.RandomFlip(axes=(-1,), p=0.5))
+        if cfg.vflip:
+            steps.append(T.RandomFlip(axes=(-2,), p=0.5))
+        if cfg.rot90:
+            steps.append(T.RandomRot90(axes=(-2, -1), p=0.5))
+    steps.append(_Rescale(max_value=cfg.max_value, mean=cfg.mean, std=cfg.std))
+    return T.Compose(steps)
+
+
+class _Fixed(T.Transform):
+    """A functional transform with fixed arguments, as a picklable transform object."""
+
+    def __init__(self, fn, **kw):
+        self.fn, self.kw = fn, kw
+
+    def __call__(self, sample, generator=None):
+        return self.fn(sample, **self.kw)
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
+    tf = build_transform(cfg, train)
+    if cfg.dataset == "bccd":
+        return bccd(cfg.root, split, transform=tf, cache=cfg.cache)
+    if cfg.dataset == "dsb2018":
+        return dsb2018(cfg.root, split, transform=tf, cache=cfg.cache)
+    if cfg.dataset == "mini_mias":
+        return mini_mias(cfg.root, split, transform=tf, cache=cfg.cache)
+    if not cfg.classes:
+        raise ValueError("data.classes must list the class names for a VOC dataset")
+    records, report = read_voc_folder(cfg.root, split, classes=cfg.classes)
+    ds = DetectionDataset(records=records, root=cfg.root, classes=cfg.classes, transform=tf, cache=cfg.cache)
+    ds.report = report
+    return ds
+
+
+def predict_dataset(model: Detector, data: Iterable, *, device=None) -> tuple[list[dict], list[dict]]:
+    """Run ``model`` over a dataset of samples; returns (predictions, targets) as lists of dicts."""
+    pred = Predictor(model, device=device)
+    preds, gts = [], []
+    for s in data:
+        preds.append(pred.predict(s["image"]))
+        gts.append({"boxes": s["boxes"], "labels": s["labels"]})
+    return preds, gts
+
+
+def evaluate_model(model: Detector, data: DetectionDataset, *, device=None) -> dict[str, float]:
+    """VOC mAP@0.5 (all-point and 11-point) and COCO mAP@[.5:.95] with per-class VOC AP."""
+    was_training = model.training
+    preds, gts = predict_dataset(model, data, device=device)
+    model.train(was_training)
+    names = list(data.classes)
+    voc = evaluate_voc(preds, gts, class_names=names)
+    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
+    coco = evaluate_coco(preds, gts, class_names=names) if model.config.ndim == 2 else {"map": float("nan")}
+    out = {"val_map50": float(voc["map"]), "val_map50_07": float(voc07["map"]), "val_coco_map": float(coco["map"])}
+    out.update({f"val_ap50_{k}": float(v) for k, v in voc["per_class"].items()})
+    return out
+
+
+def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, device=None) -> list[dict]:
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.data.val_split else None
+    if not cfg.model.class_names:
+        cfg.model.class_names = list(train_ds.classes)
+    if cfg.model.num_classes != len(train_ds.classes):
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {len(train_ds.classes)} classes {list(train_ds.classes)}")
+    model = build_detector(cfg.model)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    trainer = Trainer(
+        model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
+        evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,
+    )
+    if resume and trainer.resume():
+        print(f"resumed from epoch {trainer.epoch} (step {trainer.step}) in {run_dir}", flush=True)
+    return trainer.fit()
