@@ -73,6 +73,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .models.io import export_from_run, export_onnx
+
+    if args.onnx:
+        print(export_onnx(args.run_dir, args.out, args.onnx))
+    else:
+        print(export_from_run(args.run_dir, args.out))
+    return 0
+
+
 def cmd_froc(argv) -> int:
     from .evaluation.froc import main as froc_main
 
@@ -129,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--out", default="medetect-demo")
     common(de)
     de.set_defaults(fn=cmd_demo)
+
+    ex = sub.add_parser("export", help="a run's last checkpoint -> one shippable .safetensors (or ONNX)")
+    ex.add_argument("run_dir", help="training run folder (or, with --onnx, a shipped .safetensors model)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--onnx", type=int, nargs="+", default=None, metavar="SIZE",
+                    help="export the backbone+FPN of a shipped model to ONNX for this input size")
+    ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("froc", help="LUNA16 FROC/CPM (see medetect froc --help)")
     sub.add_parser("phantoms", help="synthetic LUNA16-format CT phantoms (see medetect phantoms --help)")

@@ -91,16 +91,21 @@ def ref_roi_pool(features, rois, output_size, spatial_scale=1.0):
     result = torch.zeros((K, C, *out), dtype=features.dtype)
     argmax = torch.full((K, C, *out), -1, dtype=torch.long)  # flat index into features[b, c]
     neg = -torch.finfo(torch.float32).max
+    dt = features.dtype  # torchvision does this arithmetic in the input dtype T
+
+    def scalar(x):
+        return torch.tensor(x, dtype=dt)
+
     for k in range(K):
-        r = rois[k].tolist()
-        b = int(r[0])
-        start = [_c_round(r[1 + a] * spatial_scale) for a in range(d)]
-        end = [_c_round(r[1 + d + a] * spatial_scale) for a in range(d)]
+        b = int(rois[k, 0])
+        r = (rois[k].to(dt) * spatial_scale).tolist()
+        start = [_c_round(r[1 + a]) for a in range(d)]
+        end = [_c_round(r[1 + d + a]) for a in range(d)]
         length = [max(e - s + 1, 1) for s, e in zip(start, end)]
-        binsz = [length[a] / out[a] for a in range(d)]
+        binsz = [scalar(length[a]) / out[a] for a in range(d)]
         for pbin in itertools.product(*(range(o) for o in out)):
-            lo = [min(max(math.floor(pbin[a] * binsz[a]) + start[a], 0), sizes[a]) for a in range(d)]
-            hi = [min(max(math.ceil((pbin[a] + 1) * binsz[a]) + start[a], 0), sizes[a]) for a in range(d)]
+            lo = [min(max(math.floor(scalar(pbin[a]) * binsz[a]) + start[a], 0), sizes[a]) for a in range(d)]
+            hi = [min(max(math.ceil(scalar(pbin[a] + 1) * binsz[a]) + start[a], 0), sizes[a]) for a in range(d)]
             empty = any(h <= l for l, h in zip(lo, hi))
             for c in range(C):
                 best, arg = (0.0 if empty else neg), -1
@@ -164,11 +169,12 @@ def test_roi_align_adaptive_sampling(case, aligned):
 
 
 @pytest.mark.parametrize("case", CASES_2D + CASES_3D)
-@pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_roi_pool_matches_loop_reference(case, scale):
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # general and packed-key paths
+def test_roi_pool_matches_loop_reference(case, scale, dtype):
     B, C, sizes, out = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr((sizes, scale, "pool")).encode()))
-    feats = torch.randn(B, C, *sizes, generator=gen, dtype=torch.float64)
+    feats = torch.randn(B, C, *sizes, generator=gen, dtype=torch.float64).to(dtype)
     rois = torch.cat([_random_rois(gen, 5, B, sizes, scale), _random_rois(gen, 3, B, sizes, scale, tiny=True)])
     # Exact .5 corners exercise C rounding (half away from zero).
     rois = torch.cat([rois, torch.tensor([[0.0] + [0.5] * len(sizes) + [2.5] * len(sizes)], dtype=torch.float64)])
@@ -235,20 +241,28 @@ def test_roi_pool_hand_case():
     torch.testing.assert_close(got[1, 0], torch.tensor([[6.0, 7.0], [10.0, 11.0]]))
 
 
-def test_roi_pool_ties_nan_and_gradient_routing():
-    feats = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_roi_pool_ties_nan_and_gradient_routing(dtype):
+    feats = torch.zeros(1, 1, 3, 4, dtype=dtype)
+    feats[0, 0, 0, 0] = -0.0  # -0.0 and +0.0 tie: the first in raster order wins
     feats[0, 0, 1, 1] = float("nan")
     feats[0, 0, 2, 3] = float("-inf")
+    feats[0, 0, 0, 3] = -3.0
+    feats[0, 0, 1, 3] = -3.0
     feats.requires_grad_(True)
-    rois = torch.tensor([[0.0, 0, 0, 2, 3], [0.0, 2, 3, 2, 3], [0.0, 1, 1, 1, 1]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[0.0, 0, 0, 2, 3], [0.0, 2, 3, 2, 3], [0.0, 1, 1, 1, 1], [0.0, 0, 3, 1, 3]], dtype=torch.float64
+    )
     got = roi_pool(feats, rois, 1)
     ref, arg = ref_roi_pool(feats.detach(), rois, 1)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # tie of zeros; -inf alone and NaN alone -> -FLT_MAX
-    got.sum().backward()
-    expected = torch.zeros(12, dtype=torch.float64)
-    expected[0] = 1.0  # first zero in raster order wins the tie
+    # tie of zeros; -inf alone and NaN alone -> -FLT_MAX (as torchvision); tie of -3.0
+    torch.testing.assert_close(got, ref.to(dtype), rtol=0, atol=0)
+    assert arg.view(-1).tolist() == [0, -1, -1, 3]
+    got.float().sum().backward()
+    expected = torch.zeros(12, dtype=dtype)
+    expected[0] = 1.0
+    expected[3] = 1.0
     torch.testing.assert_close(feats.grad.view(-1), expected)
-    assert arg.view(-1).tolist() == [0, -1, -1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,8 +380,8 @@ def test_torchvision_roi_align(aligned, sampling_ratio):
     rois = rois.float()
     f1 = feats.clone().requires_grad_(True)
     f2 = feats.clone().requires_grad_(True)
-    ours = roi_align(f1, rois, (7, 5), 0.25, sampling_ratio, aligned)
-    theirs = tv_ops.roi_align(f2, _to_xyxy(rois), (7, 5), 0.25, sampling_ratio, aligned)
+    ours = roi_align(f1, rois, (7, 5), 0.3, sampling_ratio, aligned)
+    theirs = tv_ops.roi_align(f2, _to_xyxy(rois), (7, 5), 0.3, sampling_ratio, aligned)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     g = torch.randn(ours.shape, generator=gen)
     (ours * g).sum().backward()
@@ -384,8 +398,8 @@ def test_torchvision_roi_pool():
     rois = rois.float()
     f1 = feats.clone().requires_grad_(True)
     f2 = feats.clone().requires_grad_(True)
-    ours = roi_pool(f1, rois, (7, 5), 0.25)
-    theirs = tv_ops.roi_pool(f2, _to_xyxy(rois), (7, 5), 0.25)
+    ours = roi_pool(f1, rois, (7, 5), 0.3)
+    theirs = tv_ops.roi_pool(f2, _to_xyxy(rois), (7, 5), 0.3)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     g = torch.randn(ours.shape, generator=gen)
     (ours * g).sum().backward()

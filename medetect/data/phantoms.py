@@ -10,8 +10,8 @@ What a phantom holds (HU values are typical, each drawn per scan or per object f
 * air outside the body (-1000), an elliptic body cylinder with a subcutaneous fat layer (about -100 HU) around soft
   tissue (about 40 HU), ribs in the chest wall, and a spine (vertebral body with cortical shell, cancellous bone,
   intervertebral discs along z, spinal canal and posterior arch);
-* two lungs (parenchyma about -850 HU, denser posteriorly as in supine scans) that taper towards the apex, with the heart
-  carved out of the left lung's medial side;
+* two lungs (parenchyma about -850 HU, denser posteriorly as in supine scans) that taper towards the apex, with the
+  heart carved out of the left lung's medial side;
 * vessel trees: curved tubes of 1 to 6 mm diameter branching from each hilum, about 40 HU. In a single axial slice a
   vessel is a bright disc exactly like a small nodule: these are the realistic hard negatives;
 * nodules: solid spheres (about 0..100 HU), and optionally ground-glass (about -550 HU) or part-solid ones (ground-glass
@@ -23,8 +23,9 @@ What a phantom holds (HU values are typical, each drawn per scan or per object f
 Partial volume. Each voxel of a sphere or tube gets the fraction of itself that lies inside the object, mixed with the
 background: ``f = clip(1/2 - d / w, 0, 1)`` where ``d`` is the signed distance (mm) from the voxel centre to the surface
 and ``w = |n * spacing|`` is the voxel's extent along the surface normal ``n`` (the width of the ramp that matches the
-variance of a box projected on ``n``). It is exact for a plane aligned with an axis and respects anisotropic spacing:
-the summed fraction of a sphere equals its volume to within a few percent.
+variance of a box projected on ``n``), with ``d`` shifted by ``w^2 / (12 r)`` (spheres; ``/ (24 r)`` for tubes) for the
+curvature. It is exact for a plane aligned with an axis and respects anisotropic spacing: the summed fraction of a
+sphere equals its volume to within about one percent.
 
 Coordinates. Anatomy is laid out in the ARRAY frame in millimetres (voxel ``i`` has its centre at ``(i + 0.5) * s``),
 i.e. the edge coordinate ``c`` of :mod:`medetect.convert` times the spacing. World positions are then always obtained
@@ -129,7 +130,9 @@ def _sphere_fraction(center_mm, radius_mm: float, box, spacing: np.ndarray) -> n
     s = spacing.astype(_F32)
     w = np.sqrt((dz * s[0]) ** 2 + (dy * s[1]) ** 2 + (dx * s[2]) ** 2) / np.maximum(dist, _F32(1e-6))
     w = np.maximum(w, _F32(1e-3))
-    return _soft(dist - _F32(radius_mm), w)
+    # curvature: the shell outside the surface is larger than the one inside; shifting the ramp inwards by
+    # w^2 / (12 r) makes the fractions sum to the sphere's volume
+    return _soft(dist - _F32(radius_mm) + w * w / _F32(12 * radius_mm), w)
 
 
 def _segment_fraction(a, b, radius_mm: float, box, spacing: np.ndarray) -> np.ndarray:
@@ -145,7 +148,7 @@ def _segment_fraction(a, b, radius_mm: float, box, spacing: np.ndarray) -> np.nd
     s = spacing.astype(_F32)
     w = np.sqrt((dz * s[0]) ** 2 + (dy * s[1]) ** 2 + (dx * s[2]) ** 2) / np.maximum(dist, _F32(1e-6))
     w = np.maximum(w, _F32(1e-3))
-    return _soft(dist - _F32(radius_mm), w)
+    return _soft(dist - _F32(radius_mm) + w * w / _F32(24 * radius_mm), w)  # curvature, as for spheres
 
 
 def _ellipse_sd(dy, dx, ay, ax):
@@ -363,7 +366,7 @@ class _SdLookup:
 # ----------------------------------------------------------------------------------------------- objects
 
 
-def _place_spheres(an: _Anatomy, radii: list[float], spacing, rng, taken: list[tuple[np.ndarray, float]],
+def _place_spheres(an: _Anatomy, radii: list[float], rng, taken: list[tuple[np.ndarray, float]],
                    gap: float, margin: float, shrink_to: float | None = None, tries: int = 40):
     """Place spheres (mm, array frame) wholly inside the lungs and away from ``taken``; returns [(centre, r)].
 
@@ -406,8 +409,8 @@ def _grow_vessels(an: _Anatomy, lung_sd, rng: np.random.Generator, max_branches:
     branches: list[tuple[np.ndarray, float]] = []
     bifurcations: list[tuple[np.ndarray, float]] = []
     per_lung = max_branches // len(an.lungs)
-    for k, (lcy, lcx, lay, lax) in enumerate(an.lungs):
-        medial = 1.0 if lcx < an.cx else -1.0  # +x points medially for the right-hand lung in the array
+    for lcy, lcx, lay, lax in an.lungs:
+        medial = 1.0 if lcx < an.cx else -1.0  # sign of x towards the mediastinum
         root = None
         for _ in range(50):
             p = np.array([an.fov[0] * rng.uniform(0.45, 0.6), lcy + lay * rng.uniform(-0.15, 0.15),
@@ -573,7 +576,7 @@ def make_phantom(
     n = _count(n_nodules, rng, "n_nodules")
     diam = np.exp(rng.uniform(math.log(dmin), math.log(dmax), n))
     diam = np.sort(diam)[::-1]  # big ones first: they need the room
-    spheres = _place_spheres(an, [d / 2 for d in diam], sp, rng, [], gap=smax, margin=1.0 + 0.5 * smax,
+    spheres = _place_spheres(an, [d / 2 for d in diam], rng, [], gap=smax, margin=1.0 + 0.5 * smax,
                              shrink_to=dmin / 2)
 
     # ---- vessels
@@ -597,7 +600,7 @@ def make_phantom(
                 excluded.append({"_c": np.asarray(p), "_r": rb, "kind": "vessel-blob", "diameter_mm": -1.0})
                 continue
         taken = spheres + [(e["_c"], e["_r"]) for e in excluded]
-        got = _place_spheres(an, [rng.uniform(0.75, 1.45)], sp, rng, taken, gap=2 * smax, margin=1.0)
+        got = _place_spheres(an, [rng.uniform(0.75, 1.45)], rng, taken, gap=2 * smax, margin=1.0)
         for c, r in got:
             excluded.append({"_c": c, "_r": r, "kind": "small-nodule", "diameter_mm": 2 * r})
     for e in excluded:
@@ -842,7 +845,9 @@ def write_luna16_dataset(
         lines = ([",".join(header)] if header else []) + [fmt(r) for r in rows]
         (out / name).write_text("".join(line + "\n" for line in lines))
 
-    ann = lambda r: ",".join([r[0], *(_fmt(v, 7) for v in r[1:4]), _fmt(r[4], 7)])  # noqa: E731
+    def ann(r):
+        return ",".join([r[0], *(_fmt(v, 7) for v in r[1:4]), _fmt(r[4], 7)])
+
     write("annotations.csv", ANNOTATIONS_HEADER, ann_rows, ann)
     write("annotations_excluded.csv", ANNOTATIONS_HEADER, exc_rows, ann)
     write("candidates.csv", CANDIDATES_HEADER, cand_rows,
@@ -870,10 +875,13 @@ def write_luna16_dataset(
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medetect.data.phantoms OUT_DIR --scans N --seed S``: write a synthetic LUNA16 dataset."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m medetect.data.phantoms") -> int:
+    """``python -m medetect.data.phantoms OUT_DIR --scans N --seed S``: write a synthetic LUNA16 dataset.
+
+    ``prog`` is the name shown in ``--help`` (e.g. ``"medetect phantoms"`` when called from the main CLI).
+    """
     p = argparse.ArgumentParser(
-        prog="python -m medetect.data.phantoms",
+        prog=prog,
         description="Write synthetic chest-CT phantoms as a LUNA16-format dataset (MHD/RAW + CSVs).",
     )
     p.add_argument("out_dir", help="output folder (created)")

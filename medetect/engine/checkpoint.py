@@ -33,10 +33,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Model weights to one safetensors file (atomically). Shared tensors are stored once each, contiguous."""
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Model weights to one safetensors file (atomically). ``dtype`` (e.g. float16 for shipped models) converts the
+    floating-point tensors; loading copies them back into the model's own dtype."""
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=metadata)
     os.replace(tmp, path)

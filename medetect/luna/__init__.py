@@ -1,0 +1,37 @@
+"""LUNA16-style lung nodule detection: dataset layout, preprocessing, training, whole-scan inference, submission."""
+
+from .detection import (
+    LunaLayout,
+    LunaPreprocess,
+    LunaVolumes,
+    default_detector_config,
+    evaluate_submission,
+    load_luna_model,
+    lung_pet_ct_smoke,
+    main,
+    predict_layout,
+    predict_scan,
+    preprocess_scan,
+    save_luna_model,
+    time_inference,
+    train_detector,
+    write_submission,
+)
+
+__all__ = [
+    "LunaLayout",
+    "LunaPreprocess",
+    "LunaVolumes",
+    "default_detector_config",
+    "evaluate_submission",
+    "load_luna_model",
+    "lung_pet_ct_smoke",
+    "main",
+    "predict_layout",
+    "predict_scan",
+    "preprocess_scan",
+    "save_luna_model",
+    "time_inference",
+    "train_detector",
+    "write_submission",
+]

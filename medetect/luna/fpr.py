@@ -1,0 +1,511 @@
+"""LUNA16 stage two: false-positive reduction (FPR) of nodule candidates with a cube classifier.
+
+Pipeline: candidates (world mm, from ``candidates.csv`` or a stage-one detector) -> :func:`extract_cubes` (one
+batched ``grid_sample`` per scan: isotropic cubes centred at the candidates, -1000 HU outside the volume, lung window
+to ``[0, 1]``) -> :class:`medetect.models.fp_reduction.FPRClassifier` -> probabilities -> optionally :func:`fuse`
+with the stage-one probability -> LUNA16 submission CSV (``seriesuid,coordX,coordY,coordZ,probability``).
+
+Cube geometry. A cube is laid out along the volume's ARRAY axes (``z, y, x``) with isotropic voxels of
+``spacing_mm * scale``; cube voxel ``k`` (per axis, ``0..size-1``) samples the point ``(k + 0.5 - size / 2)`` voxels
+from the candidate, so the candidate sits exactly at the cube's geometric centre (edge coordinate ``size / 2``; for an
+odd ``size`` that is the centre of voxel ``size // 2``). World -> voxel goes through
+:func:`medetect.convert.world_to_voxel` (any spacing, origin, direction). Trilinear interpolation, ``align_corners=False``
+(voxel ``i`` covers ``[i, i + 1)``, as in :mod:`medetect.convert`).
+
+Augmentation is folded into the sampling grid, so it costs nothing extra and never moves the candidate off-centre
+unless asked to: per cube a signed axis permutation (all flips and 90-degree rotations of the cube), an isotropic
+scale jitter and a small translation (mm) -- :func:`random_augmentation`.
+
+Class balance: LUNA16 has ~500 negatives per positive. :class:`CandidateCubes` oversamples positives (every negative
+once per epoch, positives repeated until they are ``pos_fraction`` of the epoch), which works with the
+:class:`~medetect.engine.trainer.Trainer` (its sampler shuffles a dataset's indices); :func:`balanced_sampler` gives a
+``WeightedRandomSampler`` for custom loops.
+
+Fusion of the two stages (:func:`fuse`): ``"product"`` ``p_det * p_fpr`` (a candidate must convince both stages;
+the usual choice when the detector's probabilities are calibrated), ``"mean"`` ``w * p_det + (1 - w) * p_fpr``
+(more forgiving when either stage is over-confident), ``"geometric"`` ``sqrt(p_det * p_fpr)`` (the product's ranking
+on the probability scale) and ``"fpr"`` (stage two alone; what the LUNA16 candidate track evaluates).
+
+CLI (wired by the lead as ``medetect luna-fpr``)::
+
+    python -m medetect.luna.fpr train ROOT --candidates candidates.csv --run-dir RUN [--subsets subset0 ...]
+    python -m medetect.luna.fpr score RUN/model.safetensors ROOT --candidates C.csv --out submission.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from ..convert import Geometry, world_to_voxel
+from ..models.fp_reduction import FPRClassifier, FPRConfig, build_fpr
+
+__all__ = [
+    "extract_cubes",
+    "random_augmentation",
+    "balanced_indices",
+    "balanced_sampler",
+    "CandidateCubes",
+    "cube_collate",
+    "find_scans",
+    "load_scan",
+    "read_candidates",
+    "train_fpr",
+    "score_candidates",
+    "score_scans",
+    "fuse",
+    "FUSION_MODES",
+    "save_fpr",
+    "load_fpr",
+    "main",
+]
+
+FUSION_MODES = ("product", "mean", "geometric", "fpr")
+PAD_HU = -1000.0
+
+
+# ----------------------------------------------------------------------------------------------- cube extraction
+
+
+def _volume_tensor(volume) -> torch.Tensor:
+    if hasattr(volume, "array") and hasattr(volume, "geometry"):  # MedicalImage
+        volume = volume.array[0]
+    t = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    return t.to(torch.float32)
+
+
+def _offsets(size: int, d: int, dtype=torch.float64) -> torch.Tensor:
+    """``[size**d, d]`` voxel offsets (array order) of the cube's voxel centres from the cube centre."""
+    k = torch.arange(size, dtype=dtype) + 0.5 - size / 2
+    mesh = torch.meshgrid(*([k] * d), indexing="ij")
+    return torch.stack(mesh, dim=-1).reshape(-1, d)
+
+
+def extract_cubes(
+    volume,
+    geometry: Geometry,
+    centers_world,
+    *,
+    size: int = 32,
+    spacing_mm: float = 1.0,
+    scales: Sequence[float] = (1.0,),
+    window: Sequence[float] | None = (-1000.0, 400.0),
+    pad_hu: float = PAD_HU,
+    matrices: torch.Tensor | None = None,
+    shifts_mm: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Cubes centred at world points, resampled to isotropic voxels: ``[N, len(scales), size, .., size]`` float32.
+
+    Args:
+        volume: ``[*S]`` array/tensor in HU (array order, e.g. ``[Z, Y, X]``) or a ``MedicalImage``; 2D or 3D.
+        geometry: the volume's :class:`~medetect.convert.Geometry`.
+        centers_world: ``[N, d]`` world points ``(x, y, z)`` mm.
+        size: voxels per cube axis; spacing_mm: voxel size (mm) at scale 1; scales: fields of view as multiples
+            (each scale becomes one channel).
+        window: HU ``(lo, hi)`` mapped to ``[0, 1]`` with clipping, or None to return HU.
+        pad_hu: value outside the volume (air).
+        matrices: optional ``[N, d, d]`` maps applied to each cube's mm offsets (array axes) -- augmentation.
+        shifts_mm: optional ``[N, d]`` translations (mm, array axes) of the sampled point from the candidate.
+        chunk: candidates per ``grid_sample`` call (bounds memory; not a per-candidate loop).
+    """
+    vol = _volume_tensor(volume)
+    d = geometry.ndim
+    if vol.ndim != d or d not in (2, 3):
+        raise ValueError(f"volume must be [*S] with {d} spatial axes (2D or 3D), got shape {tuple(vol.shape)}")
+    ctr = torch.as_tensor(world_to_voxel(np.asarray(centers_world, dtype=np.float64).reshape(-1, d), geometry))
+    n = ctr.shape[0]
+    ns = len(scales)
+    out = vol.new_empty((n, ns, *([size] * d)))
+    if n == 0:
+        return out
+    vox_mm = torch.as_tensor(geometry.spacing, dtype=torch.float64)  # mm per array axis
+    shape = torch.as_tensor(vol.shape, dtype=torch.float64)
+    base = _offsets(size, d) * spacing_mm  # [P, d] mm
+    base = torch.stack([base * float(s) for s in scales])  # [ns, P, d]
+    src = (vol - pad_hu)[None, None]  # zeros padding == pad_hu after adding it back
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        off = base[None].expand(b - a, -1, -1, -1)  # [m, ns, P, d]
+        if matrices is not None:
+            off = torch.einsum("nij,nspj->nspi", matrices[a:b].to(torch.float64), off)
+        if shifts_mm is not None:
+            off = off + shifts_mm[a:b].to(torch.float64)[:, None, None, :]
+        pos = ctr[a:b, None, None, :] + off / vox_mm  # [m, ns, P, d] edge coordinates
+        g = (2 * pos / shape - 1).flip(-1).to(torch.float32)  # grid_sample wants (x, y, z) = reversed axes
+        g = g.reshape(1, (b - a) * ns * size, *([size] * (d - 1)), d)
+        v = F.grid_sample(src, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out[a:b] = v.reshape(b - a, ns, *([size] * d)) + pad_hu
+    if window is not None:
+        lo, hi = float(window[0]), float(window[1])
+        out = ((out - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return out
+
+
+def random_augmentation(
+    n: int,
+    d: int = 3,
+    *,
+    flip: bool = True,
+    rotate_axes: Sequence[int] | None = None,
+    scale: tuple[float, float] | None = (0.9, 1.1),
+    shift_mm: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cube augmentation for :func:`extract_cubes`: ``(matrices [n, d, d], shifts_mm [n, d])``.
+
+    ``matrices`` = signed permutation (random flips; 90-degree rotations as random permutations of ``rotate_axes``,
+    default all axes, i.e. the cube's 48 symmetries in 3D) times an isotropic scale drawn from ``scale``; ``shifts``
+    uniform in ``[-shift_mm, shift_mm]`` per axis. ``shift_mm=0`` keeps the candidate exactly at the cube centre.
+    """
+    axes = list(range(d)) if rotate_axes is None else [a % d for a in rotate_axes]
+    perm = torch.arange(d).repeat(n, 1)
+    if len(axes) > 1:
+        order = torch.argsort(torch.rand(n, len(axes), generator=generator), dim=1)
+        ax = torch.as_tensor(axes)
+        perm[:, ax] = ax[order]
+    mats = torch.eye(d, dtype=torch.float64)[perm]  # [n, d, d] permutation matrices
+    if flip:
+        signs = torch.where(torch.rand(n, d, generator=generator) < 0.5, -1.0, 1.0).to(torch.float64)
+        mats = mats * signs[:, :, None]
+    if scale is not None:
+        lo, hi = scale
+        s = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        mats = mats * s[:, None, None]
+    shifts = (torch.rand(n, d, generator=generator, dtype=torch.float64) * 2 - 1) * shift_mm
+    return mats, shifts
+
+
+# ----------------------------------------------------------------------------------------------- class balance
+
+
+def balanced_indices(labels, pos_fraction: float = 0.5, *, seed: int = 0) -> np.ndarray:
+    """Indices of one epoch: every negative once, positives repeated (all of them as often as possible, the remainder
+    drawn at random without replacement) until they make ``pos_fraction`` of the epoch. Unshuffled."""
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if not 0 < pos_fraction < 1 or len(pos) == 0 or len(neg) == 0:
+        return np.arange(len(y))
+    n_pos = max(len(pos), int(round(len(neg) * pos_fraction / (1 - pos_fraction))))
+    rng = np.random.default_rng(seed)
+    reps, rem = divmod(n_pos, len(pos))
+    extra = rng.choice(pos, size=rem, replace=False) if rem else np.empty(0, dtype=np.int64)
+    return np.concatenate([neg, np.tile(pos, reps), extra]).astype(np.int64)
+
+
+def balanced_sampler(labels, pos_fraction: float = 0.5, num_samples: int | None = None,
+                     generator: torch.Generator | None = None) -> WeightedRandomSampler:
+    """A ``WeightedRandomSampler`` drawing positives with probability ``pos_fraction`` (for custom loops)."""
+    y = torch.as_tensor(np.asarray(labels).reshape(-1)).bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        w = torch.ones(len(y), dtype=torch.float64)
+    else:
+        w = torch.where(y, pos_fraction / n_pos, (1 - pos_fraction) / n_neg).to(torch.float64)
+    return WeightedRandomSampler(w, num_samples or len(y), replacement=True, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def find_scans(root) -> dict[str, Path]:
+    """``{seriesuid: path}`` of every ``.mhd`` under ``root`` (LUNA16: ``subsetN/<seriesuid>.mhd``)."""
+    return {p.stem: p for p in sorted(Path(root).rglob("*.mhd"))}
+
+
+def load_scan(path) -> tuple[np.ndarray, Geometry]:
+    """``(volume [Z, Y, X] HU, geometry)`` of a scan file."""
+    from ..data.io import read_image
+
+    img = read_image(path)
+    return img.array[0], img.geometry
+
+
+def read_candidates(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``candidates.csv`` (``class`` column) or a submission (``probability`` column) -> ``{uid: (xyz [N, 3], value [N])}``."""
+    from ..data.annotations import read_luna_csv, read_luna_submission
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if "probability" in header:
+        return read_luna_submission(path)
+    return read_luna_csv(path)
+
+
+class CandidateCubes(Dataset):
+    """(scan, candidate) samples ``{"image": [S, *size] float32, "label": long}`` with positive oversampling.
+
+    Args:
+        scans: ``{uid: path}`` or ``{uid: (volume, geometry)}``; only candidates of these scans are used.
+        candidates: ``{uid: (centers_xyz [N, 3], labels [N])}`` (``read_luna_csv`` of ``candidates.csv``).
+        config: the classifier's :class:`FPRConfig` (cube size, spacing, scales, window).
+        augment: random flips / 90-degree rotations / scale / translation (:func:`random_augmentation`).
+        pos_fraction: share of positives per epoch (None: natural frequencies).
+        cache: keep loaded volumes in memory (fine for phantoms; for full LUNA16 pre-extract cubes instead).
+    """
+
+    def __init__(self, scans: Mapping, candidates: Mapping, config: FPRConfig, *, augment: bool = True,
+                 pos_fraction: float | None = 0.5, seed: int = 0, cache: bool = True,
+                 aug_scale: tuple[float, float] | None = (0.9, 1.1), aug_shift_mm: float = 2.0):
+        self.cfg, self.augment, self.cache = config, augment, cache
+        self.aug_scale, self.aug_shift_mm = aug_scale, aug_shift_mm
+        self.uids = [u for u in scans if u in candidates]
+        self.sources = {u: scans[u] for u in self.uids}
+        self._vols: dict = {}
+        scan_idx, ctrs, labels = [], [], []
+        for i, u in enumerate(self.uids):
+            c, y = candidates[u]
+            c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
+            scan_idx.append(np.full(len(c), i))
+            ctrs.append(c)
+            labels.append(np.asarray(y).reshape(-1))
+        self.scan_idx = np.concatenate(scan_idx) if scan_idx else np.zeros(0, dtype=np.int64)
+        self.centers = np.concatenate(ctrs) if ctrs else np.zeros((0, 3))
+        self.labels = (np.concatenate(labels) if labels else np.zeros(0)).astype(np.int64)
+        self.index = balanced_indices(self.labels, pos_fraction, seed=seed) if pos_fraction else np.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def volume(self, uid: str):
+        if uid in self._vols:
+            return self._vols[uid]
+        src = self.sources[uid]
+        v = src if isinstance(src, tuple) else load_scan(src)
+        v = (_volume_tensor(v[0]), v[1])
+        if self.cache:
+            self._vols[uid] = v
+        return v
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.index[i])
+        vol, geom = self.volume(self.uids[self.scan_idx[j]])
+        cfg = self.cfg
+        mats = shifts = None
+        if self.augment:
+            mats, shifts = random_augmentation(1, 3, scale=self.aug_scale, shift_mm=self.aug_shift_mm)
+        cube = extract_cubes(vol, geom, self.centers[j:j + 1], size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
+                             scales=cfg.scales, window=cfg.hu_window, matrices=mats, shifts_mm=shifts)
+        return {"image": cube[0], "label": torch.tensor(int(self.labels[j]))}
+
+
+def cube_collate(samples: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """``[{"image", "label"}] -> (cubes [B, S, *size], [{"label": ...}])`` (the Trainer's ``(images, targets)``)."""
+    return torch.stack([s["image"] for s in samples]), [{"label": s["label"]} for s in samples]
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def save_fpr(model: FPRClassifier, path) -> Path:
+    """Weights as safetensors, the :class:`FPRConfig` in the metadata (``medetect_fpr_config``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"medetect_fpr_config": json.dumps(model.config.to_dict()), "format": "pt"})
+    return path
+
+
+def load_fpr(path, device=None) -> FPRClassifier:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "medetect_fpr_config" not in meta:
+        raise ValueError(f"{path}: not a medetect FPR weights file (no 'medetect_fpr_config' metadata)")
+    model = build_fpr(json.loads(meta["medetect_fpr_config"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device or "cpu").eval()
+
+
+# ----------------------------------------------------------------------------------------------- train / score
+
+
+def train_fpr(
+    root,
+    candidates,
+    run_dir,
+    *,
+    config: FPRConfig | None = None,
+    train=None,
+    seriesuids: Sequence[str] | None = None,
+    subsets: Sequence[str] | None = None,
+    pos_fraction: float = 0.5,
+    resume: bool = True,
+    device=None,
+    progress: bool = True,
+) -> tuple[FPRClassifier, list[dict]]:
+    """Train the classifier on the candidates of the scans under ``root`` and write ``run_dir/model.safetensors``.
+
+    ``candidates``: path of ``candidates.csv`` or its :func:`read_candidates` dict. ``seriesuids`` / ``subsets``
+    (folder names such as ``subset0``) restrict the training scans. ``train``: a
+    :class:`~medetect.engine.trainer.TrainConfig` (checkpoints every epoch in ``run_dir``; ``resume`` continues).
+    """
+    from ..engine.trainer import TrainConfig, Trainer
+
+    cfg = config or FPRConfig()
+    tcfg = train or TrainConfig(epochs=10, batch_size=16, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0)
+    cands = read_candidates(candidates) if isinstance(candidates, (str, Path)) else candidates
+    scans = find_scans(root)
+    if subsets:
+        scans = {u: p for u, p in scans.items() if p.parent.name in set(subsets)}
+    if seriesuids is not None:
+        keep = set(seriesuids)
+        scans = {u: p for u, p in scans.items() if u in keep}
+    data = CandidateCubes(scans, cands, cfg, augment=True, pos_fraction=pos_fraction, seed=tcfg.seed)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "fpr_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.__dict__,
+                                                         "scans": data.uids, "pos_fraction": pos_fraction}, indent=1))
+    model = build_fpr(cfg)
+    trainer = Trainer(model=model, train_data=data, config=tcfg, run_dir=run_dir, collate=cube_collate,
+                      run_config={"fpr": cfg.to_dict()}, device=device, progress=progress)
+    if resume:
+        trainer.resume()
+    history = trainer.fit()
+    save_fpr(model, run_dir / "model.safetensors")
+    return model.eval(), history
+
+
+@torch.no_grad()
+def score_candidates(model: FPRClassifier, volume, geometry: Geometry, centers_world, *, batch_size: int = 64,
+                     tta: bool = False) -> np.ndarray:
+    """Stage-two probabilities ``[N]`` of candidates (world ``(x, y, z)`` mm) of one scan.
+
+    ``tta``: also average over the 8 axis flips of each cube (flips of the extracted batch, no re-sampling)."""
+    cfg = model.config
+    model.eval()
+    dev = next(model.parameters()).device
+    cubes = extract_cubes(volume, geometry, centers_world, size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
+                          scales=cfg.scales, window=cfg.hu_window)
+    probs = []
+    for a in range(0, len(cubes), batch_size):
+        x = cubes[a:a + batch_size].to(dev)
+        if not tta:
+            probs.append(torch.sigmoid(model(x)["logits"]).cpu())
+            continue
+        d = cfg.ndim
+        flips = [[2 + k for k in range(d) if m >> k & 1] for m in range(2**d)]
+        p = torch.stack([torch.sigmoid(model(x.flip(f) if f else x)["logits"]) for f in flips]).mean(0)
+        probs.append(p.cpu())
+    return torch.cat(probs).numpy().astype(np.float64) if probs else np.zeros(0)
+
+
+def score_scans(model: FPRClassifier, scans: Mapping, candidates: Mapping, **kw) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{uid: (centers, fpr probabilities)}`` for every scan in both ``scans`` (``{uid: path}``) and ``candidates``."""
+    out = {}
+    for uid, src in scans.items():  # loop over scans (each scored in batched calls)
+        if uid not in candidates:
+            continue
+        c = np.asarray(candidates[uid][0], dtype=np.float64).reshape(-1, 3)
+        vol, geom = src if isinstance(src, tuple) else load_scan(src)
+        out[uid] = (c, score_candidates(model, vol, geom, c, **kw))
+    return out
+
+
+def fuse(det_prob, fpr_prob, mode: str = "product", weight: float = 0.5) -> np.ndarray:
+    """Final score of a two-stage system from the stage-one (``det_prob``) and stage-two (``fpr_prob``) probabilities.
+
+    ``"product"``: ``det * fpr`` -- both stages must agree; ``"mean"``: ``weight * det + (1 - weight) * fpr``;
+    ``"geometric"``: ``sqrt(det * fpr)``; ``"fpr"``: ``fpr`` alone. Inputs in ``[0, 1]``, same shape.
+    """
+    a = np.asarray(det_prob, dtype=np.float64)
+    b = np.asarray(fpr_prob, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"fuse: det_prob {a.shape} and fpr_prob {b.shape} must have the same shape")
+    if mode == "product":
+        return a * b
+    if mode == "mean":
+        if not 0 <= weight <= 1:
+            raise ValueError(f"fuse: weight must be in [0, 1], got {weight}")
+        return weight * a + (1 - weight) * b
+    if mode == "geometric":
+        return np.sqrt(a * b)
+    if mode == "fpr":
+        return b.copy()
+    raise ValueError(f"fuse: mode must be one of {FUSION_MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="LUNA16 stage two: false-positive reduction of candidates.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the cube classifier: LUNA16 folder + candidates.csv -> run dir")
+    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd)")
+    t.add_argument("--candidates", required=True, help="candidates.csv (seriesuid,coordX,coordY,coordZ,class)")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--subsets", nargs="*", default=None, help="train only on these subset folders, e.g. subset0")
+    t.add_argument("--cube", type=int, default=32, help="voxels per cube axis (default 32)")
+    t.add_argument("--spacing", type=float, default=1.0, help="cube voxel size in mm (default 1)")
+    t.add_argument("--scales", type=float, nargs="*", default=[1.0], help="fields of view (channels), default 1")
+    t.add_argument("--widths", type=int, nargs="*", default=[16, 32, 64])
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--max-steps-per-epoch", type=int, default=0)
+    t.add_argument("--pos-fraction", type=float, default=0.5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--device", default=None)
+    s = sub.add_parser("score", help="score candidates: weights + folder + candidates -> LUNA16 submission CSV")
+    s.add_argument("weights", help="model.safetensors written by train")
+    s.add_argument("root")
+    s.add_argument("--candidates", required=True,
+                   help="candidates.csv, or a stage-one submission (probability column, then fused with --fuse)")
+    s.add_argument("--out", required=True, help="submission CSV (seriesuid,coordX,coordY,coordZ,probability)")
+    s.add_argument("--fuse", choices=FUSION_MODES, default="product", help="with a stage-one submission (default product)")
+    s.add_argument("--subsets", nargs="*", default=None)
+    s.add_argument("--tta", action="store_true", help="average over the cube's axis flips")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--device", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "medetect luna-fpr") -> int:
+    from ..data.annotations import write_luna_submission
+    from ..engine.trainer import TrainConfig
+
+    a = _parser(prog).parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.cmd == "train":
+        cfg = FPRConfig(cube_size=a.cube, spacing_mm=a.spacing, scales=list(a.scales), in_channels=len(a.scales),
+                        widths=list(a.widths))
+        tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer="adamw", warmup_iters=50,
+                           num_workers=0, seed=a.seed, max_steps_per_epoch=a.max_steps_per_epoch, weight_decay=1e-4)
+        _, hist = train_fpr(a.root, a.candidates, a.run_dir, config=cfg, train=tcfg, subsets=a.subsets,
+                            pos_fraction=a.pos_fraction, device=a.device)
+        print(json.dumps(hist[-1] if hist else {}))
+        return 0
+    model = load_fpr(a.weights, device=a.device)
+    cands = read_candidates(a.candidates)
+    scans = find_scans(a.root)
+    if a.subsets:
+        scans = {u: p for u, p in scans.items() if p.parent.name in set(a.subsets)}
+    with open(a.candidates, newline="") as f:
+        is_submission = "probability" in next(csv.reader(f), [])
+    scored = score_scans(model, scans, cands, tta=a.tta)
+    rows = {}
+    for uid, (c, p) in scored.items():
+        rows[uid] = (c, fuse(cands[uid][1], p, a.fuse) if is_submission else p)
+    write_luna_submission(a.out, rows)
+    print(f"wrote {sum(len(c) for c, _ in rows.values())} scored candidates of {len(rows)} scans to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(prog="python -m medetect.luna.fpr"))
