@@ -48,7 +48,7 @@ def match_by_iou(
     if low > high:
         raise ValueError(f"low ({low}) must be <= high ({high})")
     g, n = iou.shape
-    if g == 0:
+    if g == 0 or n == 0:  # no ground truth, or no anchors (max over an empty dim would raise)
         return torch.full((n,), NEGATIVE, dtype=torch.long, device=iou.device)
     best_iou, best_gt = iou.max(dim=0)  # [N]
     matches = best_gt.clone()
@@ -94,7 +94,9 @@ def match_atss(
         start += a.shape[0]
     cand_idx = torch.cat(cand, dim=1)  # [G, K]
     cand_iou = iou.gather(1, cand_idx)  # [G, K]
-    thr = cand_iou.mean(dim=1, keepdim=True) + cand_iou.std(dim=1, keepdim=True, unbiased=True).nan_to_num(0.0)
+    # One candidate in all (topk=1, one level): its std is 0 (torch would warn and return NaN).
+    std = cand_iou.std(dim=1, keepdim=True) if cand_iou.shape[1] > 1 else torch.zeros_like(cand_iou)
+    thr = cand_iou.mean(dim=1, keepdim=True) + std
     inside = ((ac[cand_idx] > gt[:, None, :d]) & (ac[cand_idx] < gt[:, None, d:])).all(dim=-1)  # [G, K]
     pos = (cand_iou >= thr) & inside  # [G, K]
     # Scatter candidate positives into a [G, N] IoU table (others -1) and take the best ground truth per anchor.

@@ -145,7 +145,12 @@ def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, restor
                 opt_state.setdefault(int(pid), {})[name] = val
         for pid, sc in state["optimizer"]["scalars"].items():
             opt_state.setdefault(int(pid), {}).update(sc)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        # JSON turns tuples (Adam's betas) into lists: give them back the types the optimizer's own groups have.
+        groups = [
+            {k: tuple(v) if isinstance(v, list) and isinstance(own.get(k), tuple) else v for k, v in saved.items()}
+            for saved, own in zip(state["optimizer"]["param_groups"], optimizer.param_groups)
+        ]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     if scheduler is not None and "scheduler" in state:
         sd = scheduler.state_dict()
         sd.update(state["scheduler"])

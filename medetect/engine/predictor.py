@@ -3,8 +3,9 @@ large for one forward pass.
 
 Tiles of ``tile_size`` are laid on a regular grid with ``overlap`` (a fraction of the tile) and the last tile flush
 with the far border, so every voxel is seen; the tiles' detections are shifted back to image coordinates, boxes that
-touch an inner tile border (cut objects, seen whole by a neighbouring tile) are down-weighted, and the union is merged
-by per-class NMS. Tiles are batched through the model ``batch_size`` at a time.
+touch an inner tile border (cut objects, seen whole by a neighbouring tile) are down-weighted, the union is merged
+by per-class NMS, and a cut box lying mostly (intersection over its own volume > ``cut_containment``) inside an uncut
+box of the same class is dropped: NMS alone keeps such slivers, whose IoU with the whole object is small. Tiles are batched through the model ``batch_size`` at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from typing import Sequence
 
 import torch
 
-from ..boxes import batched_nms, clip_boxes
+from ..boxes import _intersection, batched_nms, box_area, clip_boxes
+
+
+def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, 2d] x [M, 2d] -> [N, M]`` intersection volumes."""
+    return _intersection(a[:, None, :], b[None, :, :], a.shape[1] // 2)
 
 __all__ = ["Predictor", "tile_origins"]
 
@@ -48,6 +54,7 @@ class Predictor:
         batch_size: int = 4,
         nms_thresh: float = 0.5,
         border_penalty: float = 0.5,
+        cut_containment: float = 0.6,
         size_divisor: int = 32,
         autocast: bool | None = None,
     ):
@@ -56,6 +63,7 @@ class Predictor:
         self.tile_size = None if tile_size is None else tuple(int(t) for t in tile_size)
         self.overlap, self.batch_size, self.nms_thresh = overlap, batch_size, nms_thresh
         self.border_penalty, self.size_divisor = border_penalty, size_divisor
+        self.cut_containment = cut_containment
         self.autocast = self.device.type == "cuda" if autocast is None else autocast
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,7 @@ class Predictor:
             raise ValueError(f"tile_size must have {d} entries for a {d}D image, got {self.tile_size}")
         tile = tuple(min(t, s) for t, s in zip(self.tile_size, shape))
         origins = tile_origins(shape, tile, self.overlap)
-        boxes, scores, labels = [], [], []
+        boxes, scores, labels, cuts = [], [], [], []
         for start in range(0, len(origins), self.batch_size):  # loop over tile batches
             chunk = origins[start : start + self.batch_size]
             crops = torch.stack([image[(slice(None), *[slice(o, o + t) for o, t in zip(org, tile)])] for org in chunk])
@@ -104,8 +112,16 @@ class Predictor:
                 boxes.append(b + off)
                 scores.append(s)
                 labels.append(det["labels"])
-        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+                cuts.append(cut)
+        b, s, lab, cut = torch.cat(boxes), torch.cat(scores), torch.cat(labels), torch.cat(cuts)
         keep = batched_nms(b, s, lab, self.nms_thresh)
+        b, s, lab, cut = b[keep], s[keep], lab[keep], cut[keep]
+        # Drop cut slivers contained in an uncut detection of the same class ([K, K] pairwise, no loop over boxes).
+        inter = _pairwise_intersection(b, b)
+        own = box_area(b).clamp(min=1e-6)
+        contained = (inter / own[:, None] > self.cut_containment) & (lab[:, None] == lab[None, :]) & ~cut[None, :]
+        contained.fill_diagonal_(False)
+        keep = (~(cut & contained.any(1))).nonzero().squeeze(1)
         cfg = getattr(self.model, "config", None)
         keep = keep[: getattr(cfg, "detections_per_img", len(keep)) * max(1, len(origins))]
         return {"boxes": clip_boxes(b[keep], shape).cpu(), "scores": s[keep].cpu(), "labels": lab[keep].cpu()}

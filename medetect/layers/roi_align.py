@@ -41,13 +41,17 @@ length ``L_a`` along axis a is the disjoint union of blocks of length ``2**j`` f
 ``L_a``, the block for bit ``j`` starting at ``s_a + (L_a mod 2**j)``. The table for level tuple
 ``(j_1..j_d)`` holds, at every position, the max (and its argmax) over the block of size ``2**j_1 x .. x
 2**j_d`` starting there; it is built from the previous level by one elementwise max of two shifted views.
-We visit every level tuple (``prod_a bit_length(N_a)`` of them, a static number), and every bin whose window
-uses that tuple takes one gathered C-vector from the table (a masked update; no loop over RoIs, no host
-sync). Ties go to the smallest flat index, i.e. the first element in raster order, exactly like
-torchvision's strict ``>`` scan; NaNs are skipped like torchvision; the values are finally gathered from
-``features`` at the argmax, so the gradient goes to the argmax only. Memory: ``d + 1`` tables of the feature
-map's size (values and int32/int64 argmax) alive at once; time: ``prod_a bit_length(N_a)`` table updates
-and gathers of ``[Q, C]``.
+We visit every level tuple (``prod_a bit_length(N_a)`` of them, a static number: 72 for a 200 x 272 map),
+and every bin whose window uses that tuple takes one gathered C-vector from the table (bins that do not use
+it gather a sentinel "minus infinity" row; no loop over RoIs, no host sync). Ties go to the smallest flat
+index, i.e. the first element in raster order, exactly like torchvision's strict ``>`` scan; NaNs are
+skipped like torchvision; the values are finally gathered from ``features`` at the argmax, so the gradient
+goes to the argmax only. For float32/16/bf16 the (value, argmax) pair is packed into one int64 key (order-
+preserving int32 image of the value in the high half, the complemented index in the low half), so a merge
+is a single integer ``maximum``; float64 keeps a (value, index) pair. Memory: ``d + 1`` tables of the
+feature map's size (int64 keys) alive at once; time: ``prod_a bit_length(N_a)`` passes over the map plus
+as many gathers of ``[Q, C]`` -- independent of the RoI sizes, but a multiple of torchvision's direct scan
+on large maps (RoIPool is kept for completeness; RoIAlign is the op the models use).
 """
 
 from __future__ import annotations
@@ -111,8 +115,14 @@ def _check_inputs(
     return d, _output_size(output_size, d)
 
 
+def _coord_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the box arithmetic: the input dtype (as torchvision) for float32/float64, float32 for the
+    16-bit types (half precision cannot hold pixel coordinates beyond 2048 exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _broadcast_view(t: Tensor, d: int, axis: int, has_pairs: bool) -> Tensor:
-    """View a per-axis tensor ``[K, P_a(, M_a)]`` as ``[K, 1.., P_a at 1+axis, 1..(, M_a at 1+d+axis, 1..)]``."""
+    """View a per-axis ``[K, P_a(, M_a)]`` as ``[K, 1.., P_a at 1+axis, 1..(, M_a at 1+d+axis, 1..)]``."""
     shape = [t.shape[0]] + [1] * (2 * d if has_pairs else d)
     shape[1 + axis] = t.shape[1]
     if has_pairs:
@@ -135,7 +145,7 @@ def roi_align(
         rois: ``[K, 1 + 2d]`` rows ``(batch index, lo_1..lo_d, hi_1..hi_d)`` in array-axis order, in
             input-image coordinates (multiplied by ``spatial_scale`` to reach feature coordinates). The
             batch index is truncated to an integer and must lie in ``[0, B)`` (not checked: that would
-            need a host sync).
+            need a host sync). Box arithmetic runs in the features' dtype (float32 for 16-bit features).
         output_size: int or tuple of d ints ``P_a``.
         spatial_scale: input-image to feature-map scale (e.g. 1/16).
         sampling_ratio: samples per bin per axis; ``<= 0`` selects torchvision's adaptive
@@ -156,7 +166,8 @@ def roi_align(
     if math.prod(spatial) == 0 or B == 0:  # nothing to sample from: every sample is outside the map
         return features.new_zeros((K, C, *out))
 
-    rois = rois.detach().to(dtype)
+    cdt = _coord_dtype(dtype)
+    rois = rois.detach().to(cdt)
     n_vox = math.prod(spatial)
     batch = rois[:, 0].long()  # [K]
     offset = 0.5 if aligned else 0.0
@@ -165,7 +176,7 @@ def roi_align(
     roi_size = hi - lo  # [K, d]
     if not aligned:
         roi_size = roi_size.clamp(min=1.0)
-    out_t = torch.tensor(out, dtype=dtype, device=device)  # [d]
+    out_t = torch.tensor(out, dtype=cdt, device=device)  # [d]
     bin_size = roi_size / out_t  # [K, d]
 
     adaptive = sampling_ratio <= 0
@@ -176,19 +187,21 @@ def roi_align(
         n_samples = tuple(int(g) for g in grid_max)
         count = grid.prod(1).clamp(min=1.0)  # [K]
     else:
-        grid = torch.full((K, d), float(sampling_ratio), dtype=dtype, device=device)  # [K, d]
+        grid = torch.full((K, d), float(sampling_ratio), dtype=cdt, device=device)  # [K, d]
         n_samples = (sampling_ratio,) * d
-        count = torch.full((K,), float(sampling_ratio**d), dtype=dtype, device=device)  # [K]
+        count = torch.full((K,), float(sampling_ratio**d), dtype=cdt, device=device)  # [K]
 
     # rows: flat row of the channels-last table [B*N, C]; weight: interpolation weight / count.
-    rows = (batch * n_vox).view([K] + [1] * (2 * d))  # [K, 1 x 2d]
+    # embedding_bag takes int32 or int64 rows; int32 halves the [Q, M] index memory when it can hold B*N.
+    row_dtype = torch.int32 if B * n_vox < 2**31 else torch.int64
+    rows = (batch * n_vox).to(row_dtype).view([K] + [1] * (2 * d))  # [K, 1 x 2d]
     weight = (1.0 / count).view([K] + [1] * (2 * d))  # [K, 1 x 2d]
     stride = n_vox
     for a in range(d):  # loop over the d spatial axes, not over RoIs
         n = spatial[a]
         stride //= n
-        p = torch.arange(out[a], dtype=dtype, device=device)  # [P_a]
-        s_idx = torch.arange(n_samples[a], dtype=dtype, device=device)  # [G_a]
+        p = torch.arange(out[a], dtype=cdt, device=device)  # [P_a]
+        s_idx = torch.arange(n_samples[a], dtype=cdt, device=device)  # [G_a]
         start = lo[:, a, None, None]  # [K, 1, 1]
         bs = bin_size[:, a, None, None]  # [K, 1, 1]
         g = grid[:, a, None, None]  # [K, 1, 1]
@@ -204,9 +217,9 @@ def roi_align(
         i_hi = (i_lo + 1).clamp(max=n - 1)
         idx_a = torch.stack((i_lo, i_hi), -1).flatten(-2)  # [K, P_a, 2*G_a]
         w_a = torch.stack((1.0 - frac, frac), -1)  # [K, P_a, G_a, 2]
-        w_a = torch.where(valid[..., None], w_a, torch.zeros((), dtype=dtype, device=device))
+        w_a = torch.where(valid[..., None], w_a, torch.zeros((), dtype=cdt, device=device))
         w_a = w_a.flatten(-2)  # [K, P_a, 2*G_a]
-        rows = rows + _broadcast_view(idx_a * stride, d, a, True)  # [K, P_1.., M_1..] (grows)
+        rows = rows + _broadcast_view((idx_a * stride).to(row_dtype), d, a, True)  # [K, P_1.., M_1..]
         weight = weight * _broadcast_view(w_a, d, a, True)  # [K, P_1.., M_1..] (grows)
 
     Q = K * math.prod(out)
@@ -215,7 +228,7 @@ def roi_align(
     table = features.movedim(1, -1).contiguous().view(B * n_vox, C)
     rows = rows.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
     weight = weight.expand([K, *out, *(2 * s for s in n_samples)]).reshape(Q, M)  # [Q, M]
-    pooled = F.embedding_bag(rows, table, per_sample_weights=weight, mode="sum")  # [Q, C]
+    pooled = F.embedding_bag(rows, table, per_sample_weights=weight.to(dtype), mode="sum")  # [Q, C]
     return pooled.view(K, *out, C).movedim(-1, 1).contiguous()  # [K, C, *P]
 
 
@@ -240,15 +253,30 @@ def _order_key32(x: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _merge_packed(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return (torch.maximum(ta[0], tb[0]),)
+def _merge_packed(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
+    torch.maximum(ta[0], tb[0], out=out[0])
 
 
-def _merge_general(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _merge_general(ta: tuple[Tensor, ...], tb: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
     """Max of two (value, argmax) pairs; ties go to the smaller flat index (first in raster order)."""
     (va, ia), (vb, ib) = ta, tb
     take_b = (vb > va) | ((vb == va) & (ib < ia))
-    return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
+    torch.where(take_b, vb, va, out=out[0])
+    torch.where(take_b, ib, ia, out=out[1])
+
+
+def _with_sentinel(shape: Sequence[int], fills: tuple, dtypes: tuple, device: torch.device) -> tuple:
+    """Uninitialised tables of ``shape = [B, *T, C]`` whose flat row ``B*prod(T)`` (one past the end) holds
+    ``fills`` (the identity of the max). Returns (tables [B, *T, C] each, row tables [B*prod(T)+1, C])."""
+    C = shape[-1]
+    n_rows = math.prod(shape[:-1])
+    tables, rows = [], []
+    for fill, dt in zip(fills, dtypes):
+        buf = torch.empty((n_rows + 1, C), dtype=dt, device=device)  # [B*prod(T) + 1, C]
+        buf[n_rows].fill_(fill)
+        rows.append(buf)
+        tables.append(buf[:n_rows].view(shape))  # [B, *T, C]
+    return tuple(tables), tuple(rows)
 
 
 def roi_pool(
@@ -286,19 +314,20 @@ def roi_pool(
     if n_vox == 0 or B == 0:
         return features.new_zeros((K, C, *out))
 
-    rois = rois.detach().to(dtype)
+    cdt = _coord_dtype(dtype)
+    rois = rois.detach().to(cdt)
     batch = rois[:, 0].long()  # [K]
     corners = _round_half_away(rois[:, 1:] * spatial_scale).clamp(-(2.0**30), 2.0**30).long()  # [K, 2d]
     roi_start, roi_end = corners[:, :d], corners[:, d:]  # [K, d] integer pixels, end inclusive
     roi_len = (roi_end - roi_start + 1).clamp(min=1)  # [K, d]
-    bin_size = roi_len.to(dtype) / torch.tensor(out, dtype=dtype, device=device)  # [K, d]
+    bin_size = roi_len.to(cdt) / torch.tensor(out, dtype=cdt, device=device)  # [K, d]
 
     # Per axis: window [s, e) of every bin and, per sparse-table level j, its use flag and block start.
     levels = []  # levels[a][j] = (use [K, P_a] bool, pos [K, P_a] long)
     empty = torch.zeros((K, *out), dtype=torch.bool, device=device)  # [K, *P]
     for a in range(d):  # loop over the d spatial axes
         n = spatial[a]
-        p = torch.arange(out[a], dtype=dtype, device=device)  # [P_a]
+        p = torch.arange(out[a], dtype=cdt, device=device)  # [P_a]
         bs = bin_size[:, a, None]  # [K, 1]
         s = (torch.floor(p * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
         e = (torch.ceil((p + 1) * bs).long() + roi_start[:, a, None]).clamp(0, n)  # [K, P_a]
@@ -314,27 +343,28 @@ def roi_pool(
     Q = K * math.prod(out)
     packed = dtype in (torch.float32, torch.float16, torch.bfloat16) and n_vox <= _LOW32
     merge = _merge_packed if packed else _merge_general
+    if packed:
+        fills: tuple = (torch.iinfo(torch.int64).min,)
+        dtypes: tuple = (torch.int64,)
+    else:
+        fills, dtypes = (float("-inf"), n_vox), (dtype, torch.int64)
     feats_cl = features.movedim(1, -1)  # [B, *N, C]
     with torch.no_grad():
-        values = feats_cl.detach()
+        values = feats_cl.detach().contiguous()  # [B, *N, C]; channels-last memory keeps every table a view
         values = torch.where(torch.isnan(values), float("-inf"), values)  # [B, *N, C] NaNs never win
         position = torch.arange(n_vox, device=device).view(1, *spatial, 1)  # [1, *N, 1] flat spatial index
+        table0, rows0 = _with_sentinel((B, *spatial, C), fills, dtypes, device)
         if packed:
             low = _LOW32 - position  # smaller index -> larger key
-            table0: tuple[Tensor, ...] = (_order_key32(values.float()).long() << 32 | low,)  # [B, *N, C]
-            best: tuple[Tensor, ...] = (torch.full((Q, C), torch.iinfo(torch.int64).min, device=device),)
+            torch.bitwise_or(_order_key32(values.float()).long() << 32, low, out=table0[0])  # [B, *N, C]
         else:
-            index = position.expand(B, *spatial, C).contiguous()  # [B, *N, C]
-            table0 = (values.contiguous(), index)
-            best = (
-                torch.full((Q, C), float("-inf"), dtype=dtype, device=device),  # [Q, C]
-                torch.full((Q, C), n_vox, dtype=torch.int64, device=device),  # [Q, C]
-            )
+            table0[0].copy_(values)
+            table0[1].copy_(position.expand(B, *spatial, C))
+        best = tuple(torch.full((Q, C), f, dtype=dt, device=device) for f, dt in zip(fills, dtypes))  # [Q, C]
         batch_q = batch.view([K] + [1] * d)  # [K, 1 x d]
 
-        def visit(table: tuple[Tensor, ...], axis: int, chosen: tuple[int, ...]) -> None:
-            nonlocal best
-            if axis == d:  # table for the level tuple `chosen`: one masked gather per bin
+        def visit(table: tuple[Tensor, ...], rows_tab: tuple[Tensor, ...], axis: int, chosen: tuple) -> None:
+            if axis == d:  # table for the level tuple `chosen`: one gather per bin (unused -> sentinel row)
                 lens = table[0].shape[1:-1]  # T_a
                 stride = math.prod(lens)
                 rows = batch_q * stride  # [K, 1 x d]
@@ -344,23 +374,26 @@ def roi_pool(
                     u, pos = levels[a][j]
                     rows = rows + _broadcast_view(pos * stride, d, a, False)  # [K, P_1..]
                     use = use & _broadcast_view(u, d, a, False)  # [K, P_1..]
-                rows = rows.expand(K, *out).reshape(Q)  # [Q]
-                use = use.expand(K, *out).reshape(Q, 1)  # [Q, 1]
-                got = tuple(t.reshape(-1, C)[rows] for t in table)  # [Q, C] each
-                merged = merge(best, got)
-                best = tuple(torch.where(use, m, b) for m, b in zip(merged, best))
+                sentinel = rows_tab[0].shape[0] - 1
+                rows = torch.where(use, rows, sentinel).expand(K, *out).reshape(Q)  # [Q]
+                merge(best, tuple(t[rows] for t in rows_tab), best)  # in place into best [Q, C]
                 return
             for j in range(spatial[axis].bit_length()):
                 if j > 0:  # block 2**j = blocks 2**(j-1) at i and at i + 2**(j-1); the axis shrinks to T_a
                     shift = 1 << (j - 1)
                     length = table[0].shape[1 + axis] - shift
-                    table = merge(
+                    shape = list(table[0].shape)
+                    shape[1 + axis] = length
+                    new_table, new_rows = _with_sentinel(shape, fills, dtypes, device)  # [B, T_1.., C]
+                    merge(
                         tuple(t.narrow(1 + axis, 0, length) for t in table),
                         tuple(t.narrow(1 + axis, shift, length) for t in table),
-                    )  # [B, T_1.., C] each
-                visit(table, axis + 1, chosen + (j,))
+                        new_table,
+                    )
+                    table, rows_tab = new_table, new_rows
+                visit(table, rows_tab, axis + 1, chosen + (j,))
 
-        visit(table0, 0, ())
+        visit(table0, rows0, 0, ())
         if packed:
             key = best[0]  # [Q, C]
             found = (key >> 32) > _order_key32(torch.tensor(_NEG_FLT_MAX, device=device))
@@ -400,7 +433,9 @@ class RoIAlign(nn.Module):
         self.aligned = bool(aligned)
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
-        return roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(
+            features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
 
     def extra_repr(self) -> str:
         return (

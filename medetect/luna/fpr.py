@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -318,9 +317,20 @@ def save_fpr(model: FPRClassifier, path) -> Path:
 
 
 def load_fpr(path, device=None) -> FPRClassifier:
+    """Weights written by :func:`save_fpr`, or a training run folder (``fpr_config.json`` + its latest checkpoint,
+    e.g. to score a run that is still training or was stopped)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if Path(path).is_dir():
+        from ..engine.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(Path(path))
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
+        model = build_fpr(json.loads((Path(path) / "fpr_config.json").read_text())["model"])
+        model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
+        return model.to(device or "cpu").eval()
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "medetect_fpr_config" not in meta:
@@ -462,7 +472,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--device", default=None)
     s = sub.add_parser("score", help="score candidates: weights + folder + candidates -> LUNA16 submission CSV")
-    s.add_argument("weights", help="model.safetensors written by train")
+    s.add_argument("weights", help="model.safetensors written by train (or the run folder: its latest checkpoint)")
     s.add_argument("root")
     s.add_argument("--candidates", required=True,
                    help="candidates.csv, or a stage-one submission (probability column, then fused with --fuse)")

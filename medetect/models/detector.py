@@ -18,6 +18,7 @@ from ..anchors import AnchorGenerator, anchor_shapes_2d
 from ..backbones.resnet import RESNET_DEPTHS, ResNet
 from ..backbones.vgg import VGG16
 from ..layers.fpn import FPN
+from ..layers.nd import NORM_KINDS
 from .retinanet import RetinaHead, RetinaNetHead
 from .roi_heads import FastRCNNPredictor, MultiLevelRoIAlign, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
@@ -110,7 +111,7 @@ def _anchor_generator(cfg: DetectorConfig, strides: Sequence[int]) -> AnchorGene
     else:
         shapes = [[(float(x),) * cfg.ndim for x in s] for s in cfg.anchor_sizes]
     if len(shapes) != len(strides):
-        raise ValueError(f"anchor_sizes/anchor_shapes need one entry per pyramid level ({len(strides)} levels: {cfg.levels}), got {len(shapes)}")
+        raise ValueError(f"model.anchor_sizes/anchor_shapes need one entry per pyramid level ({len(strides)} levels: {cfg.levels}), got {len(shapes)}")
     return AnchorGenerator(shapes=shapes, strides=list(strides))
 
 
@@ -124,6 +125,10 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         raise ValueError(f"model.ndim must be 1, 2 or 3, got {cfg.ndim}")
     if cfg.num_classes < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
+    if cfg.norm not in NORM_KINDS:
+        raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
+    if cfg.rpn_objectness_loss not in ("bce", "focal"):
+        raise ValueError(f"model.rpn_objectness_loss must be 'bce' or 'focal', got {cfg.rpn_objectness_loss!r}")
     d = cfg.ndim
     stem = cfg.stem_stride if isinstance(cfg.stem_stride, int) else tuple(cfg.stem_stride)
     if cfg.backbone == "vgg16":

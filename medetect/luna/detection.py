@@ -1,0 +1,783 @@
+"""LUNA16-style lung nodule detection, stage one (candidate detection with a 3D detector).
+
+Pipeline::
+
+    LunaLayout(root)                      subset*/<uid>.mhd|.raw, annotations.csv (world mm), optional candidates.csv,
+                                          annotations_excluded.csv, seriesuids.csv; geometry per scan; voxel boxes
+    LunaPreprocess(spacing, hu window)    resample to ``spacing`` mm (array order z, y, x) + lung window -> [0, 1]
+    preprocess_scan(..., cache_dir)       the same, cached as float16 .npy per (scan, preprocessing)
+    train_detector(layout, run_dir, ...)  PatchDataset (positive oversampling ``pos_prob``, flips, rot90) + Trainer
+    predict_scan(model, pre, image)       tiled sliding-window inference (Predictor) -> boxes on the resampled grid
+                                          -> ORIGINAL voxel grid (/ zoom) -> world mm (convert.boxes_to_luna)
+    write_submission(path, marks)         seriesuid,coordX,coordY,coordZ,probability; <= 100 marks per scan
+    evaluate_submission(layout, csv)      exact LUNA16 FROC / CPM (medetect.evaluation.froc)
+
+Coordinates. Boxes are medetect boxes (array order ``z, y, x``, edge convention, half-open). Resampling by
+:func:`medetect.data.transforms.resample` scales edge coordinates exactly by ``zoom = spacing / target`` per axis, so
+a box ``b`` on the resampled grid is ``b / zoom`` on the original grid; :func:`medetect.convert.boxes_to_luna` then
+gives the world centre, whatever the direction cosines and however anisotropic the original spacing is.
+
+Hard negatives. With the default RetinaNet head every anchor of every patch enters the sigmoid focal loss (alpha 0.25,
+gamma 2): easy background is down-weighted and the hard negatives (vessels, which look like nodules slice by slice)
+dominate the negative term; there is no explicit mining step. With ``arch="faster_rcnn"`` the RPN uses
+``rpn_objectness_loss="focal"`` over all anchors for the same effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..convert import Geometry, boxes_to_luna, luna_to_boxes, voxel_to_world, world_to_voxel
+from ..data.annotations import _open_csv, read_luna_csv, write_luna_submission
+from ..data.image import MedicalImage
+from ..data.io import read_image
+from ..data.transforms import Compose, HUWindow, RandomFlip, RandomRot90, resample
+from ..models.detector import Detector, DetectorConfig, build_detector
+
+__all__ = [
+    "LunaLayout",
+    "LunaPreprocess",
+    "LunaVolumes",
+    "default_detector_config",
+    "preprocess_scan",
+    "train_detector",
+    "save_luna_model",
+    "load_luna_model",
+    "predict_scan",
+    "predict_layout",
+    "write_submission",
+    "evaluate_submission",
+    "lung_pet_ct_smoke",
+    "time_inference",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_MARKS_PER_SCAN = 100
+MIN_INPUT = 64  # smallest input side given to the detector at inference (zero = air padding at the high end)
+CLASS_NAME = "nodule"
+
+
+# ============================================================================================ layout
+
+
+class LunaLayout:
+    """A LUNA16 folder: ``subset*/<seriesuid>.mhd`` (+ ``.raw``) and the CSV files at its top level.
+
+    Args:
+        root: the LUNA16 folder.
+        annotations: file name (or path) of the nodule list; ``None`` or a missing file means no annotations (e.g. a
+            folder to predict on).
+        allow_missing_scans: by default an annotation whose seriesuid has no scan in the folder is an error naming the
+            CSV line, unless ``seriesuids.csv`` lists the uid (then the scan is just not downloaded: recorded in
+            ``missing``). True records every such uid in ``missing`` instead (e.g. only subset0 downloaded).
+
+    Attributes: ``root``, ``paths`` (uid -> .mhd), ``subset_of`` (uid -> subset folder name), ``annotations``
+    (uid -> (centres_xyz [N, 3], diameters [N])), ``lines`` (uid -> CSV line numbers of those rows),
+    ``excluded`` (a :class:`medetect.evaluation.froc.LunaAnnotations`, diameters -1 allowed, or None),
+    ``candidates`` (uid -> (centres, classes), or None), ``seriesuids`` (list from seriesuids.csv, or None),
+    ``annotations_path``, ``excluded_path``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, annotations: str | os.PathLike | None = "annotations.csv",
+                 allow_missing_scans: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"LUNA16 folder not found: {self.root}")
+        self.paths: dict[str, Path] = {}
+        self.subset_of: dict[str, str] = {}
+        for sub in sorted(p for p in self.root.glob("subset*") if p.is_dir()):
+            for mhd in sorted(sub.glob("*.mhd")):
+                uid = mhd.name[: -len(".mhd")]
+                if uid in self.paths:
+                    raise ValueError(f"{mhd}: seriesuid {uid} also in {self.paths[uid]}")
+                self.paths[uid] = mhd
+                self.subset_of[uid] = sub.name
+        self._info: dict[str, tuple[Geometry, tuple[int, ...]]] = {}
+        sfile = self.root / "seriesuids.csv"
+        self.seriesuids = None
+        if sfile.is_file():
+            with open(sfile, newline="") as fh:
+                self.seriesuids = [r[0].strip() for r in csv.reader(fh) if r and r[0].strip()]
+        self.annotations_path = None
+        self.annotations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.lines: dict[str, list[int]] = {}
+        self.missing: list[str] = []
+        if annotations is not None:
+            a = Path(annotations)
+            a = a if a.is_absolute() or a.exists() else self.root / a
+            if a.is_file():
+                self.annotations_path = a
+                self.annotations, self.lines = self._read_with_lines(a)
+                self._check_uids(a, self.annotations, self.lines, allow_missing_scans)
+        self.excluded_path = self.root / "annotations_excluded.csv"
+        self.excluded = None
+        if self.excluded_path.is_file():
+            # -1 diameters (non-nodules) are legal here; read_luna_csv refuses them, froc's reader allows them
+            from ..evaluation.froc import read_luna_annotations
+
+            self.excluded = read_luna_annotations(self.excluded_path, allow_unknown_diameter=True)
+        else:
+            self.excluded_path = None
+        cfile = self.root / "candidates.csv"
+        self.candidates = read_luna_csv(cfile) if cfile.is_file() else None
+
+    # ------------------------------------------------------------------ csv helpers
+    @staticmethod
+    def _read_with_lines(path: Path):
+        rows = read_luna_csv(path)  # validates numbers and diameters, errors name the line
+        _, it = _open_csv(path, ("seriesuid",))
+        lines: dict[str, list[int]] = {}
+        for line, row in it:
+            lines.setdefault(row["seriesuid"], []).append(line)
+        return rows, lines
+
+    def _check_uids(self, path: Path, rows, lines, allow_missing: bool) -> None:
+        listed = set(self.seriesuids or ())
+        for uid in rows:
+            if uid in self.paths:
+                continue
+            if allow_missing or uid in listed:
+                self.missing.append(uid)
+                continue
+            raise ValueError(
+                f"{path} line {lines[uid][0]}: seriesuid {uid} has no scan subset*/{uid}.mhd under {self.root}"
+                + (" and is not in seriesuids.csv" if self.seriesuids is not None else "")
+                + " (pass allow_missing_scans=True if only some subsets are present)")
+        if self.missing:
+            log.info("%s: %d annotated scans are not in the folder (skipped)", path, len(self.missing))
+
+    # ------------------------------------------------------------------ scans
+    @property
+    def uids(self) -> list[str]:
+        return list(self.paths)
+
+    def subsets(self) -> dict[str, list[str]]:
+        """Subset folder name -> its seriesuids (sorted by subset name), for cross-validation by subset."""
+        out: dict[str, list[str]] = {}
+        for uid, s in self.subset_of.items():
+            out.setdefault(s, []).append(uid)
+        return dict(sorted(out.items()))
+
+    def uids_in(self, subsets: Sequence[str | int]) -> list[str]:
+        """Uids of the given subsets (``"subset3"`` or ``3``)."""
+        names = {s if isinstance(s, str) and s.startswith("subset") else f"subset{int(s)}" for s in subsets}
+        unknown = names - set(self.subsets())
+        if unknown:
+            raise ValueError(f"{self.root}: no subset folder {sorted(unknown)}; found {list(self.subsets())}")
+        return [u for u, s in self.subset_of.items() if s in names]
+
+    def folds(self) -> list[tuple[list[str], list[str]]]:
+        """Leave-one-subset-out folds ``(train_uids, test_uids)`` (LUNA16's 10-fold CV with 10 subsets)."""
+        subs = self.subsets()
+        return [([u for t, us in subs.items() if t != s for u in us], subs[s]) for s in subs]
+
+    def path(self, uid: str) -> Path:
+        if uid not in self.paths:
+            raise KeyError(f"unknown seriesuid {uid!r}: no subset*/{uid}.mhd under {self.root}")
+        return self.paths[uid]
+
+    def info(self, uid: str) -> tuple[Geometry, tuple[int, ...]]:
+        """(geometry, array shape z, y, x) from the header only; checks that the pixel data file exists."""
+        if uid not in self._info:
+            import SimpleITK as sitk
+
+            from ..data.io import _check_metaio
+
+            p = self.path(uid)
+            _check_metaio(p)  # missing/truncated .raw -> error naming the file
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(p))
+            r.ReadImageInformation()
+            if r.GetDimension() != 3:
+                raise ValueError(f"{p}: LUNA16 scans are 3D, this one is {r.GetDimension()}D")
+            g = Geometry(tuple(reversed(r.GetSpacing())), tuple(r.GetOrigin()), tuple(r.GetDirection()))
+            self._info[uid] = (g, tuple(reversed(r.GetSize())))
+        return self._info[uid]
+
+    def geometry(self, uid: str) -> Geometry:
+        return self.info(uid)[0]
+
+    def shape(self, uid: str) -> tuple[int, ...]:
+        return self.info(uid)[1]
+
+    def read(self, uid: str) -> MedicalImage:
+        """The scan as a :class:`MedicalImage` (array ``[1, Z, Y, X]`` HU)."""
+        return read_image(self.path(uid))
+
+    def nodules(self, uid: str) -> tuple[np.ndarray, np.ndarray]:
+        self.path(uid)
+        c, d = self.annotations.get(uid, (np.zeros((0, 3)), np.zeros(0)))
+        return np.asarray(c, dtype=np.float64).reshape(-1, 3), np.asarray(d, dtype=np.float64).reshape(-1)
+
+    def boxes(self, uid: str) -> np.ndarray:
+        """Voxel boxes ``[N, 6]`` (z0, y0, x0, z1, y1, x1) on the ORIGINAL grid via :func:`convert.luna_to_boxes`.
+
+        A nodule whose centre lies outside the volume is an error naming the CSV line; a box reaching past the border
+        is clipped to the volume.
+        """
+        centres, dia = self.nodules(uid)
+        geom, shape = self.info(uid)
+        boxes = np.asarray(luna_to_boxes(centres, dia, geom), dtype=np.float64).reshape(-1, 6)
+        ctr = np.asarray(world_to_voxel(centres, geom)).reshape(-1, 3)
+        n = np.asarray(shape, dtype=np.float64)
+        bad = ~((ctr >= 0) & (ctr <= n)).all(1)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            line = self.lines.get(uid, [None] * len(dia))[k]
+            where = f"{self.annotations_path} line {line}" if line is not None else f"nodule {k}"
+            raise ValueError(
+                f"{where}: nodule of {uid} at world (x, y, z) = {tuple(np.round(centres[k], 2))} mm lies outside "
+                f"the volume {self.path(uid)} (voxel centre z, y, x = {tuple(np.round(ctr[k], 1))}, shape {shape}); "
+                "wrong seriesuid or geometry?")
+        return np.concatenate([np.clip(boxes[:, :3], 0, n), np.clip(boxes[:, 3:], 0, n)], 1)
+
+
+# ============================================================================================ preprocessing
+
+
+@dataclasses.dataclass
+class LunaPreprocess:
+    """Resample to ``spacing`` mm (one number = isotropic, else z, y, x) and window HU ``[hu_lo, hu_hi]`` -> [0, 1]."""
+
+    spacing: float | tuple[float, float, float] = 1.0
+    hu_lo: float = -1000.0
+    hu_hi: float = 400.0
+
+    def target(self) -> tuple[float, float, float]:
+        s = self.spacing
+        t = (float(s),) * 3 if isinstance(s, (int, float)) else tuple(float(v) for v in s)
+        if len(t) != 3 or not all(v > 0 for v in t):
+            raise ValueError(f"LunaPreprocess.spacing must be a positive number or 3 numbers (z, y, x), got {s}")
+        return t
+
+    def zoom(self, geometry: Geometry) -> tuple[float, float, float]:
+        """Resampled voxels per original voxel, per array axis (what :func:`transforms.resample` applies)."""
+        return tuple(o / t for o, t in zip(geometry.spacing, self.target()))
+
+    def key(self) -> str:
+        return "sp" + "x".join(f"{v:g}" for v in self.target()) + f"_hu{self.hu_lo:g}_{self.hu_hi:g}"
+
+    def __call__(self, volume, geometry: Geometry) -> tuple[torch.Tensor, tuple[float, float, float]]:
+        """HU volume ``[Z, Y, X]`` or ``[1, Z, Y, X]`` -> (float32 ``[1, Z', Y', X']`` in [0, 1], zoom)."""
+        t = torch.as_tensor(np.asarray(volume))
+        x = t.clone() if t.dtype == torch.float32 else t.float()  # never modify the caller's array
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[0] != 1:
+            raise ValueError(f"expected a CT volume [Z, Y, X] or [1, Z, Y, X], got shape {tuple(x.shape)}")
+        if geometry.ndim != 3:
+            raise ValueError(f"expected a 3D geometry, got {geometry.ndim}D")
+        HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
+        # the lung window of HUWindow, in place (a 512 x 512 x 256 CT is 268 MB in float32)
+        x.sub_(self.hu_lo).mul_(1.0 / (self.hu_hi - self.hu_lo)).clamp_(0.0, 1.0)
+        s = resample({"image": x, "spacing": geometry.spacing}, self.target())
+        return s["image"].contiguous(), self.zoom(geometry)
+
+    def model_preprocess(self):
+        """The affine part as a :class:`medetect.models.io.Preprocess` (``(x - hu_lo) / (hu_hi - hu_lo)``; the clip
+        and the resampling are in the weights' ``extra["luna"]``)."""
+        from ..models.io import Preprocess
+
+        w = self.hu_hi - self.hu_lo
+        return Preprocess(scale=1.0, max_value=w, mean=[self.hu_lo / w], std=[1.0])
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LunaPreprocess":
+        return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]))
+
+
+def resampled_geometry(geometry: Geometry, pre: LunaPreprocess) -> Geometry:
+    """Geometry of the resampled grid (same direction; voxel 0's centre is original edge coordinate ``0.5 / zoom``)."""
+    z = np.asarray(pre.zoom(geometry))
+    origin = np.asarray(voxel_to_world(0.5 / z, geometry))
+    return Geometry(pre.target(), tuple(origin.tolist()), geometry.direction)
+
+
+def preprocess_scan(layout: LunaLayout, uid: str, pre: LunaPreprocess, cache_dir: str | os.PathLike | None = None):
+    """Preprocessed scan ``[1, Z', Y', X']`` float32 and its zoom; cached as float16 ``.npy`` under ``cache_dir``."""
+    geom, shape = layout.info(uid)
+    zoom = pre.zoom(geom)
+    if cache_dir is None:
+        img, _ = pre(layout.read(uid).array, geom)
+        return img, zoom
+    cdir = Path(cache_dir) / pre.key()
+    f = cdir / f"{uid}.npy"
+    expect = tuple(max(1, math.floor(n * z + 0.5)) for n, z in zip(shape, zoom))
+    if f.is_file():
+        arr = np.load(f)
+        if tuple(arr.shape[1:]) == expect:
+            return torch.from_numpy(arr.astype(np.float32)), zoom
+    img, _ = pre(layout.read(uid).array, geom)
+    cdir.mkdir(parents=True, exist_ok=True)
+    tmp = cdir / f".{uid}.{os.getpid()}.tmp.npy"
+    np.save(tmp, img.numpy().astype(np.float16))
+    os.replace(tmp, f)
+    return img, zoom
+
+
+# ============================================================================================ training
+
+
+class LunaVolumes(Dataset):
+    """Preprocessed whole scans as sample dicts (the ``base`` of a :class:`~medetect.data.datasets.PatchDataset`):
+    ``image [1, Z', Y', X']``, ``boxes`` on the resampled grid (original boxes times zoom), ``labels`` (0),
+    ``box_ids``, ``spacing``, ``image_id`` (= seriesuid)."""
+
+    pre_transform = None  # the preprocessing happens in raw_sample (and is cached on disk)
+
+    def __init__(self, layout: LunaLayout, uids: Sequence[str], pre: LunaPreprocess, cache_dir=None):
+        self.layout, self.uids, self.pre, self.cache_dir = layout, list(uids), pre, cache_dir
+        for u in self.uids:
+            layout.boxes(u)  # fail early: unknown uid, missing .raw, nodules outside the volume
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def raw_sample(self, i: int, *, dtype: torch.dtype | None = torch.float32) -> dict:
+        """The preprocessed scan ``i`` (always float32; ``dtype`` is accepted for PatchDataset's interface)."""
+        uid = self.uids[i]
+        img, zoom = preprocess_scan(self.layout, uid, self.pre, self.cache_dir)
+        boxes = torch.from_numpy(self.layout.boxes(uid) * np.asarray(zoom * 2)).float()
+        return {
+            "image": img, "boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long),
+            "box_ids": torch.arange(len(boxes)), "spacing": self.pre.target(), "image_id": uid,
+        }
+
+    def prepared_sample(self, i: int) -> dict:
+        return self.raw_sample(i)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.raw_sample(i)
+
+
+def _patches_cls():
+    from ..data.datasets import PatchDataset
+
+    class _Patches(PatchDataset):
+        def __len__(self) -> int:  # explicit: len(base) * patches_per_volume
+            return len(self.base) * self.patches_per_volume
+
+    return _Patches
+
+
+def default_detector_config(**overrides) -> DetectorConfig:
+    """A small 3D RetinaNet for CPU training at 1.5-2 mm: ResNet-18 body of width 8, FPN of 16 channels on strides 4
+    and 8, cubic anchors of 4, 8 (stride 4) and 12, 20 voxels (stride 8)."""
+    kw = dict(
+        arch="retinanet", ndim=3, in_channels=1, num_classes=1, class_names=[CLASS_NAME], backbone="resnet18",
+        base_width=8, fpn_channels=16, levels=[2, 3],
+        anchor_shapes=[[[4.0] * 3, [8.0] * 3], [[12.0] * 3, [20.0] * 3]],
+        score_thresh=0.02, nms_thresh=0.1, detections_per_img=100, rpn_objectness_loss="focal",
+    )
+    kw.update(overrides)
+    return DetectorConfig(**kw)
+
+
+def train_detector(
+    layout: LunaLayout,
+    run_dir: str | os.PathLike,
+    *,
+    uids: Sequence[str] | None = None,
+    subsets: Sequence[str | int] | None = None,
+    pre: LunaPreprocess | None = None,
+    model_config: DetectorConfig | None = None,
+    train_config=None,
+    patch_size: int | Sequence[int] = 64,
+    patches_per_volume: int = 8,
+    pos_prob: float = 0.7,
+    cache_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Train the 3D detector on patches of the scans ``uids`` (or of ``subsets``; default: all) and write
+    ``run_dir/model.safetensors`` (weights + config + preprocessing). Checkpoints every epoch in ``run_dir``;
+    ``resume`` continues from the last one. Returns the weights path."""
+    from ..engine.trainer import TrainConfig, Trainer
+
+    _Patches = _patches_cls()
+
+    pre = pre or LunaPreprocess(spacing=1.5)
+    if uids is None:
+        uids = layout.uids_in(subsets) if subsets is not None else layout.uids
+    if not uids:
+        raise ValueError(f"{layout.root}: no scans to train on")
+    cfg = model_config or default_detector_config()
+    tc = train_config or TrainConfig(epochs=10, batch_size=4, lr=1e-3, optimizer="adamw", warmup_iters=50,
+                                     num_workers=0, log_every=10, weight_decay=1e-4)
+    run_dir = Path(run_dir)
+    cache_dir = cache_dir if cache_dir is not None else run_dir / "cache"
+    base = LunaVolumes(layout, uids, pre, cache_dir)
+    aug = Compose([RandomFlip(p=0.5), RandomRot90(axes=(-2, -1), p=0.5)])
+    data = _Patches(base, patch_size=(patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size),
+                        patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed)
+    model = build_detector(cfg)
+    run_config = {"task": "luna16-detection", "model": cfg.to_dict(), "train": dataclasses.asdict(tc),
+                  "preprocess": pre.to_dict(), "patch_size": patch_size, "patches_per_volume": patches_per_volume,
+                  "pos_prob": pos_prob, "train_uids": list(uids), "root": str(layout.root)}
+    trainer = Trainer(model=model, train_data=data, config=tc, run_dir=run_dir, run_config=run_config, device=device,
+                      progress=progress)
+    if resume and trainer.resume():
+        log.info("resumed from epoch %d", trainer.epoch)
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(run_config, indent=1))
+    trainer.fit()
+    out = run_dir / "model.safetensors"
+    save_luna_model(trainer.model, out, pre, extra={"epochs": tc.epochs, "train_uids": len(uids)})
+    return out
+
+
+def save_luna_model(model: Detector, path: str | os.PathLike, pre: LunaPreprocess, extra: dict | None = None) -> None:
+    from ..models.io import save_model
+
+    save_model(model.cpu(), path, pre.model_preprocess(), extra={"luna": pre.to_dict(), **(extra or {})})
+
+
+def load_luna_model(path: str | os.PathLike, device=None) -> tuple[Detector, LunaPreprocess]:
+    """Weights written by :func:`save_luna_model` -> (model in eval mode, its :class:`LunaPreprocess`)."""
+    from safetensors import safe_open
+
+    from ..models.io import load_model
+
+    model, _ = load_model(path, device=device)
+    with safe_open(str(path), framework="pt") as f:
+        extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+    if "luna" not in extra:
+        raise ValueError(f"{path}: not a LUNA16 nodule detector (no 'luna' preprocessing in its metadata)")
+    if model.config.ndim != 3 or model.config.in_channels != 1:
+        raise ValueError(f"{path}: a nodule detector must be 3D with 1 channel, got {model.config.ndim}D/"
+                         f"{model.config.in_channels}")
+    return model, LunaPreprocess.from_dict(extra["luna"])
+
+
+# ============================================================================================ inference
+
+
+def predict_scan(
+    model: Detector,
+    pre: LunaPreprocess,
+    image: MedicalImage | np.ndarray | torch.Tensor,
+    geometry: Geometry | None = None,
+    *,
+    tile_size: int | Sequence[int] = 256,
+    overlap: float = 0.25,
+    max_marks: int = MAX_MARKS_PER_SCAN,
+    score_thresh: float | None = None,
+    predictor=None,
+) -> dict[str, np.ndarray]:
+    """Whole-scan detection -> marks in world mm.
+
+    ``image``: a :class:`MedicalImage` (its geometry is used) or an HU array ``[Z, Y, X]`` / ``[1, Z, Y, X]`` with
+    ``geometry``. Returns ``centers_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted,
+    descending, ``M <= max_marks``) and ``boxes [M, 6]`` on the ORIGINAL voxel grid.
+    """
+    from ..engine.predictor import Predictor
+
+    if isinstance(image, MedicalImage):
+        geometry = geometry or image.geometry
+        image = image.array
+    if geometry is None:
+        raise ValueError("predict_scan needs the scan's geometry (pass a MedicalImage or geometry=)")
+    x, zoom = pre(image, geometry)
+    shape = x.shape[1:]
+    if any(n < MIN_INPUT for n in shape):  # the stride-32 stage needs > 1 voxel per GroupNorm group: pad with air
+        x = torch.nn.functional.pad(x, [p for n in reversed(shape) for p in (0, max(0, MIN_INPUT - n))])
+    if predictor is None:
+        t = (tile_size,) * 3 if isinstance(tile_size, int) else tuple(tile_size)
+        predictor = Predictor(model, device="cpu" if not torch.cuda.is_available() else None, tile_size=t,
+                              overlap=overlap, batch_size=1, nms_thresh=model.config.nms_thresh)
+    head = predictor.model.heads
+    old = getattr(head, "score_thresh", None)
+    if score_thresh is not None and old is not None:
+        head.score_thresh = score_thresh
+    try:
+        det = predictor.predict(x)
+    finally:
+        if old is not None:
+            head.score_thresh = old
+    scores = det["scores"].double()
+    order = torch.argsort(scores, descending=True, stable=True)[:max_marks]
+    hi = torch.tensor(list(shape) * 2, dtype=torch.float64)
+    boxes = torch.minimum(det["boxes"].double()[order], hi)  # drop the padding
+    boxes = boxes / torch.tensor(zoom * 2, dtype=torch.float64)  # resampled -> original grid (exact inverse)
+    centres, dia = boxes_to_luna(boxes, geometry)
+    return {"centers_xyz": centres.numpy().reshape(-1, 3), "diameters_mm": dia.numpy().reshape(-1),
+            "probabilities": scores[order].numpy(), "boxes": boxes.numpy().reshape(-1, 6)}
+
+
+def predict_layout(model: Detector, pre: LunaPreprocess, layout: LunaLayout, uids: Sequence[str] | None = None,
+                   **kw) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`predict_scan` for every scan in ``uids`` (default all) -> ``{uid: marks}``."""
+    out = {}
+    for uid in uids if uids is not None else layout.uids:
+        img = layout.read(uid)
+        out[uid] = predict_scan(model, pre, img, **kw)
+    return out
+
+
+def write_submission(path: str | os.PathLike, marks: Mapping[str, Mapping[str, np.ndarray]],
+                     max_per_scan: int = MAX_MARKS_PER_SCAN) -> Path:
+    """LUNA16 submission ``seriesuid,coordX,coordY,coordZ,probability``: per scan the ``max_per_scan`` most probable
+    marks, sorted by probability (descending)."""
+    rows = {}
+    for uid, m in marks.items():
+        p = np.asarray(m["probabilities"], dtype=np.float64).reshape(-1)
+        c = np.asarray(m["centers_xyz"], dtype=np.float64).reshape(-1, 3)
+        order = np.argsort(-p, kind="stable")[:max_per_scan]
+        rows[uid] = (c[order], p[order])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_luna_submission(path, rows)
+    return path
+
+
+def evaluate_submission(layout: LunaLayout, submission: str | os.PathLike, uids: Sequence[str], *,
+                        n_bootstrap: int = 0):
+    """Exact LUNA16 FROC of ``submission`` on the scans ``uids`` (annotations and excluded findings of the layout)."""
+    from ..evaluation.froc import LunaAnnotations, froc
+
+    if layout.annotations_path is None:
+        raise ValueError(f"{layout.root}: no annotations.csv to evaluate against")
+    ann = layout.annotations_path
+    if not any(u in layout.annotations for u in uids):
+        ann = LunaAnnotations.from_arrays(np.zeros(0, dtype=str), np.zeros((0, 3)), np.zeros(0))
+    return froc(ann, Path(submission), excluded=layout.excluded_path, seriesuids=list(uids), n_bootstrap=n_bootstrap)
+
+
+def _froc_summary(res) -> dict:
+    return {"cpm": float(res.cpm), "fps": [float(f) for f in res.fps],
+            "sensitivities": [round(float(s), 4) for s in res.sensitivities], "n_scans": res.n_scans,
+            "n_nodules": res.n_nodules, "n_tp": res.n_tp, "n_fp": res.n_fp, "max_sensitivity": res.max_sensitivity}
+
+
+# ============================================================================================ real-CT smoke test, timing
+
+
+def lung_pet_ct_smoke(model: Detector, pre: LunaPreprocess, root: str | os.PathLike, **kw) -> list[dict]:
+    """Run the detector on the Lung-PET-CT-Dx sample CTs; per patient the distance (mm) from the top mark to the
+    tumour box centre (world), the nearest of the top-10 marks, and whether any mark centre falls in the tumour box."""
+    from ..data.datasets import lung_pet_ct_dx
+
+    ds = lung_pet_ct_dx(root)
+    out = []
+    for i, rec in enumerate(ds.records):
+        img = ds.image(i)
+        t0 = time.perf_counter()
+        m = predict_scan(model, pre, img, **kw)
+        dt = time.perf_counter() - t0
+        box = np.asarray(rec.boxes, dtype=np.float64)[0]
+        centre = np.asarray(voxel_to_world((box[:3] + box[3:]) / 2, img.geometry))
+        d = np.linalg.norm(m["centers_xyz"] - centre, axis=1) if len(m["probabilities"]) else np.zeros(0)
+        vox = np.asarray(world_to_voxel(m["centers_xyz"], img.geometry)).reshape(-1, 3)
+        inside = ((vox >= box[:3]) & (vox <= box[3:])).all(1)
+        out.append({
+            "patient": rec.image, "shape": list(img.spatial_shape), "spacing": list(img.geometry.spacing),
+            "tumour_centre_xyz": centre.round(1).tolist(),
+            "tumour_size_mm": ((box[3:] - box[:3]) * np.asarray(img.geometry.spacing)).round(1).tolist(),
+            "n_marks": int(len(d)), "top_prob": float(m["probabilities"][0]) if len(d) else None,
+            "top_mark_distance_mm": float(d[0]) if len(d) else None,
+            "nearest_of_top10_mm": float(d[:10].min()) if len(d) else None,
+            "rank_of_first_mark_in_box": int(np.flatnonzero(inside)[0]) + 1 if inside.any() else None,
+            "seconds": round(dt, 1),
+        })
+    return out
+
+
+def time_inference(model: Detector, pre: LunaPreprocess, shape=(256, 512, 512), spacing=(1.25, 0.7, 0.7),
+                   **kw) -> dict:
+    """Wall time of :func:`predict_scan` (preprocessing included) on a synthetic HU volume of ``shape``."""
+    g = torch.Generator().manual_seed(0)
+    vol = (torch.randn(shape, generator=g) * 50 - 700).to(torch.int16).numpy()
+    geom = Geometry(tuple(spacing), (0.0, 0.0, 0.0), tuple(np.eye(3).reshape(-1)))
+    t0 = time.perf_counter()
+    x, _ = pre(vol, geom)
+    t1 = time.perf_counter()
+    m = predict_scan(model, pre, vol, geom, **kw)
+    t2 = time.perf_counter()
+    return {"shape": list(shape), "spacing": list(spacing), "resampled_shape": list(x.shape[1:]),
+            "preprocess_s": round(t1 - t0, 2), "predict_scan_s": round(t2 - t1, 2), "n_marks": len(m["probabilities"]),
+            "threads": torch.get_num_threads()}
+
+
+# ============================================================================================ phantom demo
+
+
+def phantom_demo(out_dir: str | os.PathLike, *, n_train: int = 8, n_test: int = 4, weights: str | None = None,
+                 epochs: int = 4, steps_per_epoch: int = 50, spacing: float = 1.5, seed: int = 0,
+                 shape=(112, 256, 256), phantom_spacing=(1.5, 0.7, 0.7), progress: bool = True) -> dict:
+    """Synthetic LUNA16 folder (subset0: train, subset1: test) -> train briefly (or use ``weights``) -> predict the
+    test scans -> submission + FROC. Returns the FROC summary and paths."""
+    from ..data.phantoms import write_luna16_dataset
+    from ..engine.trainer import TrainConfig
+
+    out = Path(out_dir)
+    data = out / "data"
+    man = write_luna16_dataset(data, n_scans=n_train + n_test, seed=seed, subsets=1, n_nodules=(1, 4),
+                               shape=tuple(shape), spacing=tuple(phantom_spacing), nodule_diameters_mm=(4.0, 20.0))
+    # the first n_train scans stay in subset0 (training), the others move to subset1 (held out)
+    (data / "subset1").mkdir(exist_ok=True)
+    for uid in [s["seriesuid"] for s in man["scans"]][n_train:]:
+        for ext in (".mhd", ".raw"):
+            (data / "subset0" / f"{uid}{ext}").rename(data / "subset1" / f"{uid}{ext}")
+    layout = LunaLayout(data)
+    if weights is None:
+        tc = TrainConfig(epochs=epochs, batch_size=4, lr=1e-3, optimizer="adamw", warmup_iters=20, num_workers=0,
+                         max_steps_per_epoch=steps_per_epoch, log_every=10)
+        weights = train_detector(layout, out / "run", subsets=["subset0"], pre=LunaPreprocess(spacing=spacing),
+                                 train_config=tc, progress=progress)
+    model, pre = load_luna_model(weights)
+    test = layout.uids_in(["subset1"])
+    marks = predict_layout(model, pre, layout, test)
+    sub = write_submission(out / "submission.csv", marks)
+    res = evaluate_submission(layout, sub, test)
+    return {"weights": str(weights), "submission": str(sub), "froc": _froc_summary(res)}
+
+
+# ============================================================================================ CLI
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="LUNA16-style lung nodule detection (3D detector stage).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="LUNA16 folder -> run dir (checkpoints, model.safetensors)")
+    t.add_argument("root")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--subsets", nargs="*", help="training subsets (default: all but --test-subset)")
+    t.add_argument("--test-subset", help="held-out subset, predicted and scored after training")
+    t.add_argument("--spacing", type=float, default=1.5)
+    t.add_argument("--patch", type=int, default=64)
+    t.add_argument("--patches-per-volume", type=int, default=8)
+    t.add_argument("--pos-prob", type=float, default=0.7)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--steps-per-epoch", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--arch", default="retinanet", choices=("retinanet", "faster_rcnn"))
+    t.add_argument("--base-width", type=int, default=8)
+    t.add_argument("--fpn-channels", type=int, default=16)
+    t.add_argument("--cache-dir")
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--allow-missing-scans", action="store_true")
+    t.add_argument("--threads", type=int, default=0)
+    pr = sub.add_parser("predict", help="weights + LUNA16 folder or .mhd files -> submission CSV")
+    pr.add_argument("inputs", nargs="+", help="a LUNA16 folder, or .mhd/.mha/.nii files (uid = file stem)")
+    pr.add_argument("--weights", required=True)
+    pr.add_argument("--out", required=True, help="submission CSV")
+    pr.add_argument("--subsets", nargs="*")
+    pr.add_argument("--tile", type=int, default=256)
+    pr.add_argument("--froc", action="store_true", help="score against the folder's annotations.csv")
+    pr.add_argument("--threads", type=int, default=0)
+    d = sub.add_parser("phantom-demo", help="synthetic phantoms -> train briefly (or --weights) -> predict -> CPM")
+    d.add_argument("--out", help="work folder (default: a temporary one)")
+    d.add_argument("--n-train", type=int, default=8)
+    d.add_argument("--n-test", type=int, default=4)
+    d.add_argument("--weights", help="use these weights instead of training (e.g. the shipped phantom model)")
+    d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--steps-per-epoch", type=int, default=50)
+    d.add_argument("--seed", type=int, default=1000)
+    d.add_argument("--threads", type=int, default=0)
+    s = sub.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--root", default="../shared/data/lung-pet-ct-dx-sample")
+    s.add_argument("--threads", type=int, default=0)
+    tm = sub.add_parser("time", help="whole-scan inference time on a synthetic 512x512x256 volume")
+    tm.add_argument("--weights", required=True)
+    tm.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512])
+    tm.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "medetect luna") -> int:
+    args = _parser(prog).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "train":
+        from ..engine.trainer import TrainConfig
+
+        layout = LunaLayout(args.root, allow_missing_scans=args.allow_missing_scans)
+        if args.subsets:
+            uids = layout.uids_in(args.subsets)
+        else:
+            uids = [u for u, s in layout.subset_of.items() if not args.test_subset or s != _subset_name(args.test_subset)]
+        tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
+                         warmup_iters=50, num_workers=0, max_steps_per_epoch=args.steps_per_epoch, log_every=10)
+        mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels)
+        w = train_detector(layout, args.run_dir, uids=uids, pre=LunaPreprocess(spacing=args.spacing),
+                           model_config=mc, train_config=tc, patch_size=args.patch,
+                           patches_per_volume=args.patches_per_volume, pos_prob=args.pos_prob,
+                           cache_dir=args.cache_dir, resume=not args.no_resume)
+        print(f"weights: {w}")
+        if args.test_subset:
+            model, pre = load_luna_model(w)
+            test = layout.uids_in([args.test_subset])
+            sub = write_submission(Path(args.run_dir) / "submission.csv", predict_layout(model, pre, layout, test))
+            print(json.dumps(_froc_summary(evaluate_submission(layout, sub, test))))
+        return 0
+    if args.cmd == "predict":
+        model, pre = load_luna_model(args.weights)
+        ins = [Path(i) for i in args.inputs]
+        if len(ins) == 1 and ins[0].is_dir():
+            layout = LunaLayout(ins[0], allow_missing_scans=True)
+            uids = layout.uids_in(args.subsets) if args.subsets else layout.uids
+            marks = predict_layout(model, pre, layout, uids, tile_size=args.tile)
+            sub = write_submission(args.out, marks)
+            print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
+            if args.froc:
+                print(json.dumps(_froc_summary(evaluate_submission(layout, sub, uids))))
+            return 0
+        marks = {}
+        for f in ins:
+            if not f.is_file():
+                raise FileNotFoundError(f"input not found: {f}")
+            marks[f.name.split(".")[0] if not f.name.endswith(".mhd") else f.name[:-4]] = predict_scan(
+                model, pre, read_image(f), tile_size=args.tile)
+        sub = write_submission(args.out, marks)
+        print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
+        return 0
+    if args.cmd == "phantom-demo":
+        with tempfile.TemporaryDirectory(prefix="medetect-luna-demo-") as tmp:
+            res = phantom_demo(args.out or tmp, n_train=args.n_train, n_test=args.n_test, weights=args.weights,
+                               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, seed=args.seed)
+        f = res["froc"]
+        print(f"CPM {f['cpm']:.3f}  sensitivities at {f['fps']} FPs/scan: {f['sensitivities']}  "
+              f"({f['n_nodules']} nodules in {f['n_scans']} held-out phantom scans)")
+        return 0
+    if args.cmd == "lung-pet-ct":
+        model, pre = load_luna_model(args.weights)
+        for r in lung_pet_ct_smoke(model, pre, args.root):
+            print(json.dumps(r))
+        return 0
+    if args.cmd == "time":
+        model, pre = load_luna_model(args.weights)
+        print(json.dumps(time_inference(model, pre, shape=tuple(args.shape))))
+        return 0
+    return 2  # pragma: no cover
+
+
+def _subset_name(s: str | int) -> str:
+    return s if isinstance(s, str) and s.startswith("subset") else f"subset{int(s)}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
