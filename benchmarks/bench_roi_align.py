@@ -60,7 +60,7 @@ def to_xyxy(rois):
 
 
 def run_figure(name, ours, ref, ref_impl, feats, info, device, repeats):
-    """Time ``ours()``/``ref()`` (callables of a features tensor) forward and forward+backward; print lines."""
+    """Time ``ours(f)`` / ``ref(f)`` forward and forward + backward; print one JSON line per mode."""
     warmup = 3 if device.type == "cuda" else 1
     feats_g = feats.detach().clone().requires_grad_(True)
     with torch.no_grad():
@@ -85,7 +85,9 @@ def run_figure(name, ours, ref, ref_impl, feats, info, device, repeats):
 
     for mode, wrap in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         ms, _ = time_call(wrap(ours), device=device, repeats=repeats, warmup=warmup)
-        ref_ms = None if ref is None else time_call(wrap(ref), device=device, repeats=repeats, warmup=warmup)[0]
+        ref_ms = None
+        if ref is not None:
+            ref_ms, _ = time_call(wrap(ref), device=device, repeats=repeats, warmup=warmup)
         line = {
             "bench": f"{name}_{mode}",
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -106,7 +108,7 @@ def run_figure(name, ours, ref, ref_impl, feats, info, device, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 20 GPU, 3 CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 20 GPU, 3 CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     ap.add_argument("--full", action="store_true", help="also run the full-size 3D figure on the CPU (slow)")
     args = ap.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv=None):
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     gen = torch.Generator().manual_seed(0)
 
-    # --- RoIAlign 2D vs torchvision --------------------------------------------------------------------------
+    # RoIAlign 2D vs torchvision
     feats = torch.randn(2, 256, 200, 272, generator=gen).to(device)
     rois = make_rois(gen, 1000, 2, (800, 1088), 16, 400, device)
     rois_tv = to_xyxy(rois)
@@ -132,7 +134,7 @@ def main(argv=None):
     )
     del feats
 
-    # --- RoIAlign 3D (no reference) ----------------------------------------------------------------------------
+    # RoIAlign 3D (no reference)
     figures = [("roi_align_3d", (1, 128, 48, 128, 128), 500)]
     if device.type == "cpu":
         small = [("roi_align_3d_small", (1, 64, 24, 64, 64), 200)]
@@ -152,7 +154,7 @@ def main(argv=None):
         )
         del feats3
 
-    # --- RoIPool 2D vs torchvision -----------------------------------------------------------------------------
+    # RoIPool 2D vs torchvision
     featsp = torch.randn(2, 64, 100, 136, generator=gen).to(device)
     roisp = make_rois(gen, 500, 2, (400, 544), 16, 400, device)
     roisp_tv = to_xyxy(roisp)

@@ -137,6 +137,8 @@ def test_dataset_model_losses_and_weights_roundtrip(tmp_path):
     cfg = FPRConfig(cube_size=8, spacing_mm=2.0, widths=[4, 8], stem_width=4, groups=2)
     ds = CandidateCubes({"s": (vol, g)}, {"s": (c, y)}, cfg, pos_fraction=0.5)
     assert len(ds) == 6 and ds.labels[ds.index].mean() == 0.5
+    ds.set_epoch(3)
+    assert len(ds) == 6 and ds.labels[ds.index].mean() == 0.5
     x, t = cube_collate([ds[i] for i in range(len(ds))])
     assert x.shape == (6, 1, 8, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
     model = build_fpr(cfg)

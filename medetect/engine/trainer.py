@@ -255,6 +255,8 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             self.model.train()
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.train_data, "set_epoch"):  # e.g. PatchDataset: new patches every epoch
+                self.train_data.set_epoch(self.epoch)
             bar = None
             if self.progress:
                 from tqdm import tqdm

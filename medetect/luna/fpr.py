@@ -270,7 +270,13 @@ class CandidateCubes(Dataset):
         self.scan_idx = np.concatenate(scan_idx) if scan_idx else np.zeros(0, dtype=np.int64)
         self.centers = np.concatenate(ctrs) if ctrs else np.zeros((0, 3))
         self.labels = (np.concatenate(labels) if labels else np.zeros(0)).astype(np.int64)
+        self.pos_fraction, self.seed = pos_fraction, seed
         self.index = balanced_indices(self.labels, pos_fraction, seed=seed) if pos_fraction else np.arange(len(self.labels))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw the oversampled positives' remainder for this epoch (same length; the Trainer calls it)."""
+        if self.pos_fraction:
+            self.index = balanced_indices(self.labels, self.pos_fraction, seed=self.seed * 1000003 + epoch)
 
     def __len__(self) -> int:
         return len(self.index)
