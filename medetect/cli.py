@@ -1,4 +1,4 @@
-"""``medetect`` command line: train | predict | evaluate | demo | froc | phantoms."""
+"""``medetect`` command line: train | predict | evaluate | export | demo | froc | phantoms | luna | luna-fpr."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def cmd_froc(argv) -> int:
 def cmd_phantoms(argv) -> int:
     from .data.phantoms import main as phantoms_main
 
-    return phantoms_main(argv) or 0
+    return phantoms_main(argv, prog="medetect phantoms") or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_froc(argv[1:])
     if argv and argv[0] == "phantoms":
         return cmd_phantoms(argv[1:])
+    if argv and argv[0] == "luna":
+        from .luna.detection import main as luna_main
+
+        return luna_main(argv[1:], prog="medetect luna")
+    if argv and argv[0] == "luna-fpr":
+        from .luna.fpr import main as fpr_main
+
+        return fpr_main(argv[1:], prog="medetect luna-fpr")
     p = argparse.ArgumentParser(prog="medetect", description="Object detection for medical images, 2D and 3D.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -149,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("froc", help="LUNA16 FROC/CPM (see medetect froc --help)")
     sub.add_parser("phantoms", help="synthetic LUNA16-format CT phantoms (see medetect phantoms --help)")
+    sub.add_parser("luna", help="LUNA16 stage one: 3D detector train/predict (see medetect luna --help)")
+    sub.add_parser("luna-fpr", help="LUNA16 stage two: false-positive reduction (see medetect luna-fpr --help)")
     args = p.parse_args(argv)
     try:
         return args.fn(args)
