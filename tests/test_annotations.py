@@ -336,6 +336,28 @@ def test_luna_candidates_and_errors(tmp_path):
         read_luna_csv(tmp_path / "nocol.csv")
 
 
+def test_luna_csv_diameter_minus_one(tmp_path):
+    # annotations_excluded.csv (LUNA16, and the phantoms) marks findings without a size with diameter_mm = -1
+    (tmp_path / "annotations_excluded.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+        "1.2.3,-80.5,70.25,-280.0,-1\n"
+        "1.2.3,-60.0,90.0,-250.125,2.5\n"
+        "4.5.6,10.0,20.0,30.0,-1.0\n"
+    )
+    rows = read_luna_csv(tmp_path / "annotations_excluded.csv")
+    assert rows["1.2.3"][1].tolist() == [-1.0, 2.5] and rows["4.5.6"][1].tolist() == [-1.0]
+    write_luna_csv(rows, tmp_path / "out.csv")
+    assert read_luna_csv(tmp_path / "out.csv")["1.2.3"][1].tolist() == [-1.0, 2.5]
+    g = _geom()
+    anns, rep = luna_csv_to_annotations(rows, {"1.2.3": g, "4.5.6": g})
+    assert len(anns[0]) == 1 and len(anns[1]) == 0 and rep.skipped_other == 2  # the -1 rows get no box
+    np.testing.assert_allclose(anns[0].boxes, luna_to_boxes(rows["1.2.3"][0][1:], rows["1.2.3"][1][1:], g))
+    for bad in ("-2", "-0.5", "-1.5"):  # only -1 is a code; other negative diameters stay errors naming the line
+        (tmp_path / "neg.csv").write_text(f"seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,4\n1.2,1,2,3,{bad}\n")
+        with pytest.raises(AnnotationError, match=r"neg\.csv: line 3: diameter_mm must be >= 0 \(or -1"):
+            read_luna_csv(tmp_path / "neg.csv")
+
+
 def test_luna_submission_roundtrip(tmp_path):
     g = _geom()
     preds = [ImageAnnotation("1.2.3", [[10, 20, 30, 14, 30, 40], [1, 2, 3, 3, 4, 5]], ["nodule"] * 2,

@@ -927,8 +927,14 @@ def read_luna_csv(path: PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read LUNA16 ``annotations.csv`` (or ``annotations_excluded.csv``) or ``candidates.csv``.
 
     Returns ``{seriesuid: (centers_xyz [N, 3] float64 world mm, values [N])}`` in first-seen order, where ``values``
-    is ``diameter_mm`` (float64, must be >= 0) for annotation files and ``class`` (int64, 0 or 1) for candidate
-    files, whichever column the header has. Errors name the file and line.
+    is ``diameter_mm`` (float64) for annotation files and ``class`` (int64, 0 or 1) for candidate files, whichever
+    column the header has. Errors name the file and line.
+
+    Diameters must be >= 0, except exactly ``-1``: LUNA16's ``annotations_excluded.csv`` (and the phantoms of
+    :mod:`medetect.data.phantoms`) write ``diameter_mm = -1`` for findings without a size -- non-nodules and findings
+    that only some radiologists marked. Such rows are returned as they are (value ``-1.0``); they are excluded
+    findings for the FROC (neither hits nor false positives), not objects with a size, and
+    :func:`luna_csv_to_annotations` skips them (counted in ``skipped_other``). Any other negative diameter is an error.
     """
     file = Path(path)
     header, rows = _open_csv(file, ("seriesuid",) + _LUNA_XYZ)
@@ -951,8 +957,9 @@ def read_luna_csv(path: PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 raise AnnotationError(file, w, f"class must be 0 or 1, got {v}")
         else:
             v = _num(row[col], file, w, col)
-            if v < 0:
-                raise AnnotationError(file, w, f"diameter_mm must be >= 0, got {v:g}")
+            if v < 0 and v != -1:
+                raise AnnotationError(file, w, f"diameter_mm must be >= 0 (or -1 for a finding without a size), "
+                                               f"got {v:g}")
         cs, vs = groups.setdefault(uid, ([], []))
         cs.append(c)
         vs.append(v)
@@ -974,7 +981,8 @@ def luna_csv_to_annotations(
     Boxes are :func:`~medetect.convert.luna_to_boxes` (the mm cube circumscribing the sphere, in voxels, with the
     +0.5 voxel-centre offset handled there). ``image = seriesuid``. Rows of scans missing from ``geometries`` are not
     converted: each such scan is counted in ``report.skipped_other`` (per nodule), listed and logged. Zero diameters
-    give zero-size boxes, which are skipped and reported. ``image_shapes`` (array order) enables the bounds check.
+    give zero-size boxes, which are skipped and reported; diameters of -1 (findings without a size, see
+    :func:`read_luna_csv`) give no box and are counted in ``skipped_other``. ``image_shapes`` (array order) enables the bounds check.
     Meta: ``geometry``, per-box ``centers_xyz`` and ``diameter_mm``. ``rows`` with a candidate ``class`` column
     (integer values) are refused: candidates have no size.
     """
@@ -992,9 +1000,15 @@ def luna_csv_to_annotations(
             raise ValueError(f"luna_csv_to_annotations: geometry of {uid!r} is {geom.ndim}D, LUNA16 is 3D")
         c, dia = rows.get(uid, (np.zeros((0, 3)), np.zeros(0)))
         c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
-        dia = np.asarray(dia, dtype=np.float64)
+        dia = np.asarray(dia, dtype=np.float64).reshape(-1)
         r = _Rows()
-        for k, box in enumerate(np.asarray(luna_to_boxes(c, dia, geom)).reshape(-1, 6)):
+        sized = dia >= 0  # -1: a finding without a size (annotations_excluded.csv), no box
+        for k in np.flatnonzero(~sized):
+            report._event("skipped_other", source, f"{uid} nodule {k}",
+                          "diameter_mm -1 (finding without a size, e.g. a LUNA16 excluded non-nodule); no box",
+                          level=logging.INFO)
+        boxes = np.asarray(luna_to_boxes(c[sized], dia[sized], geom)).reshape(-1, 6)
+        for k, box in zip(np.flatnonzero(sized), boxes):
             r.add(box, label, f"{uid} nodule {k}", centers_xyz=c[k], diameter_mm=dia[k])
         r.extra.setdefault("centers_xyz", [])
         r.extra.setdefault("diameter_mm", [])

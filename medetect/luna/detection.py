@@ -129,7 +129,7 @@ class LunaLayout:
         self.excluded_path = self.root / "annotations_excluded.csv"
         self.excluded = None
         if self.excluded_path.is_file():
-            # -1 diameters (non-nodules) are legal here; read_luna_csv refuses them, froc's reader allows them
+            # -1 diameters (findings without a size) are legal here; the FROC wants them as LunaAnnotations
             from ..evaluation.froc import read_luna_annotations
 
             self.excluded = read_luna_annotations(self.excluded_path, allow_unknown_diameter=True)
