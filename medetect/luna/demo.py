@@ -57,7 +57,7 @@ def _montage(path: Path, panels: list[dict], dpi: int = 110) -> None:
     n = len(panels)
     cols = min(4, max(1, n))
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(3.2 * cols, 3.4 * rows))
+    fig = Figure(figsize=(3.2 * cols, 3.6 * rows + 0.4))
     FigureCanvasAgg(fig)
     for i, p in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -72,7 +72,7 @@ def _montage(path: Path, panels: list[dict], dpi: int = 110) -> None:
         ax.set_yticks([])
     fig.suptitle("axial slices: green = ground-truth nodule, red = mark on a nodule, orange = false-positive mark",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * rows + 0.4)), h_pad=1.5)
     fig.savefig(str(path), dpi=dpi)
 
 
@@ -171,11 +171,10 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
             # one panel per nodule (its centre slice), then the strongest false positives
             zs = [(float(v[0]), f"{short}: nodule {d:.1f} mm") for v, d in zip(gt_v, gt_d)]
             zs += [(float(v[0]), f"{short}: mark #{r + 1} (FP)") for r, (v, h) in enumerate(zip(mk_v, hit)) if not h][:2]
-            for z_edge, title in zs:
+            for z_edge, title in zs[:max(1, max_panels // len(uids))]:
                 zi = int(np.clip(np.floor(z_edge), 0, vol.shape[0] - 1))
                 panels.append({"slice": vol[zi], "spacing_yx": geom.spacing[1:], "title": f"{title}, z={zi}",
                                "circles": _slice_circles(zi + 0.5, geom.spacing, items)})
-        panels = panels[:max_panels]
         slices_png = out_dir / "ct_slices.png"
         _montage(slices_png, panels)
     seconds = time.perf_counter() - t0

@@ -159,13 +159,39 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None) -> dict:
     }
 
 
+class _DenseGraph(torch.nn.Module):
+    """The exportable part of a detector: backbone + FPN + the dense head (RPN or RetinaNet head) raw outputs."""
+
+    def __init__(self, model: Detector):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        feats = self.model.features(image)
+        if self.model.rpn is not None:
+            logits, deltas = self.model.rpn.head(feats)
+        else:
+            logits, deltas = self.model.heads.head(feats)
+            return (*feats, logits, deltas)
+        return (*feats, *logits, *deltas)
+
+
 def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
-    """Export the feature extractor and heads' raw outputs (backbone + FPN) to ONNX; postprocessing (NMS) stays in
-    medetect, whose data-dependent loops ONNX cannot express exactly."""
-    model, pre = load_model(weights)
+    """Export the dense part of a shipped model (backbone, FPN and the RPN / RetinaNet head's raw outputs) to ONNX.
+
+    Proposal selection, RoI pooling of the selected proposals and NMS stay in medetect: their output sizes depend on
+    the data, which an ONNX graph cannot express exactly. Needs the ``onnx`` package (``pip install medetect[onnx]``).
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install 'medetect[onnx]'") from e
+    model, _ = load_model(weights)
+    if len(image_shape) != model.config.ndim:
+        raise ValueError(f"--onnx needs {model.config.ndim} sizes (the model is {model.config.ndim}D), got {list(image_shape)}")
     dummy = torch.zeros(1, model.config.in_channels, *image_shape)
     out = Path(out)
-    torch.onnx.export(model.features, (dummy,), str(out), input_names=["image"], opset_version=17, dynamo=False)
+    torch.onnx.export(_DenseGraph(model).eval(), (dummy,), str(out), input_names=["image"], opset_version=17, dynamo=False)
     return out
 
 
