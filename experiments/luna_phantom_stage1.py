@@ -4,13 +4,16 @@ and fused with the shipped stage-two FPR model) -> whole-scan timing -> ship.
 Every number in ``medetect/weights/nodule_phantom_det3d.md`` comes from these commands (run from the repository root)::
 
     python experiments/luna_phantom_stage1.py data     --root /work/runs/luna_stage1
-    python experiments/luna_phantom_stage1.py train    --root /work/runs/luna_stage1 --threads 1   # resumable
-    python experiments/luna_phantom_stage1.py evaluate --root /work/runs/luna_stage1
-    python experiments/luna_phantom_stage1.py time     --root /work/runs/luna_stage1
-    python experiments/luna_phantom_stage1.py ship     --root /work/runs/luna_stage1
+    python experiments/luna_phantom_stage1.py train    --root /work/runs/luna_stage1 --recipe s125 --threads 1
+    python experiments/luna_phantom_stage1.py train    --root /work/runs/luna_stage1 --recipe s100 --threads 1
+    python experiments/luna_phantom_stage1.py evaluate --root /work/runs/luna_stage1 --recipe s125
+    python experiments/luna_phantom_stage1.py evaluate --root /work/runs/luna_stage1 --recipe s100
+    python experiments/luna_phantom_stage1.py ship     --root /work/runs/luna_stage1 --recipe RECIPE   # the better one
+    python experiments/luna_phantom_stage1.py time     --root /work/runs/luna_stage1 --threads 2
 
-``train`` writes checkpoints every epoch (``ROOT/run/epoch_*``) and resumes from the last one; ``evaluate`` scores
-``ROOT/run/model.safetensors`` if training finished, else the latest checkpoint (``--weights`` overrides).
+``train`` writes checkpoints every epoch (``ROOT/run_RECIPE/epoch_*``) and resumes from the last one (so it can be
+stopped and restarted, e.g. with another ``--threads``); ``evaluate`` scores ``ROOT/run_RECIPE/model.safetensors`` if
+training finished, else the latest checkpoint (``--weights`` overrides) and writes ``ROOT/eval_RECIPE/metrics.json``.
 
 The data are synthetic chest phantoms (:mod:`medetect.data.phantoms`) in the LUNA16 layout: 52 scans dealt
 round-robin into subset0..3; subset0-2 (39 scans) train, subset3 (13 scans) is held out. Nothing here is patient data.
@@ -49,13 +52,17 @@ DATA = dict(n_scans=52, seed=2026, subsets=4, n_nodules=(1, 4), shape=(80, 160, 
             nodule_diameters_mm=(4.0, 30.0))
 TRAIN_SUBSETS = ["subset0", "subset1", "subset2"]
 TEST_SUBSET = "subset3"
-SPACING = 1.25  # mm, isotropic resampling: strides 4 and 8 are 5 and 10 mm
-MODEL = dict(arch="retinanet", base_width=8, fpn_channels=16, levels=[2, 3],
-             # stride 4: 4 and 8 voxels (5, 10 mm); stride 8: 14 and 24 voxels (17.5, 30 mm)
-             anchor_shapes=[[[4.0] * 3, [8.0] * 3], [[14.0] * 3, [24.0] * 3]],
-             score_thresh=0.01, nms_thresh=0.1, detections_per_img=100)
-TRAIN = dict(epochs=30, batch_size=4, lr=2e-3, optimizer="adamw", warmup_iters=100, num_workers=0,
-             max_steps_per_epoch=100, log_every=10, weight_decay=1e-4)
+# two recipes were trained (both commands below); "s125" was the first, "s100" the second
+RECIPES = {
+    # 1.25 mm isotropic: strides 4 and 8 are 5 and 10 mm; anchors 4, 8 voxels (5, 10 mm) and 14, 24 (17.5, 30 mm)
+    "s125": dict(spacing=1.25, anchor_shapes=[[[4.0] * 3, [8.0] * 3], [[14.0] * 3, [24.0] * 3]], epochs=30),
+    # 1.0 mm isotropic: strides 4 and 8 are 4 and 8 mm; anchors 5, 10 voxels (mm) and 18, 30
+    "s100": dict(spacing=1.0, anchor_shapes=[[[5.0] * 3, [10.0] * 3], [[18.0] * 3, [30.0] * 3]], epochs=32),
+}
+MODEL = dict(arch="retinanet", base_width=8, fpn_channels=16, levels=[2, 3], score_thresh=0.01, nms_thresh=0.1,
+             detections_per_img=100)
+TRAIN = dict(batch_size=4, lr=2e-3, optimizer="adamw", warmup_iters=100, num_workers=0, max_steps_per_epoch=100,
+             log_every=10, weight_decay=1e-4)
 PATCH, PATCHES_PER_VOLUME, POS_PROB = 64, 12, 0.7
 FPR_WEIGHTS = REPO / "medetect" / "weights" / "nodule_fpr_phantom.safetensors"
 SHIP = REPO / "medetect" / "weights" / "nodule_phantom_det3d.safetensors"
@@ -70,22 +77,27 @@ def cmd_data(root: Path) -> None:
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
 
-def cmd_train(root: Path) -> None:
+def model_config(recipe: str):
+    return default_detector_config(**MODEL, anchor_shapes=RECIPES[recipe]["anchor_shapes"])
+
+
+def cmd_train(root: Path, recipe: str) -> None:
     from medetect.engine.trainer import TrainConfig
 
     layout = LunaLayout(root / "data")
-    w = train_detector(layout, root / "run", subsets=TRAIN_SUBSETS, pre=LunaPreprocess(spacing=SPACING),
-                       model_config=default_detector_config(**MODEL), train_config=TrainConfig(**TRAIN),
+    w = train_detector(layout, root / f"run_{recipe}", subsets=TRAIN_SUBSETS,
+                       pre=LunaPreprocess(spacing=RECIPES[recipe]["spacing"]), model_config=model_config(recipe),
+                       train_config=TrainConfig(**TRAIN, epochs=RECIPES[recipe]["epochs"]),
                        patch_size=PATCH, patches_per_volume=PATCHES_PER_VOLUME, pos_prob=POS_PROB,
                        cache_dir=root / "cache", resume=True, progress=False)
     print(f"weights: {w}")
 
 
-def resolve_weights(root: Path, weights: str | None) -> Path:
+def resolve_weights(root: Path, recipe: str, weights: str | None) -> Path:
     """The finished model, else a model file made from the latest checkpoint of the run."""
     if weights:
         return Path(weights)
-    run = root / "run"
+    run = root / f"run_{recipe}"
     if (run / "model.safetensors").is_file():
         return run / "model.safetensors"
     from medetect.engine.checkpoint import latest_checkpoint
@@ -95,11 +107,20 @@ def resolve_weights(root: Path, weights: str | None) -> Path:
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no model.safetensors and no checkpoint")
-    model = build_detector(default_detector_config(**MODEL))
+    model = build_detector(model_config(recipe))
     model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
-    out = root / f"model_{Path(ckpt).name}.safetensors"
-    save_luna_model(model.eval(), out, LunaPreprocess(spacing=SPACING), extra={"checkpoint": Path(ckpt).name})
+    out = root / f"model_{recipe}_{Path(ckpt).name}.safetensors"
+    save_luna_model(model.eval(), out, LunaPreprocess(spacing=RECIPES[recipe]["spacing"]),
+                    extra={"checkpoint": Path(ckpt).name})
     print(f"weights from checkpoint {ckpt} -> {out}")
+    return out
+
+
+def _with_ci(res) -> dict:
+    """FROC summary plus the bootstrap 95% interval of the CPM (1000 resamples of the scans)."""
+    out = _froc_summary(res)
+    out["cpm_ci95"] = [round(float(res.cpm_ci_low), 4), round(float(res.cpm_ci_high), 4)] \
+        if res.cpm_ci_low is not None else None
     return out
 
 
@@ -115,16 +136,16 @@ def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("prod
         fused = {u: {"centers_xyz": marks[u]["centers_xyz"],
                      "probabilities": fuse(marks[u]["probabilities"], scored[u][1], mode)} for u in uids}
         sub = write_submission(out_dir / f"submission_two_stage_{mode}.csv", fused)
-        res[mode] = _froc_summary(evaluate_submission(layout, sub, uids))
+        res[mode] = _with_ci(evaluate_submission(layout, sub, uids, n_bootstrap=1000))
     return res
 
 
-def cmd_evaluate(root: Path, weights: str | None, out: Path | None) -> dict:
+def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None) -> dict:
     layout = LunaLayout(root / "data")
-    w = resolve_weights(root, weights)
+    w = resolve_weights(root, recipe, weights)
     model, pre = load_luna_model(w)
     test = layout.uids_in([TEST_SUBSET])
-    out = out or root / "eval"
+    out = out or root / f"eval_{recipe}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     marks = predict_layout(model, pre, layout, test)
@@ -132,21 +153,22 @@ def cmd_evaluate(root: Path, weights: str | None, out: Path | None) -> dict:
     sub = write_submission(out / "submission_stage1.csv", marks)
     res = {"weights": str(w), "test_subset": TEST_SUBSET, "n_test_scans": len(test),
            "predict_seconds_per_scan": round(seconds / max(1, len(test)), 2),
-           "stage1": _froc_summary(evaluate_submission(layout, sub, test, n_bootstrap=1000))}
+           "stage1": _with_ci(evaluate_submission(layout, sub, test, n_bootstrap=1000))}
     res["two_stage"] = two_stage(layout, marks, test, out)
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return res
 
 
-def cmd_time(root: Path, weights: str | None) -> None:
-    model, pre = load_luna_model(Path(weights) if weights else SHIP if SHIP.is_file() else resolve_weights(root, None))
+def cmd_time(root: Path, recipe: str, weights: str | None) -> None:
+    model, pre = load_luna_model(Path(weights) if weights else SHIP if SHIP.is_file() else
+                                 resolve_weights(root, recipe, None))
     print(json.dumps(time_inference(model, pre, shape=(256, 512, 512))))
 
 
-def cmd_ship(root: Path, weights: str | None) -> None:
-    model, pre = load_luna_model(resolve_weights(root, weights))
-    save_luna_model(model, SHIP, pre, extra={"data": {k: list(v) if isinstance(v, tuple) else v for k, v in DATA.items()},
+def cmd_ship(root: Path, recipe: str, weights: str | None) -> None:
+    model, pre = load_luna_model(resolve_weights(root, recipe, weights))
+    save_luna_model(model, SHIP, pre, extra={"recipe": recipe, "data": {k: list(v) if isinstance(v, tuple) else v for k, v in DATA.items()},
                                              "train_subsets": TRAIN_SUBSETS, "synthetic_only": True})
     print(f"{SHIP}: {SHIP.stat().st_size} bytes")
 
@@ -155,8 +177,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship"))
     p.add_argument("--root", default="/work/runs/luna_stage1", help="work folder (data, run, eval), outside the repo")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="s100", help="training recipe (run folder ROOT/run_RECIPE)")
     p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's")
-    p.add_argument("--out", help="evaluate: output folder (default ROOT/eval)")
+    p.add_argument("--out", help="evaluate: output folder (default ROOT/eval_RECIPE)")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -168,13 +191,13 @@ def main(argv=None) -> int:
     if a.stage == "data":
         cmd_data(root)
     elif a.stage == "train":
-        cmd_train(root)
+        cmd_train(root, a.recipe)
     elif a.stage == "evaluate":
-        cmd_evaluate(root, a.weights, Path(a.out) if a.out else None)
+        cmd_evaluate(root, a.recipe, a.weights, Path(a.out) if a.out else None)
     elif a.stage == "time":
-        cmd_time(root, a.weights)
+        cmd_time(root, a.recipe, a.weights)
     else:
-        cmd_ship(root, a.weights)
+        cmd_ship(root, a.recipe, a.weights)
     return 0
 
 

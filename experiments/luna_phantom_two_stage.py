@@ -40,6 +40,14 @@ APIs and runs on a CPU. The stages are:
 ``all``
     Runs every stage in order, then evaluates the weights it has just trained.
 
+Reproducibility. ``train_fpr`` and ``train_slices2d`` build the model before the ``Trainer`` seeds torch. The
+``--seed`` therefore fixes the data order, the augmentation and dropout, but not the initial weights. The runs that
+made the shipped FPR weights and the 2D weights behind the model card's 2D rows did not seed the initialisation, so
+retraining cannot give them back bit for bit. This script seeds torch (``seed_everything``) before each training,
+so its own runs repeat on the same machine and thread count. Expect a retrained model's CPMs to differ from the
+model card by run-to-run variation. The evaluation is exact: ``--stage data`` and ``--stage evaluate`` with the
+same weights give the model card's numbers (and submission CSVs) exactly.
+
 Which weights are evaluated:
 
 * FPR: ``--weights`` if given. Otherwise ``--stage all`` uses the model it has just trained
@@ -79,7 +87,7 @@ import torch  # noqa: E402
 
 from medetect.data.annotations import read_luna_csv, write_luna_submission  # noqa: E402
 from medetect.data.phantoms import write_luna16_dataset  # noqa: E402
-from medetect.engine.trainer import TrainConfig  # noqa: E402
+from medetect.engine.trainer import TrainConfig, seed_everything  # noqa: E402
 from medetect.evaluation.froc import froc  # noqa: E402
 from medetect.luna import fpr  # noqa: E402
 from medetect.luna import slices2d  # noqa: E402
@@ -146,6 +154,7 @@ def stage_train_fpr(out: Path, epochs: int, threads: int, stop_after: int) -> Pa
     argv = _fpr_argv(out, epochs, threads)
     print("train-fpr: medetect.luna.fpr.main(" + json.dumps(argv) + ")", flush=True)
     if not 0 < stop_after < epochs:
+        seed_everything(FPR_SEED)  # the initial weights too (see "Reproducibility" in the module docstring)
         rc = fpr.main(argv, prog="luna_phantom_two_stage train-fpr")
         if rc:
             raise SystemExit(rc)
@@ -190,6 +199,7 @@ def stage_train_2d(out: Path, epochs: int) -> Path:
     ann = read_luna_csv(root / "annotations.csv")
     tc = TrainConfig(epochs=epochs, **S2D_TRAIN)
     print(f"train-2d: train_slices2d({len(scans)} scans of {TRAIN_SUBSET}, {tc}, neg_ratio={S2D_NEG_RATIO})", flush=True)
+    seed_everything(tc.seed)  # the initial weights too (see "Reproducibility" in the module docstring)
     _, hist = slices2d.train_slices2d(scans, ann, p["s2d"], train=tc, neg_ratio=S2D_NEG_RATIO)
     print("train-2d:", hist[-1] if hist else {}, flush=True)
     return p["s2d"] / "model.safetensors"

@@ -109,5 +109,8 @@ def run_demo(out_dir: Path, score_thresh: float = 0.5) -> Path:
     report = out_dir / "report.html"
     report.write_text(page)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    brief = {"bccd_map50_bundled": summary["bccd"]["map50_on_bundled"], "bccd_seconds": summary["bccd"]["seconds"]}
+    if summary.get("ct"):
+        brief.update({"ct_cpm_demo_phantoms": summary["ct"].get("cpm"), "ct_seconds": summary["ct"].get("seconds")})
+    print(json.dumps(brief))
     return report
