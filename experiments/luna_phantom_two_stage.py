@@ -7,20 +7,20 @@ APIs and runs on a CPU. The stages are:
     ``medetect.data.phantoms.write_luna16_dataset`` writes 48 computer-generated chest CTs in the LUNA16 layout
     (``OUT/data``): 24 in ``subset0`` (training) and 24 in ``subset1`` (held out). It uses seed 7, a 64x160x160 grid,
     at most 400 vessel branches, nodules of 4-20 mm and 1-4 nodules per scan. The files are deterministic, so the
-    same arguments give the same files. Takes about a minute.
+    same arguments give the same files (byte for byte). Takes about 10 seconds.
 ``train-fpr``
     ``medetect.luna.fpr.main(["train", ...])`` trains the stage-two cube classifier on the ``candidates.csv``
     candidates of ``subset0``. Settings: 24^3 cubes at 1.25 mm, AdamW with lr 1e-3, batch 16, seed 0, and a cosine
     schedule over ``--epochs`` (6). The shipped ``nodule_fpr_phantom.safetensors`` is the epoch-3 checkpoint of this
     6-epoch run: training was stopped after 3 epochs. ``--stop-after 3`` (the default) does the same. It runs the
     training in a child process, ends that process once the epoch-3 checkpoint is written, and exports that
-    checkpoint to ``OUT/fpr/model.safetensors``. ``--stop-after 0`` runs the whole schedule. This takes about
-    13 minutes for 3 epochs on a shared 2-core CPU with 1 thread.
+    checkpoint to ``OUT/fpr/model.safetensors``. ``--stop-after 0`` runs the whole schedule. Three epochs take
+    8-13 minutes on a shared 2-core CPU with 1 thread.
 ``train-2d``
     ``medetect.luna.slices2d.train_slices2d`` trains the 2D variant on the axial slices of ``subset0``. It is a
     slice Faster R-CNN, and its boxes are linked into 3D candidates. Settings: 8 epochs, batch 4, AdamW with
     lr 2e-3, 30 warm-up steps, seed 0, and random negative slices at half the number of positive slices. It writes
-    ``OUT/s2d/model.safetensors`` and takes about 10 minutes.
+    ``OUT/s2d/model.safetensors`` and takes 7-10 minutes.
 ``evaluate``
     This stage scores the held-out ``subset1`` (24 scans) with the official LUNA16 FROC/CPM
     (``medetect.evaluation.froc.froc``, ``--bootstrap`` samples with seed 0). The rows are:
@@ -42,8 +42,8 @@ APIs and runs on a CPU. The stages are:
 
 Reproducibility. ``train_fpr`` and ``train_slices2d`` build the model before the ``Trainer`` seeds torch. The
 ``--seed`` therefore fixes the data order, the augmentation and dropout, but not the initial weights. The runs that
-made the shipped FPR weights and the 2D weights behind the model card's 2D rows did not seed the initialisation, so
-retraining cannot give them back bit for bit. This script seeds torch (``seed_everything``) before each training,
+made the shipped FPR weights (and the first 2D weights) did not seed the initialisation, so retraining cannot give
+them back bit for bit. This script seeds torch (``seed_everything``) before each training,
 so its own runs repeat on the same machine and thread count. Expect a retrained model's CPMs to differ from the
 model card by run-to-run variation. The evaluation is exact: ``--stage data`` and ``--stage evaluate`` with the
 same weights give the model card's numbers (and submission CSVs) exactly.

@@ -32,7 +32,9 @@ FPR_WEIGHTS = WEIGHTS / "nodule_fpr_phantom.safetensors"
 # the recipe of the stage-one training data (experiments/luna_phantom_stage1.py), with a seed it never saw
 DEMO_PHANTOMS = dict(n_scans=2, seed=31337, subsets=1, n_nodules=(2, 4), shape=(80, 160, 160), spacing=(1.5, 1.2, 1.2),
                      nodule_diameters_mm=(4.0, 30.0))
-FUSION = "product"  # how the two stages' probabilities are combined (see medetect.luna.fpr.fuse)
+# how the two stages' probabilities are combined (medetect.luna.fpr.fuse): "mean" was the better fusion of the shipped
+# detector with the shipped FPR model on the held-out phantoms (nodule_phantom_det3d.md)
+FUSION = "mean"
 CANDIDATE_DIAMETER_MM = 10.0  # circle drawn for a candidates.csv mark (candidates have no size)
 
 
@@ -141,6 +143,11 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
         t_infer = time.perf_counter() - t_infer
         sub = write_submission(tmp / "submission.csv", marks)
         res = froc(layout.annotations_path, sub, excluded=layout.excluded_path, seriesuids=uids, n_bootstrap=0)
+        res_det = None
+        if use_det:  # stage one alone, for comparison
+            sub1 = write_submission(tmp / "submission_stage1.csv", {
+                u: {"centers_xyz": m["centers_xyz"], "probabilities": m["p_det"]} for u, m in marks.items()})
+            res_det = froc(layout.annotations_path, sub1, excluded=layout.excluded_path, seriesuids=uids, n_bootstrap=0)
         froc_png = out_dir / "ct_froc.png"
         pipeline = ("stage one (3D RetinaNet) + stage two (FPR cube classifier), fused by " + fusion if use_det
                     else "LUNA16 candidate track: candidates.csv rescored by the FPR cube classifier")
@@ -184,7 +191,10 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
                                                              for k, v in DEMO_PHANTOMS.items()},
         "n_scans": len(uids), "n_nodules": int(n_nod), "cpm": round(float(res.cpm), 4),
         "fps": [float(f) for f in res.fps], "sensitivities": [round(float(s), 4) for s in res.sensitivities],
-        "max_sensitivity": round(float(res.max_sensitivity), 4), "inference_seconds": round(t_infer, 2),
+        "max_sensitivity": round(float(res.max_sensitivity), 4),
+        "stage1_cpm": round(float(res_det.cpm), 4) if res_det is not None else None,
+        "stage1_sensitivities": [round(float(x), 4) for x in res_det.sensitivities] if res_det is not None else None,
+        "inference_seconds": round(t_infer, 2),
         "seconds": round(seconds, 2), "threads": threads, "froc_png": str(froc_png), "slices_png": str(slices_png),
         "top_marks": rows,
     }
@@ -201,7 +211,9 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
         f"<p>{len(uids)} chest phantoms generated just now (seed {DEMO_PHANTOMS['seed']}, {n_nod} nodules of "
         f"{DEMO_PHANTOMS['nodule_diameters_mm'][0]:g}-{DEMO_PHANTOMS['nodule_diameters_mm'][1]:g} mm). "
         f"Pipeline: {html.escape(pipeline)}. Official LUNA16 FROC: CPM {res.cpm:.3f}; sensitivity at "
-        f"0.125-8 FPs/scan {html.escape(sens)}. Inference {t_infer:.1f} s, whole section {seconds:.1f} s on the CPU. "
+        f"0.125-8 FPs/scan {html.escape(sens)}"
+        + (f" (stage one alone: CPM {res_det.cpm:.3f})" if res_det is not None else "")
+        + f". Inference {t_infer:.1f} s, whole section {seconds:.1f} s on the CPU. "
         "<b>Synthetic data and models trained on synthetic data only; not for clinical use.</b></p>"
         f"<div class=grid><figure><img src=\"{_data_uri(froc_png)}\" width=\"480\"><figcaption>FROC</figcaption></figure>"
         f"<figure><img src=\"{_data_uri(slices_png)}\" width=\"720\"><figcaption>axial slices</figcaption></figure></div>"
