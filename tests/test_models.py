@@ -66,10 +66,11 @@ def test_resnet_feature_shapes(d, depth, expansion):
     net = ResNet(depth=depth, ndim=d, in_channels=2, base_width=w)
     out = net(torch.randn(1, 2, *(s,) * d))
     assert list(out) == ["c2", "c3", "c4", "c5"]
-    assert net.strides == [4, 8, 16, 32]
+    assert net.strides == [(st,) * d for st in (4, 8, 16, 32)]
     assert net.out_channels == [w * expansion, 2 * w * expansion, 4 * w * expansion, 8 * w * expansion]
     for i, (name, stride, ch) in enumerate(zip(out, net.strides, net.out_channels)):
-        assert out[name].shape == (1, ch, *(s // stride,) * d), name
+        assert out[name].shape == (1, ch, *(s // st for st in stride)), name
+    assert list(net(torch.randn(1, 2, *(s,) * d), up_to=3)) == ["c2", "c3"]  # deeper stages skipped
 
 
 def test_resnet_anisotropic_stem_stride():
@@ -77,6 +78,20 @@ def test_resnet_anisotropic_stem_stride():
     out = net(torch.randn(1, 1, 16, 32, 32))
     assert out["c2"].shape == (1, 8, 8, 8, 8)  # the thin axis keeps twice the resolution
     assert out["c5"].shape == (1, 64, 1, 1, 1)
+    assert net.strides[0] == (2, 4, 4) and net.strides[3] == (16, 32, 32)
+    for name, st in zip(out, net.strides):  # the reported per-axis strides are the real ones
+        assert tuple(n // k for n, k in zip((16, 32, 32), st)) == tuple(out[name].shape[2:])
+
+
+def test_anisotropic_strides_reach_anchors_and_roi_pooling():
+    cfg = DetectorConfig(arch="faster_rcnn", ndim=3, in_channels=1, num_classes=1, base_width=8, fpn_channels=8,
+                         roi_hidden=8, roi_output_size=2, stem_stride=[1, 2, 2], levels=[2, 3], anchor_sizes=[[8], [16]])
+    m = build_detector(cfg)
+    assert m.rpn.anchor_generator.strides == [(2, 4, 4), (4, 8, 8)]
+    assert m.heads.roi_pool.strides == [(2, 4, 4), (4, 8, 8)]
+    anchors = m.rpn.anchor_generator.level_anchors(0, (8, 8, 8))
+    centres = (anchors[:, :3] + anchors[:, 3:]) / 2
+    assert centres[:, 0].max() == pytest.approx(15.0) and centres[:, 1].max() == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("d", [2, 3])
@@ -85,9 +100,9 @@ def test_vgg16_feature_shapes(d):
     net = VGG16(ndim=d, in_channels=3, base_width=w)
     out = net(torch.randn(2, 3, *(s,) * d))
     assert list(out) == ["c3", "c4", "c5"]
-    assert net.strides == [4, 8, 16] and net.out_channels == [4 * w, 8 * w, 8 * w]
+    assert net.strides == [(st,) * d for st in (4, 8, 16)] and net.out_channels == [4 * w, 8 * w, 8 * w]
     for name, stride, ch in zip(out, net.strides, net.out_channels):
-        assert out[name].shape == (2, ch, *(s // stride,) * d), name
+        assert out[name].shape == (2, ch, *(s // st for st in stride)), name
 
 
 # ------------------------------------------------------------------------------------------------ build + forward

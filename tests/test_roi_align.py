@@ -435,3 +435,19 @@ def test_roi_align_border_rule():
     rois = torch.tensor([[0.0, c - 0.5, 1.0, c + 0.5, 2.0] for c in centres])
     got = roi_align(feats, rois, 1, sampling_ratio=1, aligned=False).view(-1)
     torch.testing.assert_close(got, torch.tensor([0.0, 1.0, 1.0, 1.0, 4.0, 4.0, 4.0, 0.0]))
+
+
+def test_per_axis_spatial_scale_equals_prescaled_rois():
+    """A per-axis ``spatial_scale`` (anisotropic strides) equals scaling the boxes first with scale 1."""
+    from medetect.layers.roi_align import roi_align as ra, roi_pool as rp
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, 3, 6, 10, 12, generator=g)
+    rois = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0, 15.0, 20.0], [0.0, 0.0, 0.0, 0.0, 12.0, 40.0, 48.0]])
+    scale = (0.5, 0.25, 0.25)
+    pre = rois.clone()
+    pre[:, 1:] = pre[:, 1:] * torch.tensor(scale * 2)
+    assert torch.allclose(ra(feats, rois, (2, 3, 3), spatial_scale=scale), ra(feats, pre, (2, 3, 3)), atol=1e-6)
+    assert torch.equal(rp(feats, rois, (2, 2, 2), spatial_scale=scale), rp(feats, pre, (2, 2, 2)))
+    with pytest.raises(ValueError, match="spatial_scale"):
+        ra(feats, rois, 2, spatial_scale=(0.5, 0.5))

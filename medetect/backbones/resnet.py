@@ -101,16 +101,20 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         self.out_channels = [base_width * 2**i * block.expansion for i in range(4)]
-        s0 = stem_stride if isinstance(stem_stride, int) else max(stem_stride)
-        self.strides = [s0 * (2 if stem_pool else 1) * 2**i for i in range(4)]
+        s0 = (stem_stride,) * ndim if isinstance(stem_stride, int) else tuple(int(s) for s in stem_stride)
+        if len(s0) != ndim:
+            raise ValueError(f"stem_stride must be an int or {ndim} per-axis ints, got {stem_stride}")
+        # Per-axis stride of c2..c5 (the pooling and stage strides are isotropic; the stem may not be).
+        self.strides = [tuple(s * (2 if stem_pool else 1) * 2**i for s in s0) for i in range(4)]
         for m in self.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, up_to: int = 5) -> dict[str, torch.Tensor]:
+        """Feature maps ``c2 .. c{up_to}``; deeper stages are not computed (a 3D detector using c2-c3 skips c4-c5)."""
         x = self.stem(x)
         out = {}
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[: max(0, up_to - 1)]):
             x = stage(x)
             out[f"c{i + 2}"] = x
         return out

@@ -32,11 +32,11 @@ class VGG16(nn.Module):
             stages.append(nn.Sequential(*mods))
         self.stages = nn.ModuleList(stages)
         self.out_channels = widths[2:]
-        self.strides = [4, 8, 16]
+        self.strides = [(4,) * ndim, (8,) * ndim, (16,) * ndim]
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, up_to: int = 5) -> dict[str, torch.Tensor]:
         out = {}
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:up_to]):
             x = stage(x)
             if i >= 2:
                 out[f"c{i + 1}"] = x

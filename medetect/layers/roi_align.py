@@ -130,6 +130,18 @@ def _broadcast_view(t: Tensor, d: int, axis: int, has_pairs: bool) -> Tensor:
     return t.view(shape)
 
 
+def _axis_scale(spatial_scale, d: int, dtype, device):
+    """A scalar scale as is; a sequence of ``d`` per-axis scales (array order) as a tensor ``[d]``."""
+    if isinstance(spatial_scale, (int, float)):
+        return float(spatial_scale)
+    t = torch.as_tensor(spatial_scale, dtype=dtype, device=device).reshape(-1)
+    if t.numel() == 1:
+        return float(t)
+    if t.numel() != d:
+        raise ValueError(f"spatial_scale must be a number or {d} per-axis numbers, got {tuple(spatial_scale)}")
+    return t
+
+
 def roi_align(
     features: Tensor,
     rois: Tensor,
@@ -171,8 +183,9 @@ def roi_align(
     n_vox = math.prod(spatial)
     batch = rois[:, 0].long()  # [K]
     offset = 0.5 if aligned else 0.0
-    lo = rois[:, 1 : 1 + d] * spatial_scale - offset  # [K, d]
-    hi = rois[:, 1 + d :] * spatial_scale - offset  # [K, d]
+    scale = _axis_scale(spatial_scale, d, cdt, device)  # float or [d]: per-axis for anisotropic strides
+    lo = rois[:, 1 : 1 + d] * scale - offset  # [K, d]
+    hi = rois[:, 1 + d :] * scale - offset  # [K, d]
     roi_size = hi - lo  # [K, d]
     if not aligned:
         roi_size = roi_size.clamp(min=1.0)
@@ -317,7 +330,10 @@ def roi_pool(
     cdt = _coord_dtype(dtype)
     rois = rois.detach().to(cdt)
     batch = rois[:, 0].long()  # [K]
-    corners = _round_half_away(rois[:, 1:] * spatial_scale).clamp(-(2.0**30), 2.0**30).long()  # [K, 2d]
+    scale = _axis_scale(spatial_scale, d, cdt, device)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.repeat(2)  # [2d]
+    corners = _round_half_away(rois[:, 1:] * scale).clamp(-(2.0**30), 2.0**30).long()  # [K, 2d]
     roi_start, roi_end = corners[:, :d], corners[:, d:]  # [K, d] integer pixels, end inclusive
     roi_len = (roi_end - roi_start + 1).clamp(min=1)  # [K, d]
     bin_size = roi_len.to(cdt) / torch.tensor(out, dtype=cdt, device=device)  # [K, d]

@@ -70,7 +70,7 @@ class BackboneFPN(nn.Module):
         self.body, self.fpn, self.levels = body, fpn, list(levels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        c = self.body(x)
+        c = self.body(x, up_to=max(self.levels))  # stages beyond the deepest level used are skipped
         return self.fpn([c[f"c{i}"] for i in self.levels])
 
 

@@ -34,12 +34,13 @@ FPN_CANONICAL_LEVEL = 4
 class MultiLevelRoIAlign(nn.Module):
     """RoIAlign from the pyramid level that matches each RoI's size."""
 
-    def __init__(self, *, strides: Sequence[int], output_size: int | Sequence[int], sampling_ratio: int = 2):
+    def __init__(self, *, strides: Sequence[int | Sequence[int]], output_size: int | Sequence[int], sampling_ratio: int = 2):
         super().__init__()
-        self.strides = list(strides)
+        # Per level, per-axis strides (anisotropic stems give e.g. (2, 4, 4)); the level index uses the largest.
+        self.strides = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in strides]
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
-        self.levels = [int(round(math.log2(s))) for s in self.strides]
+        self.levels = [int(round(math.log2(max(s)))) for s in self.strides]
 
     def forward(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         # rois [R, 1 + 2d] -> [R, C, *O]
@@ -52,7 +53,8 @@ class MultiLevelRoIAlign(nn.Module):
         for i, (f, s) in enumerate(zip(feats, self.strides)):  # loop over pyramid levels, not RoIs
             idx = (lvl == i).nonzero().squeeze(1)
             if idx.numel():
-                out[idx] = roi_align(f, rois[idx], out_size, spatial_scale=1.0 / s, sampling_ratio=self.sampling_ratio).to(out.dtype)
+                scale = [1.0 / v for v in s] if len(s) > 1 else 1.0 / s[0]
+                out[idx] = roi_align(f, rois[idx], out_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio).to(out.dtype)
         return out
 
 
