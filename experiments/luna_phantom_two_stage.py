@@ -15,12 +15,12 @@ APIs and runs on a CPU. The stages are:
     6-epoch run: training was stopped after 3 epochs. ``--stop-after 3`` (the default) does the same. It runs the
     training in a child process, ends that process once the epoch-3 checkpoint is written, and exports that
     checkpoint to ``OUT/fpr/model.safetensors``. ``--stop-after 0`` runs the whole schedule. Three epochs take
-    8-13 minutes on a shared 2-core CPU with 1 thread.
+    2 minutes on an idle 2-core CPU with 1 thread, and up to 13 minutes when the CPU is shared.
 ``train-2d``
     ``medetect.luna.slices2d.train_slices2d`` trains the 2D variant on the axial slices of ``subset0``. It is a
     slice Faster R-CNN, and its boxes are linked into 3D candidates. Settings: 8 epochs, batch 4, AdamW with
     lr 2e-3, 30 warm-up steps, seed 0, and random negative slices at half the number of positive slices. It writes
-    ``OUT/s2d/model.safetensors`` and takes 7-10 minutes.
+    ``OUT/s2d/model.safetensors`` and takes 2-10 minutes, depending on the CPU load.
 ``evaluate``
     This stage scores the held-out ``subset1`` (24 scans) with the official LUNA16 FROC/CPM
     (``medetect.evaluation.froc.froc``, ``--bootstrap`` samples with seed 0). The rows are:
@@ -36,7 +36,8 @@ APIs and runs on a CPU. The stages are:
       2D weights.
 
     The stage writes one submission CSV per row and ``results.json`` under ``OUT/eval``, and prints the table. It
-    takes about 3-4 minutes with 1 thread; ``--threads 2``, ``--no-tta`` or ``--no-2d`` make it faster.
+    takes 2.5-4 minutes with 1 thread, most of it for the TTA row. ``--no-tta``, ``--no-2d``, ``--bootstrap 0`` or
+    ``--threads 2`` make it faster.
 ``all``
     Runs every stage in order, then evaluates the weights it has just trained.
 

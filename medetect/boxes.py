@@ -241,9 +241,12 @@ def _banded_edges(
         c = torch.zeros(n + width, dtype=boxes.dtype, device=boxes.device)
         c[:n] = bs[:, k]
         cols.append(c)
-    area = box_area(bs)
-    area_pad = torch.zeros(n + width, dtype=area.dtype, device=area.device)
-    area_pad[:n] = area
+    area_rank = box_area(boxes)
+    # The screen below is a necessary condition; loosened by 1e-5 so that float rounding can never make it stricter
+    # than the final test, which alone decides.
+    thr = max(iou_threshold, 0.0) * (1 - 1e-5)
+    k = 1 if d > 1 else 0  # screening axis: the second one (the first is the sweep's)
+    len_pad = cols[d + k] - cols[k]
     lab = None
     if labels is not None:
         lab = torch.full((n + width,), -1, dtype=labels.dtype, device=labels.device)
@@ -261,16 +264,18 @@ def _banded_edges(
         def band(col: torch.Tensor) -> torch.Tensor:  # [p1 - p0, w] view: col[p + 1 + j]
             return col.as_strided((p1 - p0, w), (1, 1), p0 + 1)
 
-        inter = None
-        for k in range(d):
-            ext = (torch.minimum(cols[d + k][p0:p1, None], band(cols[d + k])) - torch.maximum(cols[k][p0:p1, None], band(cols[k]))).clamp_(min=0)
-            inter = ext if inter is None else inter.mul_(ext)
-        union = area[p0:p1, None] + band(area_pad) - inter
-        hit = (inter > iou_threshold * union) & (union > 0) & (w_idx[None, :] < counts[p0:p1, None])
+        # Screen: IoU > t needs, on the screening axis, an overlap above t x the extent of each box.
+        lo_p, hi_p = cols[k][p0:p1, None], cols[d + k][p0:p1, None]
+        ov = torch.minimum(hi_p, band(cols[d + k])) - torch.maximum(lo_p, band(cols[k]))
+        cand = (ov > thr * torch.maximum(len_pad[p0:p1, None], band(len_pad))) & (w_idx[None, :] < counts[p0:p1, None])
         if lab is not None:
-            hit &= lab[p0:p1, None] == band(lab)
-        pi, wi = hit.nonzero().unbind(1)
-        a, b = order[pi + p0], order[pi + p0 + 1 + wi]
+            cand &= lab[p0:p1, None] == band(lab)
+        pi, wi = cand.nonzero().unbind(1)
+        a, b = order[pi + p0], order[pi + p0 + 1 + wi]  # rank indices of the surviving pairs
+        inter = _intersection(boxes[a], boxes[b], d)
+        union = area_rank[a] + area_rank[b] - inter
+        hit = (inter > iou_threshold * union) & (union > 0)
+        a, b = a[hit], b[hit]
         srcs.append(torch.minimum(a, b))
         dsts.append(torch.maximum(a, b))
     if not srcs:
