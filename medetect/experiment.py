@@ -14,7 +14,7 @@ from .data import transforms as T
 from .data.datasets import BCCD_CLASSES, DetectionDataset, bccd, dsb2018, mini_mias
 from .data.annotations import read_voc_folder
 from .engine.predictor import Predictor
-from .engine.trainer import Trainer
+from .engine.trainer import Trainer, seed_everything
 from .evaluation.detection import evaluate_coco, evaluate_voc
 from .models.detector import Detector, build_detector
 
@@ -131,6 +131,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
         cfg.model.class_names = list(train_ds.classes)
     if cfg.model.num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {len(train_ds.classes)} classes {list(train_ds.classes)}")
+    seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg.model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -413,7 +413,7 @@ def train_detector(
     """Train the 3D detector on patches of the scans ``uids`` (or of ``subsets``; default: all) and write
     ``run_dir/model.safetensors`` (weights + config + preprocessing). Checkpoints every epoch in ``run_dir``;
     ``resume`` continues from the last one. Returns the weights path."""
-    from ..engine.trainer import TrainConfig, Trainer
+    from ..engine.trainer import TrainConfig, Trainer, seed_everything
 
     _Patches = _patches_cls()
 
@@ -431,6 +431,7 @@ def train_detector(
     aug = Compose([RandomFlip(p=0.5), RandomRot90(axes=(-2, -1), p=0.5)])
     data = _Patches(base, patch_size=(patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size),
                         patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed)
+    seed_everything(tc.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
     run_config = {"task": "luna16-detection", "model": cfg.to_dict(), "train": dataclasses.asdict(tc),
                   "preprocess": pre.to_dict(), "patch_size": patch_size, "patches_per_volume": patches_per_volume,

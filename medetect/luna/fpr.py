@@ -369,7 +369,7 @@ def train_fpr(
     (folder names such as ``subset0``) restrict the training scans. ``train``: a
     :class:`~medetect.engine.trainer.TrainConfig` (checkpoints every epoch in ``run_dir``; ``resume`` continues).
     """
-    from ..engine.trainer import TrainConfig, Trainer
+    from ..engine.trainer import TrainConfig, Trainer, seed_everything
 
     cfg = config or FPRConfig()
     tcfg = train or TrainConfig(epochs=10, batch_size=16, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0)
@@ -385,6 +385,7 @@ def train_fpr(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "fpr_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.__dict__,
                                                          "scans": data.uids, "pos_fraction": pos_fraction}, indent=1))
+    seed_everything(tcfg.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_fpr(cfg)
     trainer = Trainer(model=model, train_data=data, config=tcfg, run_dir=run_dir, collate=cube_collate,
                       run_config={"fpr": cfg.to_dict()}, device=device, progress=progress)

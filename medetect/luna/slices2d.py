@@ -172,11 +172,12 @@ def train_slices2d(scans: Mapping, annotations: Mapping, run_dir, *, config: Det
     """Train the slice detector with the medetect Trainer; writes ``run_dir/model.safetensors``.
 
     ``annotations``: ``{uid: (centers_xyz [G, 3], diameters [G])}`` (``read_luna_csv`` of ``annotations.csv``)."""
-    from ..engine.trainer import TrainConfig, Trainer
+    from ..engine.trainer import TrainConfig, Trainer, seed_everything
 
     cfg = config or default_slice_config(context)
     tcfg = train or TrainConfig(epochs=6, batch_size=4, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0)
     data = SliceDataset(scans, annotations, context=context, neg_ratio=neg_ratio, seed=tcfg.seed)
+    seed_everything(tcfg.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
     trainer = Trainer(model=model, train_data=data, config=tcfg, run_dir=Path(run_dir), run_config={"model": cfg.to_dict()},
                       progress=progress)
