@@ -3,13 +3,13 @@ and fused with the shipped stage-two FPR model) -> whole-scan timing -> ship.
 
 Every number in ``medetect/weights/nodule_phantom_det3d.md`` comes from these commands (run from the repository root)::
 
-    python experiments/luna_phantom_stage1.py data     --root /work/runs/luna_stage1
-    python experiments/luna_phantom_stage1.py train    --root /work/runs/luna_stage1 --recipe s125 --threads 1
-    python experiments/luna_phantom_stage1.py train    --root /work/runs/luna_stage1 --recipe s100 --threads 1
-    python experiments/luna_phantom_stage1.py evaluate --root /work/runs/luna_stage1 --recipe s125
-    python experiments/luna_phantom_stage1.py evaluate --root /work/runs/luna_stage1 --recipe s100
-    python experiments/luna_phantom_stage1.py ship     --root /work/runs/luna_stage1 --recipe RECIPE   # the better one
-    python experiments/luna_phantom_stage1.py time     --root /work/runs/luna_stage1 --threads 2
+    python experiments/luna_phantom_stage1.py data     --root /tmp/medetect_luna_stage1
+    python experiments/luna_phantom_stage1.py train    --root /tmp/medetect_luna_stage1 --recipe s125 --threads 1
+    python experiments/luna_phantom_stage1.py train    --root /tmp/medetect_luna_stage1 --recipe s100 --threads 1
+    python experiments/luna_phantom_stage1.py evaluate --root /tmp/medetect_luna_stage1 --recipe s125
+    python experiments/luna_phantom_stage1.py evaluate --root /tmp/medetect_luna_stage1 --recipe s100
+    python experiments/luna_phantom_stage1.py ship     --root /tmp/medetect_luna_stage1 --recipe RECIPE   # the better one
+    python experiments/luna_phantom_stage1.py time     --root /tmp/medetect_luna_stage1 --threads 2
 
 ``train`` writes checkpoints every epoch (``ROOT/run_RECIPE/epoch_*``) and resumes from the last one (so it can be
 stopped and restarted, e.g. with another ``--threads``); ``evaluate`` scores ``ROOT/run_RECIPE/model.safetensors`` if
@@ -176,7 +176,7 @@ def cmd_ship(root: Path, recipe: str, weights: str | None) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship"))
-    p.add_argument("--root", default="/work/runs/luna_stage1", help="work folder (data, run, eval), outside the repo")
+    p.add_argument("--root", default="/tmp/medetect_luna_stage1", help="work folder (data, run, eval), outside the repo")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="s100", help="training recipe (run folder ROOT/run_RECIPE)")
     p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's")
     p.add_argument("--out", help="evaluate: output folder (default ROOT/eval_RECIPE)")
