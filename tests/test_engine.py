@@ -583,3 +583,22 @@ def test_ddp_training_with_torchrun(tmp_path):
     state = load_checkpoint(last, model=model)
     assert state["epoch"] == 1 and state["step"] == 2
     assert weights_digest(model) == infos[0]["digest"]
+
+
+def test_out_of_memory_names_the_batch_size_and_suggests_smaller(tmp_path, monkeypatch):
+    """A CUDA out-of-memory error in the forward becomes a clear message (simulated: torch's OOM error on the CPU)."""
+    from medetect.engine.trainer import TrainingOutOfMemory
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets=None):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    data = [{"image": torch.zeros(1, 8, 8), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    cfg = TrainConfig(epochs=1, batch_size=2, num_workers=0, lr=0.1)
+    trainer = Trainer(model=Exploding(), train_data=data, config=cfg, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingOutOfMemory, match=r"train\.batch_size=2.*lower train\.batch_size"):
+        trainer.fit()

@@ -403,3 +403,34 @@ def test_retina_head_flattening_order(d):
     assert logits.shape == (1, n, k) and deltas.shape == (1, n, 2 * d)
     expected = torch.arange(a * k, dtype=torch.float32).view(a, k).repeat(n // a, 1)  # row r -> anchor r % A
     assert torch.equal(logits[0], expected)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_rpn_hard_negative_mining_picks_the_highest_loss_negatives(d, monkeypatch):
+    """With rpn_negative_sampling="hard" the RPN's negatives are exactly the top-loss negative anchors."""
+    import medetect.models.rpn as rpn_mod
+
+    seen = {}
+    real = rpn_mod.hard_negative_mining
+
+    def spy(loss, negative, num):
+        out = real(loss, negative, num)
+        seen.update(loss=loss, negative=negative, num=num, out=out)
+        return out
+
+    monkeypatch.setattr(rpn_mod, "hard_negative_mining", spy)
+    torch.manual_seed(0)
+    size = 64 if d == 2 else 32
+    cfg = DetectorConfig(arch="faster_rcnn", ndim=d, in_channels=1, num_classes=1, base_width=8, fpn_channels=8,
+                         roi_hidden=8, roi_output_size=2, levels=[2, 3], anchor_sizes=[[8], [16]],
+                         aspect_ratios=[1.0], rpn_negative_sampling="hard", rpn_batch_size_per_image=32)
+    model = build_detector(cfg).train()
+    box = torch.tensor([[4.0] * d + [20.0] * d])
+    out = model(torch.randn(1, 1, *(size,) * d), [{"boxes": box, "labels": torch.tensor([0])}])
+    sum(out["losses"].values()).backward()
+    sel, loss, neg = seen["out"][0], seen["loss"][0], seen["negative"][0]
+    k = int(seen["num"][0])
+    assert int(sel.sum()) == k > 0 and not (sel & ~neg).any()
+    assert loss[sel].min() >= loss[neg & ~sel].max()  # nothing left out scores a higher loss
+    with pytest.raises(ValueError, match="model.rpn_negative_sampling"):
+        build_detector(DetectorConfig(rpn_negative_sampling="worst"))

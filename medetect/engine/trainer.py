@@ -23,11 +23,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "seed_everything", "detection_collate"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept on disk."""
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """The accelerator ran out of memory; the message suggests a smaller batch or patch."""
 
 
 @dataclass
@@ -249,6 +253,13 @@ class Trainer:
         targets = [{k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
         return images, targets
 
+    def _oom(self, images: torch.Tensor) -> TrainingOutOfMemory:
+        return TrainingOutOfMemory(
+            f"out of GPU memory at epoch {self.epoch + 1}, step {self.step} with train.batch_size={self.cfg.batch_size} "
+            f"and inputs of shape {tuple(images.shape)}: lower train.batch_size, or the patch / image size; the last "
+            f"complete checkpoint in {self.run_dir} is kept"
+        )
+
     def fit(self) -> list[dict]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         net = self.ddp or self.model
@@ -267,11 +278,14 @@ class Trainer:
                 if i >= self.steps_per_epoch:
                     break
                 images, targets = self._to_device(images, targets)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    out = net(images, targets)
-                losses = out["losses"]
-                loss = sum(losses.values())
-                vals = {k: float(v.detach()) for k, v in losses.items()}  # one sync per step, for the log and guard
+                try:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        out = net(images, targets)
+                    losses = out["losses"]
+                    loss = sum(losses.values())
+                    vals = {k: float(v.detach()) for k, v in losses.items()}  # one sync per step, for the log and guard
+                except torch.cuda.OutOfMemoryError as e:
+                    raise self._oom(images) from e
                 total = sum(vals.values())
                 if not math.isfinite(total):
                     raise TrainingDiverged(
@@ -279,7 +293,10 @@ class Trainer:
                         f"checkpoint in {self.run_dir} is kept. Lower train.lr or raise train.warmup_iters."
                     )
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss.backward()
+                except torch.cuda.OutOfMemoryError as e:
+                    raise self._oom(images) from e
                 if self.cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.opt.step()

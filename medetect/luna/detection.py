@@ -20,7 +20,9 @@ gives the world centre, whatever the direction cosines and however anisotropic t
 Hard negatives. With the default RetinaNet head every anchor of every patch enters the sigmoid focal loss (alpha 0.25,
 gamma 2): easy background is down-weighted and the hard negatives (vessels, which look like nodules slice by slice)
 dominate the negative term; there is no explicit mining step. With ``arch="faster_rcnn"`` the RPN uses
-``rpn_objectness_loss="focal"`` over all anchors for the same effect.
+``rpn_objectness_loss="focal"`` over all anchors for the same effect, or, with ``--hard-negatives``
+(``rpn_negative_sampling="hard"``), explicit hard negative mining: each RPN minibatch takes the positives and fills up
+with the highest-loss negative anchors.
 """
 
 from __future__ import annotations
@@ -674,6 +676,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--arch", default="retinanet", choices=("retinanet", "faster_rcnn"))
+    t.add_argument("--hard-negatives", action="store_true",
+                   help="with --arch faster_rcnn: RPN minibatches of positives + the highest-loss negatives "
+                        "(explicit hard negative mining) instead of the focal loss over all anchors")
     t.add_argument("--base-width", type=int, default=8)
     t.add_argument("--fpn-channels", type=int, default=16)
     t.add_argument("--cache-dir")
@@ -723,7 +728,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "medetect luna") -> int:
             uids = [u for u, s in layout.subset_of.items() if not args.test_subset or s != _subset_name(args.test_subset)]
         tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
                          warmup_iters=50, num_workers=0, max_steps_per_epoch=args.steps_per_epoch, log_every=10)
-        mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels)
+        extra = {}
+        if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
+            extra = {"rpn_objectness_loss": "bce", "rpn_negative_sampling": "hard"}
+        mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels, **extra)
         w = train_detector(layout, args.run_dir, uids=uids, pre=LunaPreprocess(spacing=args.spacing),
                            model_config=mc, train_config=tc, patch_size=args.patch,
                            patches_per_volume=args.patches_per_volume, pos_prob=args.pos_prob,

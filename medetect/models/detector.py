@@ -51,6 +51,7 @@ class DetectorConfig:
     rpn_nms_thresh: float = 0.7
     rpn_batch_size_per_image: int = 256
     rpn_objectness_loss: str = "bce"  # "bce" (paper) or "focal" (3D RPN, Xu et al. 2019)
+    rpn_negative_sampling: str = "random"  # "random" (paper) or "hard" (highest-loss negatives), with "bce"
     # RoI heads (Fast R-CNN)
     roi_output_size: int = 7
     roi_hidden: int = 1024
@@ -129,6 +130,8 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
     if cfg.rpn_objectness_loss not in ("bce", "focal"):
         raise ValueError(f"model.rpn_objectness_loss must be 'bce' or 'focal', got {cfg.rpn_objectness_loss!r}")
+    if cfg.rpn_negative_sampling not in ("random", "hard"):
+        raise ValueError(f"model.rpn_negative_sampling must be 'random' or 'hard', got {cfg.rpn_negative_sampling!r}")
     d = cfg.ndim
     stem = cfg.stem_stride if isinstance(cfg.stem_stride, int) else tuple(cfg.stem_stride)
     if cfg.backbone == "vgg16":
@@ -164,6 +167,7 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         nms_thresh=cfg.rpn_nms_thresh,
         batch_size_per_image=cfg.rpn_batch_size_per_image,
         objectness_loss=cfg.rpn_objectness_loss,
+        negative_sampling=cfg.rpn_negative_sampling,
     )
     pooled = cfg.fpn_channels * cfg.roi_output_size**d
     heads = RoIHeads(

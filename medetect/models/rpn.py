@@ -13,7 +13,8 @@ Loss (the paper's Eq. 1): ``1/N_cls sum L_cls + lambda 1/N_reg sum p* L_reg``. T
 minibatch), N_reg ~ 2400 (anchor locations) and lambda = 10, which it notes is about the same as normalising both
 terms by the minibatch size with lambda = 1; we do the latter (as detectron2 and torchvision do). With
 ``objectness_loss="focal"`` all non-ignored anchors enter a sigmoid focal loss normalised by the number of positives
-(the 3D RPN for organ localisation in CT, where the foreground is a tiny fraction of a volume).
+(the 3D RPN for organ localisation in CT, where the foreground is a tiny fraction of a volume). With
+``negative_sampling="hard"`` the sampled negatives are the highest-loss ones (hard negative mining) instead of random.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..anchors import AnchorGenerator
 from ..boxes import BoxCoder, box_iou, box_sizes, clip_boxes, nms
 from ..layers.nd import conv
 from ..losses import sigmoid_focal_loss, smooth_l1_loss
-from ..matching import match_by_iou, sample_balanced
+from ..matching import NEGATIVE, hard_negative_mining, match_by_iou, sample_balanced
 
 __all__ = ["RPNHead", "RegionProposalNetwork", "flatten_head_outputs"]
 
@@ -80,12 +81,16 @@ class RegionProposalNetwork(nn.Module):
         batch_size_per_image: int = 256,  # paper: N_cls = 256 anchors per image
         positive_fraction: float = 0.5,  # paper: up to 1:1
         objectness_loss: str = "bce",  # "bce" (paper, sampled) or "focal" (all anchors)
+        negative_sampling: str = "random",  # "random" (paper) or "hard": the highest-loss negatives (OHEM-style)
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ):
         super().__init__()
         if objectness_loss not in ("bce", "focal"):
             raise ValueError(f"objectness_loss must be 'bce' or 'focal', got {objectness_loss!r}")
+        if negative_sampling not in ("random", "hard"):
+            raise ValueError(f"negative_sampling must be 'random' or 'hard', got {negative_sampling!r}")
+        self.negative_sampling = negative_sampling
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = box_coder or BoxCoder()
@@ -164,6 +169,13 @@ class RegionProposalNetwork(nn.Module):
             pos_s, neg_s = sample_balanced(
                 matches, batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction
             )
+            if self.negative_sampling == "hard":
+                # Hard negative mining: fill the minibatch with the negatives the network gets most wrong (the
+                # vessels that look like nodules in CT) instead of random ones.
+                with torch.no_grad():
+                    per_anchor = F.binary_cross_entropy_with_logits(obj.float(), labels, reduction="none")  # [B, N]
+                num_neg = (self.batch_size_per_image - pos_s.sum(-1)).clamp(min=0)  # [B]
+                neg_s = hard_negative_mining(per_anchor, matches == NEGATIVE, num_neg)
             sampled = pos_s | neg_s
             n = sampled.sum().clamp(min=1)
             cls = F.binary_cross_entropy_with_logits(obj[sampled], labels[sampled], reduction="sum") / n
