@@ -241,7 +241,7 @@ def _banded_edges(
         c = torch.zeros(n + width, dtype=boxes.dtype, device=boxes.device)
         c[:n] = bs[:, k]
         cols.append(c)
-    area_rank = box_area(boxes)
+    feat = torch.cat([bs, box_area(bs)[:, None]], dim=1)  # [N, 2d + 1] in sweep order
     # The screen below is a necessary condition; loosened by 1e-5 so that float rounding can never make it stricter
     # than the final test, which alone decides.
     thr = max(iou_threshold, 0.0) * (1 - 1e-5)
@@ -271,11 +271,12 @@ def _banded_edges(
         if lab is not None:
             cand &= lab[p0:p1, None] == band(lab)
         pi, wi = cand.nonzero().unbind(1)
-        a, b = order[pi + p0], order[pi + p0 + 1 + wi]  # rank indices of the surviving pairs
-        inter = _intersection(boxes[a], boxes[b], d)
-        union = area_rank[a] + area_rank[b] - inter
-        hit = (inter > iou_threshold * union) & (union > 0)
-        a, b = a[hit], b[hit]
+        p, q = pi + p0, pi + p0 + 1 + wi  # sweep indices of the surviving pairs
+        fp, fq = feat[p], feat[q]  # one gather per side: [m, 2d + 1] (box, volume)
+        inter = _intersection(fp, fq, d)
+        union = fp[:, -1] + fq[:, -1] - inter
+        hit = ((inter > iou_threshold * union) & (union > 0)).nonzero().squeeze(1)
+        a, b = order[p[hit]], order[q[hit]]  # rank indices, only for the pairs that suppress
         srcs.append(torch.minimum(a, b))
         dsts.append(torch.maximum(a, b))
     if not srcs:
