@@ -214,7 +214,8 @@ def _sweep(boxes: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, tor
     lo, hi = boxes[:, 0].contiguous(), boxes[:, d].contiguous()
     order = torch.argsort(lo)
     lo_s, hi_s = lo[order], hi[order]
-    reach = hi_s - max(iou_threshold, 0.0) * (hi_s - lo_s)
+    # Loosened by 1e-5 (like the screen in _banded_edges) so float rounding never drops a pair the exact test keeps.
+    reach = hi_s - max(iou_threshold, 0.0) * (1 - 1e-5) * (hi_s - lo_s)
     end = torch.searchsorted(lo_s, reach)  # first q with lo_q >= reach_p: IoU <= t from there on
     counts = (end - torch.arange(lo.shape[0], device=boxes.device) - 1).clamp(min=0)
     return order, counts
@@ -317,8 +318,9 @@ def _keep_sorted(boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor
     n = boxes.shape[0]
     order, counts = _sweep(boxes, iou_threshold)
     width = int(counts.max())  # host sync: the band width sizes the work
-    if width > _DENSE_FRACTION * n:
+    if width > _DENSE_FRACTION * n or iou_threshold < 0:
         # Heavily overlapping along the sweep axis: the dense upper triangle is cheaper than a band nearly as wide.
+        # (A negative threshold makes even disjoint boxes suppress each other, which the sweep's bound excludes.)
         src, dst = _suppression_matrix(boxes, iou_threshold, labels).nonzero().unbind(1)
     else:
         src, dst = _banded_edges(boxes, iou_threshold, labels, order, counts, max(width, 1))

@@ -668,3 +668,13 @@ def test_monai_box_iou_equal(d):
     conv = boxes_to_xyxy if d == 2 else boxes_to_xyzxyz
     # MONAI divides by (union + eps): equal up to a relative ~1e-7 for boxes of these sizes
     torch.testing.assert_close(box_iou(a, b), bu.box_iou(conv(a), conv(b)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_nms_negative_threshold_suppresses_even_disjoint_boxes(d):
+    """IoU > t holds for every pair when t < 0, so only the top box survives (as the greedy definition says)."""
+    lo = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, d) * 10
+    boxes = torch.cat([lo, lo + 1], dim=1)  # disjoint unit boxes
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.7, 0.1])
+    assert nms(boxes, scores, -0.1).tolist() == [1]
+    assert nms(boxes, scores, 0.0).tolist() == [1, 3, 2, 0, 4]

@@ -58,6 +58,8 @@ __all__ = [
     "find_scans",
     "load_scan",
     "read_candidates",
+    "candidates_from_marks",
+    "merge_candidates",
     "train_fpr",
     "score_candidates",
     "score_scans",
@@ -238,6 +240,81 @@ def read_candidates(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if "probability" in header:
         return read_luna_submission(path)
     return read_luna_csv(path)
+
+
+def _mark_arrays(m) -> tuple[np.ndarray, np.ndarray | None]:
+    """``{"centers_xyz", "probabilities"}`` (stage-one marks) or ``(centers, probabilities)`` -> arrays."""
+    if isinstance(m, Mapping):
+        c, p = m["centers_xyz"], m.get("probabilities")
+    else:
+        c, p = m[0], m[1] if len(m) > 1 else None
+    c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
+    return c, None if p is None else np.asarray(p, dtype=np.float64).reshape(-1)
+
+
+def _within(centers: np.ndarray, findings, unknown_diameter_mm: float = 10.0) -> np.ndarray:
+    """``[M]`` bool: is each point within the radius of any finding ``(centres [N, 3], diameters [N])`` (one
+    ``[M, N]`` distance matrix; a negative diameter -- "unknown" in ``annotations_excluded.csv`` -- counts as
+    ``unknown_diameter_mm``, as in the LUNA16 FROC)."""
+    if findings is None:
+        return np.zeros(len(centers), dtype=bool)
+    fc = np.asarray(findings[0], dtype=np.float64).reshape(-1, 3)
+    fd = np.asarray(findings[1], dtype=np.float64).reshape(-1)
+    if len(fc) == 0 or len(centers) == 0:
+        return np.zeros(len(centers), dtype=bool)
+    r = np.where(fd < 0, unknown_diameter_mm, fd) / 2.0
+    d2 = ((centers[:, None, :] - fc[None, :, :]) ** 2).sum(-1)
+    return (d2 <= (r * r)[None, :]).any(axis=1)
+
+
+def candidates_from_marks(
+    marks: Mapping,
+    annotations: Mapping,
+    *,
+    top_k: int | None = 100,
+    excluded: Mapping | None = None,
+    unknown_diameter_mm: float = 10.0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Training candidates for stage two from a stage-one detector's marks: ``{uid: (centers [M, 3], labels [M])}``.
+
+    Args:
+        marks: ``{uid: {"centers_xyz" [M, 3], "probabilities" [M]}}`` (:func:`~medetect.luna.detection.predict_scan`)
+            or ``{uid: (centers, probabilities)}``; world ``(x, y, z)`` mm.
+        annotations: ``{uid: (centres [N, 3], diameters [N])}`` (``LunaLayout.annotations``). A scan missing here
+            has no nodules (all its marks are negatives).
+        top_k: keep the ``top_k`` most probable marks per scan (None: all; marks without probabilities keep their
+            order).
+        excluded: optional findings of the same form (``annotations_excluded.csv``): marks within their radius and
+            not within a nodule's are dropped, because the LUNA16 FROC counts them neither as hits nor as false
+            positives (ambiguous labels).
+        unknown_diameter_mm: diameter used for negative (unknown) diameters.
+
+    Label 1 when the mark lies within the radius (diameter / 2) of an annotated nodule -- the LUNA16 hit rule --
+    else 0: the latter are exactly the detector's false positives that stage two must learn to reject. One
+    vectorised distance matrix per scan.
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for uid, m in marks.items():
+        c, p = _mark_arrays(m)
+        if top_k is not None:
+            order = np.argsort(-p, kind="stable") if p is not None else np.arange(len(c))
+            c = c[order[:top_k]]
+        pos = _within(c, annotations.get(uid), unknown_diameter_mm)
+        keep = pos | ~_within(c, (excluded or {}).get(uid), unknown_diameter_mm)
+        out[uid] = (c[keep], pos[keep].astype(np.int64))
+    return out
+
+
+def merge_candidates(*sets: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Concatenate candidate sets ``{uid: (centers [N, 3], labels [N])}`` scan by scan (e.g. ``candidates.csv`` and
+    :func:`candidates_from_marks`)."""
+    out: dict[str, tuple[list, list]] = {}
+    for s in sets:
+        for uid, (c, y) in s.items():
+            cs, ys = out.setdefault(uid, ([], []))
+            cs.append(np.asarray(c, dtype=np.float64).reshape(-1, 3))
+            ys.append(np.asarray(y).reshape(-1).astype(np.int64))
+    return {u: (np.concatenate(cs), np.concatenate(ys)) for u, (cs, ys) in out.items()}
 
 
 class CandidateCubes(Dataset):
