@@ -11,6 +11,19 @@ Every number in ``medetect/weights/nodule_phantom_det3d.md`` comes from these co
     python experiments/luna_phantom_stage1.py ship     --root /tmp/medetect_luna_stage1 --recipe RECIPE   # the better one
     python experiments/luna_phantom_stage1.py time     --root /tmp/medetect_luna_stage1 --threads 2
 
+Stage two trained on this detector's own false positives (``medetect/weights/nodule_fpr_phantom.md``)::
+
+    python experiments/luna_phantom_stage1.py train-fpr --root /tmp/medetect_luna_stage1 --threads 1
+    python experiments/luna_phantom_stage1.py evaluate  --root /tmp/medetect_luna_stage1 \
+        --weights medetect/weights/nodule_phantom_det3d.safetensors --fpr /tmp/medetect_luna_stage1/run_fpr/model.safetensors \
+        --out /tmp/medetect_luna_stage1/eval_fpr
+    python experiments/luna_phantom_stage1.py ship-fpr  --root /tmp/medetect_luna_stage1
+
+``train-fpr`` runs the shipped stage-one detector (``--weights`` overrides) on the 39 training scans, keeps its 100
+most probable marks per scan, labels each mark 1 when it lies within the radius of a nodule (else 0; marks on excluded
+findings are dropped) and trains the FPR cube classifier on those marks plus the training scans' ``candidates.csv``
+(``ROOT/run_fpr``, checkpoints every epoch, resumed automatically).
+
 ``train`` writes checkpoints every epoch (``ROOT/run_RECIPE/epoch_*``) and resumes from the last one (so it can be
 stopped and restarted, e.g. with another ``--threads``); ``evaluate`` scores ``ROOT/run_RECIPE/model.safetensors`` if
 training finished, else the latest checkpoint (``--weights`` overrides) and writes ``ROOT/eval_RECIPE/metrics.json``.
@@ -65,6 +78,12 @@ TRAIN = dict(batch_size=4, lr=2e-3, optimizer="adamw", warmup_iters=100, num_wor
              log_every=10, weight_decay=1e-4)
 PATCH, PATCHES_PER_VOLUME, POS_PROB = 64, 12, 0.7
 FPR_WEIGHTS = REPO / "medetect" / "weights" / "nodule_fpr_phantom.safetensors"
+# stage two trained on stage one's marks: two fields of view as channels, 24^3 voxels of 1.25 mm (30 mm: the
+# phantoms' resolution) and of 2.5 mm (60 mm: sees the largest, 30 mm, nodules with their surroundings)
+FPR_MODEL = dict(cube_size=24, spacing_mm=1.25, scales=[1.0, 2.0], in_channels=2, widths=[16, 32, 64])
+FPR_TRAIN = dict(epochs=12, batch_size=16, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0, seed=0,
+                 max_steps_per_epoch=300, weight_decay=1e-4, log_every=50)
+FPR_TOP_K, FPR_POS_FRACTION = 100, 0.5
 SHIP = REPO / "medetect" / "weights" / "nodule_phantom_det3d.safetensors"
 
 
@@ -124,11 +143,12 @@ def _with_ci(res) -> dict:
     return out
 
 
-def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("product", "mean", "fpr")) -> dict:
-    """Stage-one marks rescored by the shipped FPR model, fused, written and scored."""
+def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("product", "mean", "fpr"),
+              fpr_weights: Path = FPR_WEIGHTS) -> dict:
+    """Stage-one marks rescored by an FPR model (default the shipped one), fused, written and scored."""
     from medetect.luna.fpr import fuse, load_fpr, score_scans
 
-    fpr = load_fpr(FPR_WEIGHTS)
+    fpr = load_fpr(fpr_weights)
     scans = {u: layout.path(u) for u in uids}
     scored = score_scans(fpr, scans, {u: (marks[u]["centers_xyz"], None) for u in uids})
     res = {}
@@ -140,7 +160,7 @@ def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("prod
     return res
 
 
-def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None) -> dict:
+def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None, fpr: str | None = None) -> dict:
     layout = LunaLayout(root / "data")
     w = resolve_weights(root, recipe, weights)
     model, pre = load_luna_model(w)
@@ -154,10 +174,71 @@ def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None)
     res = {"weights": str(w), "test_subset": TEST_SUBSET, "n_test_scans": len(test),
            "predict_seconds_per_scan": round(seconds / max(1, len(test)), 2),
            "stage1": _with_ci(evaluate_submission(layout, sub, test, n_bootstrap=1000))}
-    res["two_stage"] = two_stage(layout, marks, test, out)
+    if fpr:
+        res["fpr_weights"] = str(fpr)
+        res["two_stage"] = two_stage(layout, marks, test, out, modes=("product", "mean", "geometric", "fpr"),
+                                     fpr_weights=Path(fpr))
+    else:
+        res["two_stage"] = two_stage(layout, marks, test, out)
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return res
+
+
+def _excluded_by_uid(layout: LunaLayout) -> dict:
+    ex = layout.excluded
+    if ex is None:
+        return {}
+    return {u: (ex.centres[ex.seriesuids == u], ex.diameters[ex.seriesuids == u]) for u in np.unique(ex.seriesuids)}
+
+
+def fpr_training_candidates(root: Path, weights: str | None) -> dict:
+    """``candidates.csv`` of the training scans plus the stage-one detector's top marks on them (labelled)."""
+    from medetect.luna.fpr import candidates_from_marks, merge_candidates
+
+    layout = LunaLayout(root / "data")
+    train = layout.uids_in(TRAIN_SUBSETS)
+    cache = root / "fpr_marks_train.json"
+    if cache.is_file():
+        marks = {u: {k: np.asarray(v) for k, v in m.items()} for u, m in json.loads(cache.read_text()).items()}
+    else:
+        model, pre = load_luna_model(Path(weights) if weights else SHIP)
+        t0 = time.perf_counter()
+        marks = predict_layout(model, pre, layout, train)
+        print(f"stage-one marks on {len(train)} training scans: {time.perf_counter() - t0:.0f} s")
+        cache.write_text(json.dumps({u: {"centers_xyz": m["centers_xyz"].tolist(),
+                                         "probabilities": m["probabilities"].tolist()} for u, m in marks.items()}))
+    from_marks = candidates_from_marks(marks, layout.annotations, top_k=FPR_TOP_K, excluded=_excluded_by_uid(layout))
+    csv_c = {u: layout.candidates[u] for u in train if u in layout.candidates}
+    stats = {"marks": sum(len(y) for _, y in from_marks.values()),
+             "marks_positive": int(sum(y.sum() for _, y in from_marks.values())),
+             "candidates_csv": sum(len(y) for _, y in csv_c.values()),
+             "candidates_csv_positive": int(sum(np.asarray(y).sum() for _, y in csv_c.values()))}
+    print(json.dumps({"fpr_training_candidates": stats}))
+    return merge_candidates(csv_c, from_marks), stats
+
+
+def cmd_train_fpr(root: Path, weights: str | None) -> None:
+    from medetect.engine.trainer import TrainConfig
+    from medetect.luna.fpr import train_fpr
+    from medetect.models.fp_reduction import FPRConfig
+
+    cands, stats = fpr_training_candidates(root, weights)
+    run = root / "run_fpr"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "candidates_stats.json").write_text(json.dumps(stats))
+    t0 = time.perf_counter()
+    _, hist = train_fpr(root / "data", cands, run, config=FPRConfig(**FPR_MODEL), train=TrainConfig(**FPR_TRAIN),
+                        subsets=TRAIN_SUBSETS, pos_fraction=FPR_POS_FRACTION, resume=True, progress=False)
+    print(json.dumps({"seconds": round(time.perf_counter() - t0), "last": hist[-1] if hist else None}, default=str))
+
+
+def cmd_ship_fpr(root: Path, fpr: str | None) -> None:
+    from medetect.luna.fpr import load_fpr, save_fpr
+
+    model = load_fpr(Path(fpr) if fpr else root / "run_fpr" / "model.safetensors")
+    save_fpr(model, FPR_WEIGHTS)
+    print(f"{FPR_WEIGHTS}: {FPR_WEIGHTS.stat().st_size} bytes")
 
 
 def cmd_time(root: Path, recipe: str, weights: str | None) -> None:
@@ -175,11 +256,13 @@ def cmd_ship(root: Path, recipe: str, weights: str | None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship"))
+    p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship", "train-fpr", "ship-fpr"))
     p.add_argument("--root", default="/tmp/medetect_luna_stage1", help="work folder (data, run, eval), outside the repo")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="s100", help="training recipe (run folder ROOT/run_RECIPE)")
     p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's")
     p.add_argument("--out", help="evaluate: output folder (default ROOT/eval_RECIPE)")
+    p.add_argument("--fpr", help="evaluate: fuse with these stage-two weights (modes product, mean, geometric, fpr) "
+                                 "instead of the shipped ones; ship-fpr: the weights to ship (default ROOT/run_fpr)")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -193,7 +276,11 @@ def main(argv=None) -> int:
     elif a.stage == "train":
         cmd_train(root, a.recipe)
     elif a.stage == "evaluate":
-        cmd_evaluate(root, a.recipe, a.weights, Path(a.out) if a.out else None)
+        cmd_evaluate(root, a.recipe, a.weights, Path(a.out) if a.out else None, a.fpr)
+    elif a.stage == "train-fpr":
+        cmd_train_fpr(root, a.weights)
+    elif a.stage == "ship-fpr":
+        cmd_ship_fpr(root, a.fpr)
     elif a.stage == "time":
         cmd_time(root, a.recipe, a.weights)
     else:

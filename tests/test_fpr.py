@@ -243,3 +243,37 @@ def test_slice_boxes_cut_3d_box_and_dataset_flips():
             y1, x1 = b[2:].ceil().long().tolist()
             inside = s["image"][1, y0:y1, x0:x1].sum()
             assert inside > 0.95 * s["image"][1][s["image"][1] > 0.5].sum()
+
+
+def test_candidates_from_marks_labels_topk_and_excluded():
+    from medetect.luna.fpr import candidates_from_marks, merge_candidates
+
+    ann = {"a": (np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]), np.array([10.0, 4.0]))}
+    excl = {"a": (np.array([[0.0, 40.0, 0.0], [0.0, -40.0, 0.0]]), np.array([6.0, -1.0]))}
+    centers = np.array([
+        [4.9, 0.0, 0.0],    # inside nodule 0 (radius 5)      -> 1
+        [5.1, 0.0, 0.0],    # just outside                   -> 0
+        [51.0, 1.0, 1.0],   # inside nodule 1 (radius 2)      -> 1
+        [0.0, 42.0, 0.0],   # on an excluded finding (r 3)   -> dropped
+        [0.0, -44.0, 0.0],  # excluded, unknown size (r 5)   -> dropped
+        [100.0, 0.0, 0.0],  # far                            -> 0
+    ])
+    probs = np.array([0.9, 0.8, 0.1, 0.7, 0.6, 0.05])
+    out = candidates_from_marks({"a": {"centers_xyz": centers, "probabilities": probs},
+                                 "b": (centers[:2], probs[:2])}, ann, excluded=excl)
+    c, y = out["a"]
+    # kept in descending probability order, excluded dropped
+    np.testing.assert_allclose(c, centers[[0, 1, 2, 5]])
+    np.testing.assert_array_equal(y, [1, 0, 1, 0])
+    assert y.dtype == np.int64
+    # a scan without annotations: all negatives
+    np.testing.assert_array_equal(out["b"][1], [0, 0])
+    # top_k keeps the most probable marks (before dropping excluded ones)
+    c3, y3 = candidates_from_marks({"a": (centers, probs)}, ann, top_k=4)["a"]
+    np.testing.assert_allclose(c3, centers[[0, 1, 3, 4]])
+    np.testing.assert_array_equal(y3, [1, 0, 0, 0])
+    # no excluded findings given: they are plain negatives
+    assert len(candidates_from_marks({"a": (centers, probs)}, ann, top_k=None)["a"][1]) == 6
+    # merging with candidates.csv-style sets concatenates per scan
+    m = merge_candidates({"a": (centers[:1], np.array([1]))}, out)
+    assert len(m["a"][1]) == 5 and m["a"][1].tolist() == [1, 1, 0, 1, 0] and len(m["b"][1]) == 2

@@ -322,10 +322,12 @@ def lung_pet_ct_dx(root: str | os.PathLike, *, transform=None) -> DetectionDatas
     records, report = read_lung_pet_ct_boxes(root)
     images = {}
     for r in records:
-        npz = root / "volumes" / f"{r.image}.npz"
+        # The patient id comes from the annotation files (untrusted): its paths must stay inside the root.
+        npz = _inside(root, f"volumes/{r.image}.npz")
         if npz.exists():
             images[r.image] = npz
         else:
+            _inside(root / "dicom", r.image)
             series = sorted((root / "dicom").glob(f"{r.image}_*"))
             if not series:
                 raise FileNotFoundError(f"{root}: no npz and no DICOM series for patient {r.image}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..boxes import box_iou
+from ..boxes import _intersection, box_area, box_iou
 from ..convert import Geometry, luna_to_boxes, voxel_to_world, world_to_voxel
 from ..models.detector import DetectorConfig, build_detector
 
@@ -212,8 +212,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
         return box_iou(a, b)
     if metric != "iomin":
         raise ValueError(f"metric must be 'iou' or 'iomin', got {metric!r}")
-    inter = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(-1), (b[:, 2:] - b[:, :2]).prod(-1)
+    inter = _intersection(a[:, None, :], b[None, :, :], 2)  # [A, B]
+    area_a, area_b = box_area(a), box_area(b)
     return inter / torch.minimum(area_a[:, None], area_b[None]).clamp(min=1e-12)
 
 

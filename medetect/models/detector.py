@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..anchors import AnchorGenerator, anchor_shapes_2d
+from ..anchors import AnchorGenerator
 from ..backbones.resnet import RESNET_DEPTHS, ResNet
 from ..backbones.vgg import VGG16
 from ..layers.fpn import FPN
@@ -105,15 +105,14 @@ class Detector(nn.Module):
 
 
 def _anchor_generator(cfg: DetectorConfig, strides: Sequence[int]) -> AnchorGenerator:
+    per_level = cfg.anchor_shapes if cfg.anchor_shapes is not None else cfg.anchor_sizes
+    if len(per_level) != len(strides):
+        raise ValueError(f"model.anchor_sizes/anchor_shapes need one entry per pyramid level ({len(strides)} levels: {cfg.levels}), got {len(per_level)}")
     if cfg.anchor_shapes is not None:
-        shapes = cfg.anchor_shapes
-    elif cfg.ndim == 2:
-        shapes = [anchor_shapes_2d(s, cfg.aspect_ratios) for s in cfg.anchor_sizes]
-    else:
-        shapes = [[(float(x),) * cfg.ndim for x in s] for s in cfg.anchor_sizes]
-    if len(shapes) != len(strides):
-        raise ValueError(f"model.anchor_sizes/anchor_shapes need one entry per pyramid level ({len(strides)} levels: {cfg.levels}), got {len(shapes)}")
-    return AnchorGenerator(shapes=shapes, strides=list(strides))
+        return AnchorGenerator(shapes=cfg.anchor_shapes, strides=list(strides))
+    # 2D: sizes x aspect ratios (the RPN paper); other d: cubes of each size.
+    ratios = cfg.aspect_ratios if cfg.ndim == 2 else None
+    return AnchorGenerator.from_sizes(sizes=cfg.anchor_sizes, strides=list(strides), aspect_ratios=ratios, ndim=cfg.ndim)
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:

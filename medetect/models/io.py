@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data.io import read_image
+from ..data.transforms import scale as scale_sample
 from ..engine.checkpoint import load_weights, save_weights
 from .detector import Detector, DetectorConfig, build_detector
 
@@ -32,9 +33,8 @@ class Preprocess:
         """``[C, *S]`` raw pixels -> the normalised float tensor the model takes (resized by ``scale``)."""
         x = torch.as_tensor(np.asarray(image, dtype=np.float32)) if not isinstance(image, torch.Tensor) else image.float()
         if self.scale != 1.0:
-            size = [max(1, int(s * self.scale + 0.5)) for s in x.shape[1:]]
-            mode = "bilinear" if x.ndim == 3 else "trilinear"
-            x = torch.nn.functional.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
+            # The resize of training (medetect.data.transforms.scale): same grid, so boxes map back by / scale exactly.
+            x = scale_sample({"image": x}, self.scale)["image"]
         shape = (-1,) + (1,) * (x.ndim - 1)
         mean = torch.tensor(self.mean).reshape(shape) if len(self.mean) > 1 else torch.tensor(self.mean[0])
         std = torch.tensor(self.std).reshape(shape) if len(self.std) > 1 else torch.tensor(self.std[0])

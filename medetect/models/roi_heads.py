@@ -46,8 +46,11 @@ class MultiLevelRoIAlign(nn.Module):
         # rois [R, 1 + 2d] -> [R, C, *O]
         d = (rois.shape[1] - 1) // 2
         size = box_sizes(rois[:, 1:]).clamp(min=1e-6).log().mean(-1).exp()  # [R] geometric mean extent
-        lvl = torch.floor(FPN_CANONICAL_LEVEL + torch.log2(size / FPN_CANONICAL_SIZE) + 1e-6)
-        lvl = lvl.clamp(min=self.levels[0], max=self.levels[-1]).long() - self.levels[0]  # [R] index into feats
+        lvl = torch.floor(FPN_CANONICAL_LEVEL + torch.log2(size / FPN_CANONICAL_SIZE) + 1e-6)  # [R] pyramid level
+        # [R] index into feats: the nearest level that exists (ties: the finer one), so that levels with gaps such as
+        # [3, 5] lose no RoI; for consecutive levels this is ``clamp(lvl, first, last) - first``.
+        have = torch.tensor(self.levels, dtype=lvl.dtype, device=lvl.device)  # [L]
+        lvl = (lvl[:, None] - have[None, :]).abs().argmin(1)
         out_size = (self.output_size,) * d if isinstance(self.output_size, int) else tuple(self.output_size)
         out = rois.new_zeros((rois.shape[0], feats[0].shape[1], *out_size), dtype=feats[0].dtype)
         for i, (f, s) in enumerate(zip(feats, self.strides)):  # loop over pyramid levels, not RoIs

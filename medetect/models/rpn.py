@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anchors import AnchorGenerator
-from ..boxes import BoxCoder, box_iou, box_sizes, clip_boxes, nms
+from ..boxes import BoxCoder, box_iou, clip_boxes, nms, remove_small_boxes
 from ..layers.nd import conv
 from ..losses import sigmoid_focal_loss, smooth_l1_loss
 from ..matching import NEGATIVE, hard_negative_mining, match_by_iou, sample_balanced
@@ -141,7 +141,7 @@ class RegionProposalNetwork(nn.Module):
             kept_boxes, kept_scores = [], []
             for bx, sc in zip(boxes_l, scores_l):
                 bi, si = bx[i], sc[i]
-                ok = (box_sizes(bi) >= self.min_size).all(-1)
+                ok = remove_small_boxes(bi, self.min_size)
                 bi, si = bi[ok], si[ok]
                 keep = nms(bi, si, self.nms_thresh)
                 kept_boxes.append(bi[keep])
