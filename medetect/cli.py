@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     _threads(args.threads)
-    path = run_demo(Path(args.out))
+    path = run_demo(Path(args.out), device=args.device or "cpu")
     print(f"demo report: {path}")
     return 0
 
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(fn=cmd_train)
 
     pr = sub.add_parser("predict", help="detect objects in images/volumes")
-    pr.add_argument("--weights", required=True, help="a .safetensors model (with its .json config beside it)")
+    pr.add_argument("--weights", required=True, help="a shipped .safetensors model (config and preprocessing are in its metadata)")
     pr.add_argument("paths", nargs="+", help="image files, volumes or folders")
     pr.add_argument("--out", required=True, help="output folder (one CSV per image + predictions.json)")
     pr.add_argument("--tile", type=int, nargs="+", default=None, help="tile size for sliding-window inference")

@@ -46,10 +46,10 @@ def _overlay(rgb: np.ndarray, boxes: np.ndarray, labels: list[str], scores: np.n
     return img
 
 
-def _bccd_section(out_dir: Path, score_thresh: float) -> tuple[str, dict]:
-    model, pre = load_model(BCCD_WEIGHTS, device="cpu")
+def _bccd_section(out_dir: Path, score_thresh: float, device: str = "cpu") -> tuple[str, dict]:
+    model, pre = load_model(BCCD_WEIGHTS, device=device)
     names = list(model.config.class_names)
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device=device)
     rows, cards, preds, gts = [], [], [], []
     t0 = time.perf_counter()
     for jpg in sorted((ASSETS / "bccd").glob("*.jpg")):
@@ -87,13 +87,13 @@ def _bccd_section(out_dir: Path, score_thresh: float) -> tuple[str, dict]:
     return section, summary
 
 
-def run_demo(out_dir: Path, score_thresh: float = 0.5) -> Path:
+def run_demo(out_dir: Path, score_thresh: float = 0.5, device: str = "cpu") -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not BCCD_WEIGHTS.is_file():
         raise FileNotFoundError(f"shipped weights missing: {BCCD_WEIGHTS}")
     sections, summary = [], {}
-    s, summary["bccd"] = _bccd_section(out_dir, score_thresh)
+    s, summary["bccd"] = _bccd_section(out_dir, score_thresh, device)
     sections.append(s)
     try:
         from .luna.demo import ct_section  # the CT nodule example, when its shipped model exists

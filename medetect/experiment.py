@@ -11,8 +11,9 @@ import torch
 
 from .config import DataConfig, ExperimentConfig
 from .data import transforms as T
-from .data.datasets import BCCD_CLASSES, DetectionDataset, bccd, dsb2018, mini_mias
+from .data.datasets import DetectionDataset, bccd, dsb2018, mini_mias
 from .data.annotations import read_voc_folder
+from .engine.checkpoint import atomic_write_text
 from .engine.predictor import Predictor
 from .engine.trainer import Trainer, seed_everything
 from .evaluation.detection import evaluate_coco, evaluate_voc
@@ -116,7 +117,7 @@ def evaluate_model(model: Detector, data: DetectionDataset, *, device=None) -> d
     names = list(data.classes)
     voc = evaluate_voc(preds, gts, class_names=names)
     voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
-    coco = evaluate_coco(preds, gts, class_names=names) if model.config.ndim == 2 else {"map": float("nan")}
+    coco = evaluate_coco(preds, gts, class_names=names)
     out = {"val_map50": float(voc["map"]), "val_map50_07": float(voc07["map"]), "val_coco_map": float(coco["map"])}
     out.update({f"val_ap50_{k}": float(v) for k, v in voc["per_class"].items()})
     return out
@@ -135,7 +136,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
     model = build_detector(cfg.model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,

@@ -602,3 +602,33 @@ def test_out_of_memory_names_the_batch_size_and_suggests_smaller(tmp_path, monke
     trainer = Trainer(model=Exploding(), train_data=data, config=cfg, run_dir=tmp_path / "run", progress=False)
     with pytest.raises(TrainingOutOfMemory, match=r"train\.batch_size=2.*lower train\.batch_size"):
         trainer.fit()
+
+
+def test_resaving_the_current_epoch_never_removes_what_last_json_points_at(tmp_path, monkeypatch):
+    """Saving epoch e again while last.json points at epoch e: a crash in the middle leaves epoch e loadable."""
+    import medetect.engine.checkpoint as ck
+
+    model = torch.nn.Linear(2, 2)
+    ck.save_checkpoint(tmp_path, epoch=1, step=10, model=model)
+    first = ck.latest_checkpoint(tmp_path)
+    real_replace = ck.os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("last.json"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="killed"):
+        ck.save_checkpoint(tmp_path, epoch=1, step=20, model=model)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert ck.latest_checkpoint(tmp_path) == first and first.is_dir()
+    fresh = torch.nn.Linear(2, 2)
+    ck.load_checkpoint(first, model=fresh)
+    assert not torch.equal(fresh.weight, model.weight)  # the older, complete state
+    ck.save_checkpoint(tmp_path, epoch=1, step=20, model=model)
+    again = torch.nn.Linear(2, 2)
+    ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model=again)
+    assert torch.equal(again.weight, model.weight)

@@ -7,7 +7,6 @@ pooling choices below). ``base_width`` scales every stage (64 is the paper; 16-3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch

@@ -106,14 +106,25 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
     state["rng"] = rng_js
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=float))
+    current = _pointer_target(run_dir)
+    if final.exists() and final.name == current:
+        # Re-saving the epoch that last.json points at: write beside it so that a crash now still leaves it loadable.
+        final = run_dir / f"{final.name}_{step:08d}"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(final)  # a stale folder nothing points at (e.g. from a crash before last.json moved)
     os.replace(tmp, final)
     atomic_write_text(run_dir / "last.json", json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
-    old = sorted(p for p in run_dir.glob("epoch_[0-9][0-9][0-9][0-9]") if p.is_dir() and p != final)
+    old = sorted(p for p in run_dir.glob("epoch_[0-9][0-9][0-9][0-9]*") if p.is_dir() and p != final and not p.name.endswith(".tmp"))
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _pointer_target(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "last.json").read_text())["checkpoint"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -85,13 +85,13 @@ class Predictor:
         """Detections ``{"boxes", "scores", "labels"}`` for one image ``[C, *S]`` (on the CPU)."""
         d = image.ndim - 1
         shape = tuple(image.shape[1:])
+        if self.tile_size is not None and len(self.tile_size) != d:
+            raise ValueError(f"tile_size must have {d} entries for a {d}D image, got {self.tile_size}")
         if self.tile_size is None or all(s <= t for s, t in zip(shape, self.tile_size)):
             det = self._forward(image[None])[0]
             det = {k: v.float() if k != "labels" else v for k, v in det.items()}
             det["boxes"] = clip_boxes(det["boxes"], shape)
             return {k: v.cpu() for k, v in det.items()}
-        if len(self.tile_size) != d:
-            raise ValueError(f"tile_size must have {d} entries for a {d}D image, got {self.tile_size}")
         tile = tuple(min(t, s) for t, s in zip(self.tile_size, shape))
         origins = tile_origins(shape, tile, self.overlap)
         boxes, scores, labels, cuts = [], [], [], []

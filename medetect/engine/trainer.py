@@ -12,14 +12,14 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -222,7 +222,8 @@ class Trainer:
                 header = f.readline().strip().split(",")
             if set(keys) - set(header):
                 # New columns (e.g. the first validation metrics): rewrite the file with the union of columns.
-                rows = list(csv.DictReader(open(path)))
+                with open(path, newline="") as f:
+                    rows = list(csv.DictReader(f))
                 keys = header + sorted(set(keys) - set(header))
                 with open(path, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=keys)

@@ -424,7 +424,6 @@ def evaluate_coco(
     dt_boxes = np.concatenate([np.zeros((0, 2 * data.d))] + [x[0] for x in dets])
     dt_scores = np.concatenate([np.zeros(0)] + [x[1] for x in dets])
     dt_cls = _class_index(np.concatenate([np.zeros(0, np.int64)] + [x[2] for x in dets]), classes)
-    dt_rank = np.concatenate([np.zeros(0, np.int64)] + [x[3] for x in dets])
     gt_boxes = np.concatenate([np.zeros((0, 2 * data.d))] + data.gt_boxes)
     gt_cls = _class_index(np.concatenate([np.zeros(0, np.int64)] + data.gt_labels), classes)
     gt_crowd = np.concatenate([np.zeros(0, bool)] + data.gt_crowd)

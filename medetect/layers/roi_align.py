@@ -444,7 +444,7 @@ class RoIAlign(nn.Module):
     ) -> None:
         super().__init__()
         self.output_size = output_size if isinstance(output_size, int) else tuple(output_size)
-        self.spatial_scale = float(spatial_scale)
+        self.spatial_scale = spatial_scale if isinstance(spatial_scale, (int, float)) else tuple(float(v) for v in spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.aligned = bool(aligned)
 
@@ -466,7 +466,7 @@ class RoIPool(nn.Module):
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0) -> None:
         super().__init__()
         self.output_size = output_size if isinstance(output_size, int) else tuple(output_size)
-        self.spatial_scale = float(spatial_scale)
+        self.spatial_scale = spatial_scale if isinstance(spatial_scale, (int, float)) else tuple(float(v) for v in spatial_scale)
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
         return roi_pool(features, rois, self.output_size, self.spatial_scale)

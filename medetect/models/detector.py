@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..anchors import AnchorGenerator
-from ..backbones.resnet import RESNET_DEPTHS, ResNet
+from ..backbones.resnet import ResNet
 from ..backbones.vgg import VGG16
 from ..layers.fpn import FPN
 from ..layers.nd import NORM_KINDS

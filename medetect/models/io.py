@@ -74,11 +74,11 @@ def load_model(path: str | Path, device=None) -> tuple[Detector, Preprocess]:
 
 
 def _image_files(paths: Sequence[str]) -> list[Path]:
-    exts = {".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".gz", ".npz", ".dcm"}
+    exts = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".nii.gz", ".npz", ".dcm")
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not any(q.suffix.lower() == ".dcm" for q in p.iterdir()):
-            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in exts))
+            out.extend(sorted(q for q in p.iterdir() if q.name.lower().endswith(exts)))
         elif p.exists():
             out.append(p)
         else:
@@ -108,7 +108,12 @@ def predict_paths(weights, paths: Sequence[str], out_dir: Path, *, tile_size=Non
         scores, labels = det["scores"][keep].numpy(), det["labels"][keep].numpy()
         d = boxes.shape[1] // 2
         axes = ("z", "y", "x")[-d:] if d <= 3 else tuple(f"a{i}" for i in range(d))
-        path = out_dir / f"{f.name.split('.')[0]}.csv"
+        stem = f.name[: -len(".nii.gz")] if f.name.lower().endswith(".nii.gz") else (f.stem if f.is_file() else f.name)
+        path = out_dir / f"{stem}.csv"
+        n = 1
+        while path in written:  # two inputs with the same name (other folders): never overwrite a result
+            n += 1
+            path = out_dir / f"{stem}_{n}.csv"
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([*(a + "0" for a in axes), *(a + "1" for a in axes), "label", "score"])
