@@ -157,7 +157,24 @@ def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("prod
                      "probabilities": fuse(marks[u]["probabilities"], scored[u][1], mode)} for u in uids}
         sub = write_submission(out_dir / f"submission_two_stage_{mode}.csv", fused)
         res[mode] = _with_ci(evaluate_submission(layout, sub, uids, n_bootstrap=1000))
+    res["per_nodule"] = per_nodule(layout, marks, {u: scored[u][1] for u in uids}, uids)
     return res
+
+
+def per_nodule(layout: LunaLayout, marks: dict, p_fpr: dict, uids) -> list[dict]:
+    """Per held-out nodule: its diameter and, for the most probable stage-one mark within its radius, both stages'
+    probabilities (``None`` when no mark hits it)."""
+    rows = []
+    for u in uids:
+        ctr, dia = layout.annotations.get(u, (np.zeros((0, 3)), np.zeros(0)))
+        c, p = np.asarray(marks[u]["centers_xyz"]).reshape(-1, 3), np.asarray(marks[u]["probabilities"])
+        for a, d in zip(ctr, dia):
+            hit = np.flatnonzero(((c - a) ** 2).sum(1) <= (d / 2) ** 2)
+            k = hit[np.argmax(p[hit])] if len(hit) else None
+            rows.append({"seriesuid": u, "diameter_mm": round(float(d), 2),
+                         "p_det": None if k is None else round(float(p[k]), 4),
+                         "p_fpr": None if k is None else round(float(p_fpr[u][k]), 4)})
+    return rows
 
 
 def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None, fpr: str | None = None) -> dict:

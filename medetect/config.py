@@ -123,6 +123,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> ExperimentConfi
         data=_build(DataConfig, raw.get("data"), "data"),
     )
     cfg.train.validate()
+    cfg.model.validate()
     if cfg.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {DATASETS}, got {cfg.data.dataset!r}")
     if base_dir is not None and not Path(cfg.data.root).is_absolute():

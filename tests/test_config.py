@@ -132,10 +132,16 @@ def test_bad_values_name_the_key(raw, key):
         config_from_dict(raw)
 
 
-def test_bad_model_values_fail_at_build_naming_the_key(tmp_path):
-    cfg = load_config(_write(tmp_path, "model:\n  backbone: resnet101\n"))
+def test_bad_model_values_fail_at_load_naming_the_file_and_key(tmp_path):
+    """Bad model choices are caught when the YAML is loaded (before any data is read), and again at build time for
+    configs made in code."""
+    path = _write(tmp_path, "model:\n  backbone: resnet101\n")
+    with pytest.raises(ValueError, match=r"\.yaml: model\.backbone must be one of"):
+        load_config(path)
+    from medetect.models.detector import DetectorConfig
+
     with pytest.raises(ValueError, match=r"model\.backbone"):
-        build_detector(cfg.model)
+        build_detector(DetectorConfig(backbone="resnet101"))
 
 
 def test_file_errors(tmp_path):

@@ -61,6 +61,24 @@ class DetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
 
+    def validate(self) -> None:
+        """Check the choices that need no building (called when a config is loaded, before any data is read)."""
+        cfg = self
+        if cfg.arch not in ARCHITECTURES:
+            raise ValueError(f"model.arch must be one of {ARCHITECTURES}, got {cfg.arch!r}")
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+        if cfg.ndim not in (1, 2, 3):
+            raise ValueError(f"model.ndim must be 1, 2 or 3, got {cfg.ndim}")
+        if cfg.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
+        if cfg.norm not in NORM_KINDS:
+            raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
+        if cfg.rpn_objectness_loss not in ("bce", "focal"):
+            raise ValueError(f"model.rpn_objectness_loss must be 'bce' or 'focal', got {cfg.rpn_objectness_loss!r}")
+        if cfg.rpn_negative_sampling not in ("random", "hard"):
+            raise ValueError(f"model.rpn_negative_sampling must be 'random' or 'hard', got {cfg.rpn_negative_sampling!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -117,20 +135,7 @@ def _anchor_generator(cfg: DetectorConfig, strides: Sequence[int]) -> AnchorGene
 
 def build_detector(cfg: DetectorConfig) -> Detector:
     """Build a detector from its config (the one place where parts are chosen)."""
-    if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch must be one of {ARCHITECTURES}, got {cfg.arch!r}")
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
-    if cfg.ndim not in (1, 2, 3):
-        raise ValueError(f"model.ndim must be 1, 2 or 3, got {cfg.ndim}")
-    if cfg.num_classes < 1:
-        raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
-    if cfg.norm not in NORM_KINDS:
-        raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
-    if cfg.rpn_objectness_loss not in ("bce", "focal"):
-        raise ValueError(f"model.rpn_objectness_loss must be 'bce' or 'focal', got {cfg.rpn_objectness_loss!r}")
-    if cfg.rpn_negative_sampling not in ("random", "hard"):
-        raise ValueError(f"model.rpn_negative_sampling must be 'random' or 'hard', got {cfg.rpn_negative_sampling!r}")
+    cfg.validate()
     d = cfg.ndim
     stem = cfg.stem_stride if isinstance(cfg.stem_stride, int) else tuple(cfg.stem_stride)
     if cfg.backbone == "vgg16":
