@@ -1,5 +1,5 @@
 """LUNA16 stage one on synthetic phantoms: data -> train a small-nodule 3D RetinaNet -> held-out FROC (stage one alone
-and fused with the shipped stage-two FPR model) -> whole-scan timing -> ship.
+and fused with a stage-two FPR model) -> whole-scan timing -> ship; stage two trained on stage one's marks.
 
 Every number in ``medetect/weights/nodule_phantom_det3d.md`` comes from these commands (run from the repository root)::
 
@@ -15,14 +15,18 @@ Stage two trained on this detector's own false positives (``medetect/weights/nod
 
     python experiments/luna_phantom_stage1.py train-fpr --root /tmp/medetect_luna_stage1 --threads 1
     python experiments/luna_phantom_stage1.py evaluate  --root /tmp/medetect_luna_stage1 \
-        --weights medetect/weights/nodule_phantom_det3d.safetensors --fpr /tmp/medetect_luna_stage1/run_fpr/model.safetensors \
-        --out /tmp/medetect_luna_stage1/eval_fpr
+        --weights medetect/weights/nodule_phantom_det3d.safetensors \
+        --fpr /tmp/medetect_luna_stage1/run_fpr/model.safetensors --out /tmp/medetect_luna_stage1/eval_fpr
     python experiments/luna_phantom_stage1.py ship-fpr  --root /tmp/medetect_luna_stage1
+    python experiments/luna_phantom_stage1.py evaluate  --root /tmp/medetect_luna_stage1 \
+        --weights medetect/weights/nodule_phantom_det3d.safetensors --out /tmp/medetect_luna_stage1/eval_shipped
 
 ``train-fpr`` runs the shipped stage-one detector (``--weights`` overrides) on the 39 training scans, keeps its 100
 most probable marks per scan, labels each mark 1 when it lies within the radius of a nodule (else 0; marks on excluded
 findings are dropped) and trains the FPR cube classifier on those marks plus the training scans' ``candidates.csv``
-(``ROOT/run_fpr``, checkpoints every epoch, resumed automatically).
+(``ROOT/run_fpr``, checkpoints every epoch, resumed automatically). ``evaluate`` fuses the held-out marks with the
+shipped stage-two model unless ``--fpr`` names other weights, in the modes product, mean, geometric and fpr (stage two
+alone), and lists both stages' probabilities for each held-out nodule.
 
 ``train`` writes checkpoints every epoch (``ROOT/run_RECIPE/epoch_*``) and resumes from the last one (so it can be
 stopped and restarted, e.g. with another ``--threads``); ``evaluate`` scores ``ROOT/run_RECIPE/model.safetensors`` if
@@ -143,7 +147,7 @@ def _with_ci(res) -> dict:
     return out
 
 
-def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("product", "mean", "fpr"),
+def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("product", "mean", "geometric", "fpr"),
               fpr_weights: Path = FPR_WEIGHTS) -> dict:
     """Stage-one marks rescored by an FPR model (default the shipped one), fused, written and scored."""
     from medetect.luna.fpr import fuse, load_fpr, score_scans
@@ -191,12 +195,9 @@ def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None,
     res = {"weights": str(w), "test_subset": TEST_SUBSET, "n_test_scans": len(test),
            "predict_seconds_per_scan": round(seconds / max(1, len(test)), 2),
            "stage1": _with_ci(evaluate_submission(layout, sub, test, n_bootstrap=1000))}
-    if fpr:
-        res["fpr_weights"] = str(fpr)
-        res["two_stage"] = two_stage(layout, marks, test, out, modes=("product", "mean", "geometric", "fpr"),
-                                     fpr_weights=Path(fpr))
-    else:
-        res["two_stage"] = two_stage(layout, marks, test, out)
+    fpr_weights = Path(fpr) if fpr else FPR_WEIGHTS
+    res["fpr_weights"] = str(fpr_weights)
+    res["two_stage"] = two_stage(layout, marks, test, out, fpr_weights=fpr_weights)
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return res
@@ -276,10 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship", "train-fpr", "ship-fpr"))
     p.add_argument("--root", default="/tmp/medetect_luna_stage1", help="work folder (data, run, eval), outside the repo")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="s100", help="training recipe (run folder ROOT/run_RECIPE)")
-    p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's")
+    p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's; train-fpr: the stage-one "
+                                     "detector whose marks are the training candidates (default the shipped one)")
     p.add_argument("--out", help="evaluate: output folder (default ROOT/eval_RECIPE)")
-    p.add_argument("--fpr", help="evaluate: fuse with these stage-two weights (modes product, mean, geometric, fpr) "
-                                 "instead of the shipped ones; ship-fpr: the weights to ship (default ROOT/run_fpr)")
+    p.add_argument("--fpr", help="evaluate: the stage-two weights to fuse with (default the shipped "
+                                 "nodule_fpr_phantom.safetensors; a run folder means its latest checkpoint); "
+                                 "ship-fpr: the weights to ship (default ROOT/run_fpr/model.safetensors)")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:

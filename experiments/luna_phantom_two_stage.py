@@ -1,7 +1,9 @@
 """LUNA16 two-stage nodule detection on SYNTHETIC phantoms: data, stage two (FPR), the 2D slice variant, held-out FROC.
 
-This script is the source of the numbers in ``medetect/weights/nodule_fpr_phantom.md``. It uses only public medetect
-APIs and runs on a CPU. The stages are:
+This script is the source of the candidate-track numbers in ``medetect/weights/nodule_fpr_phantom.md`` (its
+``--stage evaluate`` scores the shipped model; that model itself is trained by ``experiments/luna_phantom_stage1.py
+train-fpr`` on the stage-one phantoms and the stage-one detector's marks). It uses only public medetect APIs and runs
+on a CPU. The stages are:
 
 ``data``
     ``medetect.data.phantoms.write_luna16_dataset`` writes 48 computer-generated chest CTs in the LUNA16 layout
@@ -11,8 +13,9 @@ APIs and runs on a CPU. The stages are:
 ``train-fpr``
     ``medetect.luna.fpr.main(["train", ...])`` trains the stage-two cube classifier on the ``candidates.csv``
     candidates of ``subset0``. Settings: 24^3 cubes at 1.25 mm, AdamW with lr 1e-3, batch 16, seed 0, and a cosine
-    schedule over ``--epochs`` (6). The shipped ``nodule_fpr_phantom.safetensors`` is the epoch-3 checkpoint of this
-    6-epoch run: training was stopped after 3 epochs. ``--stop-after 3`` (the default) does the same. It runs the
+    schedule over ``--epochs`` (6). The previously shipped stage-two model (replaced, see the model card) was the
+    epoch-3 checkpoint of this 6-epoch run: training was stopped after 3 epochs. ``--stop-after 3`` (the default) does
+    the same. It runs the
     training in a child process, ends that process once the epoch-3 checkpoint is written, and exports that
     checkpoint to ``OUT/fpr/model.safetensors``. ``--stop-after 0`` runs the whole schedule. Three epochs take
     2 minutes on an idle 2-core CPU with 1 thread, and up to 13 minutes when the CPU is shared.
@@ -43,8 +46,8 @@ APIs and runs on a CPU. The stages are:
 
 Reproducibility. ``train_fpr`` and ``train_slices2d`` build the model before the ``Trainer`` seeds torch. The
 ``--seed`` therefore fixes the data order, the augmentation and dropout, but not the initial weights. The runs that
-made the shipped FPR weights (and the first 2D weights) did not seed the initialisation, so retraining cannot give
-them back bit for bit. This script seeds torch (``seed_everything``) before each training,
+made the previously shipped FPR weights (and the first 2D weights) did not seed the initialisation, so retraining
+cannot give them back bit for bit. This script seeds torch (``seed_everything``) before each training,
 so its own runs repeat on the same machine and thread count. Expect a retrained model's CPMs to differ from the
 model card by run-to-run variation. The evaluation is exact: ``--stage data`` and ``--stage evaluate`` with the
 same weights give the model card's numbers (and submission CSVs) exactly.
@@ -160,9 +163,10 @@ def stage_train_fpr(out: Path, epochs: int, threads: int, stop_after: int) -> Pa
         if rc:
             raise SystemExit(rc)
         return p["fpr"] / "model.safetensors"
-    # Stop after `stop_after` epochs of the `epochs`-epoch cosine schedule, as was done for the shipped weights. The
-    # Trainer has no early stop, so the training runs in a child process (this same script, full schedule), which
-    # is ended once the epoch checkpoint is on disk; that checkpoint is then exported like train_fpr exports.
+    # Stop after `stop_after` epochs of the `epochs`-epoch cosine schedule, as was done for the previously shipped
+    # weights. The Trainer has no early stop, so the training runs in a child process (this same script, full
+    # schedule), which is ended once the epoch checkpoint is on disk; that checkpoint is then exported like
+    # train_fpr exports.
     last = p["fpr"] / "last.json"
 
     def done_epochs() -> int:
@@ -312,11 +316,11 @@ def main(argv=None) -> int:
                          "if it exists (the 2D weights are not shipped)")
     ap.add_argument("--epochs", type=int, default=6, help="FPR cosine schedule length in epochs (default 6)")
     ap.add_argument("--stop-after", type=int, default=3,
-                    help="stop FPR training after this many epochs, as for the shipped weights (default 3; "
+                    help="stop FPR training after this many epochs, as for the previously shipped weights (default 3; "
                          "0 = run all --epochs)")
     ap.add_argument("--epochs-2d", type=int, default=8, help="2D slice-detector epochs (default 8)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1, as for the shipped weights and the model-card numbers)")
+                    help="torch CPU threads (default 1, as for the model-card numbers)")
     ap.add_argument("--no-2d", action="store_true", help="skip the 2D slice variant (training and evaluation)")
     ap.add_argument("--no-tta", action="store_true", help="skip the 8-flip test-time-augmentation row")
     ap.add_argument("--bootstrap", type=int, default=1000, help="FROC bootstrap samples (default 1000; 0 = no CI)")

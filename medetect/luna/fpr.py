@@ -16,6 +16,10 @@ Augmentation is folded into the sampling grid, so it costs nothing extra and nev
 unless asked to: per cube a signed axis permutation (all flips and 90-degree rotations of the cube), an isotropic
 scale jitter and a small translation (mm) -- :func:`random_augmentation`.
 
+Training candidates from a stage-one detector (:func:`candidates_from_marks`): its top marks on the training scans,
+labelled 1 within a nodule's radius and 0 otherwise, are the false positives stage two must learn to reject;
+:func:`merge_candidates` adds them to ``candidates.csv``.
+
 Class balance: LUNA16 has ~500 negatives per positive. :class:`CandidateCubes` oversamples positives (every negative
 once per epoch, positives repeated until they are ``pos_fraction`` of the epoch), which works with the
 :class:`~medetect.engine.trainer.Trainer` (its sampler shuffles a dataset's indices); :func:`balanced_sampler` gives a
