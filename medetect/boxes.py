@@ -331,8 +331,8 @@ def _keep_sorted(boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor
     return _greedy_keep(n, suppressed_by, boxes.device)
 
 
-def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy NMS as a keep mask ``[N]`` over the input order (see :func:`nms`)."""
+def _nms_ranked(boxes, scores, iou_threshold, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank order ``[N]``, keep mask in rank order ``[N]``) after checking the inputs."""
     check_boxes(boxes, ndim=2)
     n = boxes.shape[0]
     _check_1d(scores, "scores", n, "one score per box")
@@ -341,12 +341,17 @@ def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, la
         _same_device(boxes=boxes, scores=scores, labels=labels)
     else:
         _same_device(boxes=boxes, scores=scores)
-    if n == 0:
-        return torch.zeros(0, dtype=torch.bool, device=boxes.device)
     # Rank: decreasing score; equal scores keep the lower index first (stable sort).
     order = torch.sort(scores, descending=True, stable=True).indices
-    keep_sorted = _keep_sorted(boxes[order], float(iou_threshold), None if labels is None else labels[order])
-    mask = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    if n == 0:
+        return order, torch.zeros(0, dtype=torch.bool, device=boxes.device)
+    return order, _keep_sorted(boxes[order], float(iou_threshold), None if labels is None else labels[order])
+
+
+def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy NMS as a keep mask ``[N]`` over the input order (see :func:`nms`)."""
+    order, keep_sorted = _nms_ranked(boxes, scores, iou_threshold, labels)
+    mask = torch.zeros(order.shape[0], dtype=torch.bool, device=boxes.device)
     mask[order] = keep_sorted
     return mask
 
@@ -358,11 +363,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     with a kept, higher-ranked box is strictly greater than ``iou_threshold``. Returns the kept indices ``[K]``
     (int64) in rank order. Vectorised (no loop over boxes, see :func:`_greedy_keep`).
     """
-    mask = nms_mask(boxes, scores, iou_threshold)
-    if mask.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[mask[order]]
+    order, keep_sorted = _nms_ranked(boxes, scores, iou_threshold, None)
+    return order[keep_sorted]
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -372,11 +374,8 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of shape [N], got {type(labels).__name__}")
-    mask = nms_mask(boxes, scores, iou_threshold, labels)
-    if mask.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[mask[order]]
+    order, keep_sorted = _nms_ranked(boxes, scores, iou_threshold, labels)
+    return order[keep_sorted]
 
 
 # ----------------------------------------------------------------------------------------------- box coding

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import torch
 
 from .config import DataConfig, ExperimentConfig
 from .data import transforms as T
@@ -18,6 +17,7 @@ from .engine.predictor import Predictor
 from .engine.trainer import Trainer, seed_everything
 from .evaluation.detection import evaluate_coco, evaluate_voc
 from .models.detector import Detector, build_detector
+from .models.io import normalize_intensity
 
 __all__ = ["build_transform", "build_pre_transform", "build_dataset", "evaluate_model", "run_training",
            "predict_dataset"]
@@ -27,18 +27,10 @@ class _Rescale(T.Transform):
     """Divide intensities by ``max_value`` then normalise with mean/std (per channel or shared)."""
 
     def __init__(self, *, max_value: float, mean, std):
-        self.max_value = max_value
-        self.mean = torch.tensor(mean, dtype=torch.float32)
-        self.std = torch.tensor(std, dtype=torch.float32)
+        self.max_value, self.mean, self.std = max_value, list(mean), list(std)
 
     def __call__(self, sample, generator=None):
-        img = sample["image"].float() / self.max_value  # a new tensor: the in-place steps below never touch the input
-        shape = (-1,) + (1,) * (img.ndim - 1)
-        mean = self.mean.reshape(shape) if self.mean.numel() > 1 else self.mean
-        std = self.std.reshape(shape) if self.std.numel() > 1 else self.std
-        if torch.broadcast_shapes(img.shape, mean.shape, std.shape) == img.shape:
-            return {**sample, "image": img.sub_(mean).div_(std)}  # same values, two fewer full-size temporaries
-        return {**sample, "image": (img - mean) / std}
+        return {**sample, "image": normalize_intensity(sample["image"], self.max_value, self.mean, self.std)}
 
 
 def build_pre_transform(cfg: DataConfig) -> T.Transform | None:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..boxes import clip_boxes
 from ..convert import Geometry, boxes_to_luna, luna_to_boxes, voxel_to_world, world_to_voxel
 from ..data.annotations import _open_csv, read_luna_csv, write_luna_submission
 from ..data.image import MedicalImage
@@ -520,8 +521,7 @@ def predict_scan(
             head.score_thresh = old
     scores = det["scores"].double()
     order = torch.argsort(scores, descending=True, stable=True)[:max_marks]
-    hi = torch.tensor(list(shape) * 2, dtype=torch.float64)
-    boxes = torch.minimum(det["boxes"].double()[order], hi)  # drop the padding
+    boxes = clip_boxes(det["boxes"].double()[order], shape)  # drop the padding
     boxes = boxes / torch.tensor(zoom * 2, dtype=torch.float64)  # resampled -> original grid (exact inverse)
     centres, dia = boxes_to_luna(boxes, geometry)
     return {"centers_xyz": centres.numpy().reshape(-1, 3), "diameters_mm": dia.numpy().reshape(-1),

@@ -17,7 +17,21 @@ from ..data.transforms import scale as scale_sample
 from ..engine.checkpoint import load_weights, save_weights
 from .detector import Detector, DetectorConfig, build_detector
 
-__all__ = ["save_model", "load_model", "Preprocess", "predict_paths", "evaluate_spec", "export_onnx"]
+__all__ = ["normalize_intensity", "save_model", "load_model", "Preprocess", "predict_paths", "evaluate_spec", "export_onnx"]
+
+
+def normalize_intensity(image: torch.Tensor, max_value: float, mean, std) -> torch.Tensor:
+    """``(image / max_value - mean) / std`` with per-channel or shared mean/std (a new float tensor; the input is
+    untouched). The one definition used by training transforms and by shipped models' preprocessing."""
+    x = image.float() / max_value  # a new tensor: the in-place steps below never touch the input
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    m = m.reshape(shape) if m.numel() > 1 else m
+    s = s.reshape(shape) if s.numel() > 1 else s
+    if torch.broadcast_shapes(x.shape, m.shape, s.shape) == x.shape:
+        return x.sub_(m).div_(s)  # same values, two fewer full-size temporaries
+    return (x - m) / s
 
 
 @dataclasses.dataclass
@@ -35,10 +49,7 @@ class Preprocess:
         if self.scale != 1.0:
             # The resize of training (medetect.data.transforms.scale): same grid, so boxes map back by / scale exactly.
             x = scale_sample({"image": x}, self.scale)["image"]
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        mean = torch.tensor(self.mean).reshape(shape) if len(self.mean) > 1 else torch.tensor(self.mean[0])
-        std = torch.tensor(self.std).reshape(shape) if len(self.std) > 1 else torch.tensor(self.std[0])
-        return (x / self.max_value - mean) / std
+        return normalize_intensity(x, self.max_value, self.mean, self.std)
 
 
 def save_model(model: Detector, path: str | Path, preprocess: Preprocess, extra: dict | None = None) -> None:
