@@ -118,36 +118,47 @@ def _iou_from(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: IoU of bf16/fp16 boxes computed in their own dtype flips decisions within about 1%
+    of a threshold (bf16 has 8 significant bits), so every overlap test here promotes, as :class:`BoxCoder` does."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``[N, 2d] x [M, 2d] -> [N, M]``, in [0, 1]; a pair of empty boxes has IoU 0."""
+    """Pairwise IoU ``[N, 2d] x [M, 2d] -> [N, M]``, in [0, 1]; a pair of empty boxes has IoU 0. Computed (and
+    returned) in float32 at least, whatever the boxes' dtype."""
     d = check_boxes(a, "a", ndim=2)
     check_boxes(b, "b", ndim=2, d=d)
     _same_device(a=a, b=b)
+    a, b = _compute(a), _compute(b)
     inter = _intersection(a[:, None, :], b[None, :, :], d)  # [N, M]
     return _iou_from(inter, box_area(a)[:, None], box_area(b)[None, :])
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise generalized IoU (Rezatofighi et al. 2019) ``[N, M]`` in [-1, 1]."""
+    """Pairwise generalized IoU (Rezatofighi et al. 2019) ``[N, M]`` in [-1, 1] (float32 at least)."""
     d = check_boxes(a, "a", ndim=2)
     check_boxes(b, "b", ndim=2, d=d)
     _same_device(a=a, b=b)
+    a, b = _compute(a), _compute(b)
     return _giou(a[:, None, :], b[None, :, :], d)
 
 
 def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows ``[..., 2d] x [..., 2d] -> [...]`` (broadcasting)."""
+    """IoU of matching rows ``[..., 2d] x [..., 2d] -> [...]`` (broadcasting; float32 at least)."""
     d = check_boxes(a, "a")
     check_boxes(b, "b", d=d)
     _same_device(a=a, b=b)
+    a, b = _compute(a), _compute(b)
     return _iou_from(_intersection(a, b, d), box_area(a), box_area(b))
 
 
 def elementwise_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalized IoU of matching rows ``[..., 2d] x [..., 2d] -> [...]``."""
+    """Generalized IoU of matching rows ``[..., 2d] x [..., 2d] -> [...]`` (float32 at least)."""
     d = check_boxes(a, "a")
     check_boxes(b, "b", d=d)
     _same_device(a=a, b=b)
+    a, b = _compute(a), _compute(b)
     return _giou(a, b, d)
 
 
@@ -223,7 +234,7 @@ def _sweep(boxes: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, tor
 
 def _banded_edges(
     boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor | None, order: torch.Tensor, counts: torch.Tensor, width: int,
-    rows: int | None = None,
+    rows: int | None = None, widths: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Suppression edges ``(src, dst)`` (rank indices, ``src < dst``) from the sweep band.
 
@@ -233,9 +244,7 @@ def _banded_edges(
     widest band (one small host read per chunk), which keeps the work near ``sum(counts)``.
     """
     n, d = boxes.shape[0], boxes.shape[1] // 2
-    if rows is None:
-        # 128 rows measured best on CPU (cache-sized temporaries); on GPUs fewer, larger launches (not yet tuned).
-        rows = 128 if boxes.device.type == "cpu" else 2048
+    rows = rows or _band_rows(boxes.device)
     bs = boxes[order]
     cols = []
     for k in range(2 * d):  # per-coordinate columns, padded so every window of ``width`` exists
@@ -255,7 +264,8 @@ def _banded_edges(
     w_all = torch.arange(width, device=boxes.device)
     srcs, dsts = [], []
     starts = list(range(0, n, rows))
-    widths = torch.stack([counts[p0 : p0 + rows].max() for p0 in starts]).tolist()  # one sync for all chunks
+    if widths is None:
+        widths = _chunk_widths(counts, rows)
     for p0, w in zip(starts, widths):  # a loop over row chunks, not over boxes
         if w == 0:
             continue
@@ -284,6 +294,19 @@ def _banded_edges(
         empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return empty, empty
     return torch.cat(srcs), torch.cat(dsts)
+
+
+def _band_rows(device: torch.device) -> int:
+    """Rows per band chunk: 128 measured best on CPU (cache-sized temporaries); on GPUs fewer, larger launches."""
+    return 128 if device.type == "cpu" else 2048
+
+
+def _chunk_widths(counts: torch.Tensor, rows: int) -> list[int]:
+    """The widest band of each chunk of ``rows`` consecutive sweep rows (one host read for all chunks)."""
+    n = counts.shape[0]
+    padded = torch.zeros(-(-n // rows) * rows, dtype=counts.dtype, device=counts.device)
+    padded[:n] = counts
+    return padded.view(-1, rows).amax(1).tolist()
 
 
 def _greedy_keep(n: int, suppressed_by: "callable", device) -> torch.Tensor:
@@ -317,13 +340,16 @@ def _keep_sorted(boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor
     """Greedy keep mask for boxes already in rank order."""
     n = boxes.shape[0]
     order, counts = _sweep(boxes, iou_threshold)
-    width = int(counts.max())  # host sync: the band width sizes the work
-    if width > _DENSE_FRACTION * n or iou_threshold < 0:
+    rows = _band_rows(boxes.device)
+    widths = _chunk_widths(counts, rows)  # one host sync: the band widths size the work
+    # The band costs about rows x (each chunk's widest band); the dense upper triangle n^2 / 2. Deciding on the total
+    # (not the single widest band) keeps one huge box, or a threshold of 0, on the band path.
+    if sum(widths) * rows > _DENSE_FRACTION * n * n or iou_threshold < 0:
         # Heavily overlapping along the sweep axis: the dense upper triangle is cheaper than a band nearly as wide.
         # (A negative threshold makes even disjoint boxes suppress each other, which the sweep's bound excludes.)
         src, dst = _suppression_matrix(boxes, iou_threshold, labels).nonzero().unbind(1)
     else:
-        src, dst = _banded_edges(boxes, iou_threshold, labels, order, counts, max(width, 1))
+        src, dst = _banded_edges(boxes, iou_threshold, labels, order, counts, max(max(widths), 1), rows, widths)
 
     def suppressed_by(keep: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.float32, device=boxes.device).index_add_(0, dst, keep[src].to(torch.float32))
@@ -343,6 +369,7 @@ def _nms_ranked(boxes, scores, iou_threshold, labels) -> tuple[torch.Tensor, tor
         _same_device(boxes=boxes, scores=scores)
     # Rank: decreasing score; equal scores keep the lower index first (stable sort).
     order = torch.sort(scores, descending=True, stable=True).indices
+    boxes = _compute(boxes)  # the overlap test in float32 at least (see _compute)
     if n == 0:
         return order, torch.zeros(0, dtype=torch.bool, device=boxes.device)
     return order, _keep_sorted(boxes[order], float(iou_threshold), None if labels is None else labels[order])

@@ -330,6 +330,41 @@ def test_nms_chunked_path_matches_reference(d, monkeypatch):
     assert batched_nms(boxes, scores, labels, 0.4).tolist() == ref_nms(boxes, scores, 0.4, labels)
 
 
+@DIMS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_boxes_decide_in_float32(d, dtype):
+    # bf16/fp16 boxes: IoU and NMS decisions are those of the (exactly representable) low-precision coordinates
+    # computed in float64, not of arithmetic rounded to 8 significant bits.
+    gen = torch.Generator().manual_seed(7 + d)
+    boxes = clustered_boxes(150, d, gen, clusters=6, extent=100.0).to(dtype)
+    scores = torch.rand(150, generator=gen)
+    exact = boxes.double()
+    iou = box_iou(boxes, boxes)
+    assert iou.dtype == torch.float32
+    torch.testing.assert_close(iou.double(), box_iou(exact, exact), rtol=1e-6, atol=1e-6)
+    assert elementwise_box_iou(boxes, boxes.flip(0)).dtype == torch.float32
+    for thr in (0.3, 0.5, 0.7):
+        assert nms(boxes, scores, thr).tolist() == ref_nms(exact, scores.double(), thr)
+
+
+@DIMS
+def test_nms_threshold_zero_with_huge_box_takes_band_path(d, monkeypatch):
+    # IoU > 0 with one box covering the whole image: the widest band is N, but the total work stays small, so the
+    # band path (not the dense N^2 triangle) must be taken, and the result must stay exact.
+    gen = torch.Generator().manual_seed(11 + d)
+    boxes = random_boxes(400, d, gen, extent=400.0, smin=2.0, smax=12.0)
+    boxes[0] = torch.tensor([0.0] * d + [400.0] * d)
+    scores = torch.rand(400, generator=gen)
+    expected = ref_nms(boxes, scores, 0.0)
+
+    def dense(*a, **k):
+        raise AssertionError("dense path taken")
+
+    monkeypatch.setattr(B, "_suppression_matrix", dense)
+    monkeypatch.setattr(B, "_band_rows", lambda device: 16)
+    assert nms(boxes, scores, 0.0).tolist() == expected
+
+
 # ----------------------------------------------------------------------------------------------- property tests
 
 
