@@ -197,7 +197,7 @@ def test_slice_linking_sphere_to_one_candidate():
 
 
 def test_submission_format(tmp_path):
-    from medetect.luna.fpr import main
+    from medetect.cli import main
     from medetect.data.phantoms import write_luna16_dataset
 
     root = tmp_path / "luna"
@@ -206,7 +206,7 @@ def test_submission_format(tmp_path):
     cfg = FPRConfig(cube_size=8, spacing_mm=2.0, widths=[4, 8], stem_width=4, groups=2)
     save_fpr(build_fpr(cfg), tmp_path / "m.safetensors")
     out = tmp_path / "sub.csv"
-    assert main(["score", str(tmp_path / "m.safetensors"), str(root), "--candidates", str(root / "candidates.csv"),
+    assert main(["luna-fpr", "score", str(tmp_path / "m.safetensors"), str(root), "--candidates", str(root / "candidates.csv"),
                  "--out", str(out)]) == 0
     rows = list(csv.reader(open(out)))
     n_cand = len(list(csv.reader(open(root / "candidates.csv")))) - 1

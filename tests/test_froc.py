@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medetect.cli import main as cli_main
 from medetect.evaluation import froc as F
 
 OP = np.array([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
@@ -473,7 +474,7 @@ def test_froc_curve_matches_reference_roc_with_ties():
 
 def test_cli_json_and_plot(hand_files, tmp_path, capsys):
     png = tmp_path / "froc.png"
-    rc = F.main([str(hand_files["ann"]), str(hand_files["pred"]), "--excluded", str(hand_files["exc"]),
+    rc = cli_main(["froc", str(hand_files["ann"]), str(hand_files["pred"]), "--excluded", str(hand_files["exc"]),
                  "--seriesuids", str(hand_files["series"]), "--json", "--bootstrap", "30",
                  "--plot", str(png), "--curve"])
     assert rc == 0
@@ -487,15 +488,15 @@ def test_cli_json_and_plot(hand_files, tmp_path, capsys):
 
 
 def test_cli_table(hand_files, capsys):
-    rc = F.main([str(hand_files["ann"]), str(hand_files["pred"]), "--bootstrap", "0"])
+    rc = cli_main(["froc", str(hand_files["ann"]), str(hand_files["pred"]), "--bootstrap", "0"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "CPM" in text and "0.125" in text and "CI" not in text
 
 
-def test_python_m_entry_point(hand_files):
+def test_python_m_medetect_froc(hand_files):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "medetect.evaluation.froc", str(hand_files["ann"]),
+    proc = subprocess.run([sys.executable, "-m", "medetect", "froc", str(hand_files["ann"]),
                            str(hand_files["pred"]), "--excluded", str(hand_files["exc"]),
                            "--seriesuids", str(hand_files["series"]), "--json", "--bootstrap", "5"],
                           capture_output=True, text=True, env=env, timeout=60)
@@ -526,7 +527,7 @@ def _error(tmp_path, capsys, ann_text=None, pred_text=None, series_text=None, ex
     if exc_text is not None:
         (tmp_path / "exc.csv").write_text(exc_text)
         argv += ["--excluded", str(tmp_path / "exc.csv")]
-    assert F.main(argv) == 2
+    assert cli_main(["froc", *argv]) == 2
     return capsys.readouterr().err
 
 
@@ -586,7 +587,7 @@ def test_empty_predictions_and_no_cap(tmp_path, capsys):
     assert (r.n_scans, r.n_tp, r.n_fn, r.n_fp, r.n_marks) == (2, 0, 3, 0, 0)
     np.testing.assert_array_equal(r.sensitivities, 0.0)
     np.testing.assert_array_equal(r.sensitivities_ci_high, 0.0)
-    assert F.main([str(ann), str(tmp_path / "missing.csv")]) == 2
+    assert cli_main(["froc", str(ann), str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv: cannot open file" in capsys.readouterr().err
-    assert F.main([str(ann), str(pred), "--max-marks", "0", "--bootstrap", "0", "--json"]) == 0
+    assert cli_main(["froc", str(ann), str(pred), "--max-marks", "0", "--bootstrap", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_marks_per_scan"] is None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from medetect.cli import main
 from medetect.convert import Geometry, luna_to_boxes, voxel_to_world, world_to_voxel
 from medetect.data.phantoms import write_luna16_dataset
 from medetect.luna.detection import (
@@ -19,7 +20,6 @@ from medetect.luna.detection import (
     default_detector_config,
     evaluate_submission,
     load_luna_model,
-    main,
     predict_layout,
     predict_scan,
     resampled_geometry,
@@ -186,5 +186,5 @@ def test_train_resume_predict_submit_froc_cli(luna_dir, tmp_path):
     assert res.n_scans == 1 and 0.0 <= res.cpm <= 1.0
 
     out = tmp_path / "cli.csv"
-    assert main(["predict", str(luna_dir), "--weights", str(w), "--out", str(out), "--subsets", "1", "--froc"]) == 0
+    assert main(["luna", "predict", str(luna_dir), "--weights", str(w), "--out", str(out), "--subsets", "1", "--froc"]) == 0
     assert out.read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medetect.cli import main
 from medetect.convert import Geometry, world_to_voxel
 from medetect.data.phantoms import (
     ANNOTATIONS_HEADER,
     CANDIDATES_HEADER,
     LUNA_UID_PREFIX,
-    main,
     make_phantom,
     write_luna16_dataset,
 )
@@ -283,7 +283,7 @@ def test_dataset_determinism(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert main([str(tmp_path / "d"), "--scans", "1", "--seed", "3", "--shape", "20", "64", "64",
+    assert main(["phantoms", str(tmp_path / "d"), "--scans", "1", "--seed", "3", "--shape", "20", "64", "64",
                  "--nodules", "1", "1", "--diameters", "4", "8"]) == 0
     assert '"n_nodules": 1' in capsys.readouterr().out
     assert len(list((tmp_path / "d" / "subset0").glob("*.mhd"))) == 1

@@ -39,8 +39,6 @@ plus :data:`LUNA_UID_PREFIX`, :data:`ANNOTATIONS_HEADER`, :data:`CANDIDATES_HEAD
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -57,7 +55,6 @@ __all__ = [
     "CANDIDATES_HEADER",
     "make_phantom",
     "write_luna16_dataset",
-    "main",
 ]
 
 #: Root of LIDC-IDRI / LUNA16 series UIDs; synthetic scans append 30 digits drawn from the seed.
@@ -870,40 +867,3 @@ def write_luna16_dataset(
         "scans": scans,
         "synthetic": True,
     }
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m medetect.data.phantoms") -> int:
-    """``python -m medetect.data.phantoms OUT_DIR --scans N --seed S``: write a synthetic LUNA16 dataset.
-
-    ``prog`` is the name shown in ``--help`` (e.g. ``"medetect phantoms"`` when called from the main CLI).
-    """
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Write synthetic chest-CT phantoms as a LUNA16-format dataset (MHD/RAW + CSVs).",
-    )
-    p.add_argument("out_dir", help="output folder (created)")
-    p.add_argument("--scans", type=int, default=10, help="number of scans (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--subsets", type=int, default=1, help="spread scans over subset0..subsetK-1 (default 1)")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(128, 256, 256))
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("SZ", "SY", "SX"), default=None,
-                   help="mm per array axis; default: drawn per scan like LUNA16's")
-    p.add_argument("--nodules", type=int, nargs=2, metavar=("LO", "HI"), default=(0, 4),
-                   help="nodules per scan, inclusive range (default 0 4)")
-    p.add_argument("--diameters", type=float, nargs=2, metavar=("MIN", "MAX"), default=(3.0, 30.0),
-                   help="nodule diameters in mm (default 3 30)")
-    p.add_argument("--noise", type=float, default=25.0, help="noise standard deviation in HU (default 25)")
-    a = p.parse_args(argv)
-    kw = {"shape": tuple(a.shape), "nodule_diameters_mm": tuple(a.diameters), "noise_std_hu": a.noise}
-    if a.spacing is not None:
-        kw["spacing"] = tuple(a.spacing)
-    m = write_luna16_dataset(a.out_dir, a.scans, a.seed, a.subsets, n_nodules=tuple(a.nodules), **kw)
-    print(json.dumps({k: v for k, v in m.items() if k != "scans"}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

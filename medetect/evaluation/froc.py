@@ -123,12 +123,9 @@ is within one rounding unit (about 1e-16 relative) of the squared radius.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -148,7 +145,6 @@ __all__ = [
     "froc",
     "froc_curve",
     "plot_froc",
-    "main",
 ]
 
 #: FP rates (false positives per scan) at which the LUNA16 CPM averages the sensitivity.
@@ -947,59 +943,3 @@ def plot_froc(result: FROCResult, path: PathLike, *, title: str | None = None, d
 
 # ----------------------------------------------------------------------------------------------
 # command line
-# ----------------------------------------------------------------------------------------------
-
-
-def build_parser(prog: str = "medetect froc") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="LUNA16 FROC / CPM evaluation with the rules of the official "
-                    "noduleCADEvaluationLUNA16.py (hit = centre distance < radius, marks on excluded "
-                    "findings ignored, at most 100 marks per scan, bootstrap over scans).")
-    parser.add_argument("annotations", help="annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm)")
-    parser.add_argument("predictions", help="predictions CSV (seriesuid,coordX,coordY,coordZ,probability)")
-    parser.add_argument("--excluded", metavar="F", help="annotations_excluded.csv (marks on these "
-                        "findings are neither TP nor FP)")
-    parser.add_argument("--seriesuids", metavar="F", help="seriesuids.csv: the evaluated scans, one "
-                        "per line (default: the scans of the annotations and predictions)")
-    parser.add_argument("--bootstrap", metavar="N", type=int, default=1000,
-                        help="bootstrap resamples of the scans for the confidence intervals "
-                             "(default 1000; 0 = none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.add_argument("--max-marks", type=int, default=MAX_MARKS_PER_SCAN,
-                        help="most suspicious marks kept per scan (default 100 as in LUNA16; 0 = all)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--curve", action="store_true", help="with --json: include the full curve")
-    parser.add_argument("--plot", metavar="OUT.png", help="write the FROC plot to this PNG file")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "medetect froc") -> int:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be >= 0")
-    try:
-        result = froc(args.annotations, args.predictions, excluded=args.excluded,
-                      seriesuids=args.seriesuids, n_bootstrap=args.bootstrap, seed=args.seed,
-                      max_marks_per_scan=args.max_marks if args.max_marks > 0 else None)
-    except FROCError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if args.plot:
-        try:
-            plot_froc(result, args.plot)
-        except OSError as exc:
-            print(f"{prog}: error: cannot write the plot {args.plot}: {exc.strerror}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps(result.to_dict(include_curve=args.curve), indent=2))
-    else:
-        print(result.format_table())
-        if args.plot:
-            print(f"plot written to {args.plot}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m medetect.evaluation.froc"))

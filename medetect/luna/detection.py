@@ -27,15 +27,12 @@ with the highest-loss negative anchors.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -67,7 +64,6 @@ __all__ = [
     "evaluate_submission",
     "lung_pet_ct_smoke",
     "time_inference",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -654,139 +650,3 @@ def phantom_demo(out_dir: str | os.PathLike, *, n_train: int = 8, n_test: int = 
     sub = write_submission(out / "submission.csv", marks)
     res = evaluate_submission(layout, sub, test)
     return {"weights": str(weights), "submission": str(sub), "froc": _froc_summary(res)}
-
-
-# ============================================================================================ CLI
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="LUNA16-style lung nodule detection (3D detector stage).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="LUNA16 folder -> run dir (checkpoints, model.safetensors)")
-    t.add_argument("root")
-    t.add_argument("--run-dir", required=True)
-    t.add_argument("--subsets", nargs="*", help="training subsets (default: all but --test-subset)")
-    t.add_argument("--test-subset", help="held-out subset, predicted and scored after training")
-    t.add_argument("--spacing", type=float, default=1.5)
-    t.add_argument("--patch", type=int, default=64)
-    t.add_argument("--patches-per-volume", type=int, default=8)
-    t.add_argument("--pos-prob", type=float, default=0.7)
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--steps-per-epoch", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--arch", default="retinanet", choices=("retinanet", "faster_rcnn"))
-    t.add_argument("--hard-negatives", action="store_true",
-                   help="with --arch faster_rcnn: RPN minibatches of positives + the highest-loss negatives "
-                        "(explicit hard negative mining) instead of the focal loss over all anchors")
-    t.add_argument("--base-width", type=int, default=8)
-    t.add_argument("--fpn-channels", type=int, default=16)
-    t.add_argument("--cache-dir")
-    t.add_argument("--no-resume", action="store_true")
-    t.add_argument("--allow-missing-scans", action="store_true")
-    t.add_argument("--threads", type=int, default=0)
-    pr = sub.add_parser("predict", help="weights + LUNA16 folder or .mhd files -> submission CSV")
-    pr.add_argument("inputs", nargs="+", help="a LUNA16 folder, or .mhd/.mha/.nii files (uid = file stem)")
-    pr.add_argument("--weights", required=True)
-    pr.add_argument("--out", required=True, help="submission CSV")
-    pr.add_argument("--subsets", nargs="*")
-    pr.add_argument("--tile", type=int, default=256)
-    pr.add_argument("--froc", action="store_true", help="score against the folder's annotations.csv")
-    pr.add_argument("--threads", type=int, default=0)
-    d = sub.add_parser("phantom-demo", help="synthetic phantoms -> train briefly (or --weights) -> predict -> CPM")
-    d.add_argument("--out", help="work folder (default: a temporary one)")
-    d.add_argument("--n-train", type=int, default=8)
-    d.add_argument("--n-test", type=int, default=4)
-    d.add_argument("--weights", help="use these weights instead of training (e.g. the shipped phantom model)")
-    d.add_argument("--epochs", type=int, default=4)
-    d.add_argument("--steps-per-epoch", type=int, default=50)
-    d.add_argument("--seed", type=int, default=1000)
-    d.add_argument("--threads", type=int, default=0)
-    s = sub.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
-    s.add_argument("--weights", required=True)
-    s.add_argument("--root", default="../shared/data/lung-pet-ct-dx-sample")
-    s.add_argument("--threads", type=int, default=0)
-    tm = sub.add_parser("time", help="whole-scan inference time on a synthetic 512x512x256 volume")
-    tm.add_argument("--weights", required=True)
-    tm.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512])
-    tm.add_argument("--threads", type=int, default=0)
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "medetect luna") -> int:
-    args = _parser(prog).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cmd == "train":
-        from ..engine.trainer import TrainConfig
-
-        layout = LunaLayout(args.root, allow_missing_scans=args.allow_missing_scans)
-        if args.subsets:
-            uids = layout.uids_in(args.subsets)
-        else:
-            uids = [u for u, s in layout.subset_of.items() if not args.test_subset or s != _subset_name(args.test_subset)]
-        tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
-                         warmup_iters=50, num_workers=0, max_steps_per_epoch=args.steps_per_epoch, log_every=10)
-        extra = {}
-        if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
-            extra = {"rpn_objectness_loss": "bce", "rpn_negative_sampling": "hard"}
-        mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels, **extra)
-        w = train_detector(layout, args.run_dir, uids=uids, pre=LunaPreprocess(spacing=args.spacing),
-                           model_config=mc, train_config=tc, patch_size=args.patch,
-                           patches_per_volume=args.patches_per_volume, pos_prob=args.pos_prob,
-                           cache_dir=args.cache_dir, resume=not args.no_resume)
-        print(f"weights: {w}")
-        if args.test_subset:
-            model, pre = load_luna_model(w)
-            test = layout.uids_in([args.test_subset])
-            sub = write_submission(Path(args.run_dir) / "submission.csv", predict_layout(model, pre, layout, test))
-            print(json.dumps(_froc_summary(evaluate_submission(layout, sub, test))))
-        return 0
-    if args.cmd == "predict":
-        model, pre = load_luna_model(args.weights)
-        ins = [Path(i) for i in args.inputs]
-        if len(ins) == 1 and ins[0].is_dir():
-            layout = LunaLayout(ins[0], allow_missing_scans=True)
-            uids = layout.uids_in(args.subsets) if args.subsets else layout.uids
-            marks = predict_layout(model, pre, layout, uids, tile_size=args.tile)
-            sub = write_submission(args.out, marks)
-            print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
-            if args.froc:
-                print(json.dumps(_froc_summary(evaluate_submission(layout, sub, uids))))
-            return 0
-        marks = {}
-        for f in ins:
-            if not f.is_file():
-                raise FileNotFoundError(f"input not found: {f}")
-            marks[f.name.split(".")[0] if not f.name.endswith(".mhd") else f.name[:-4]] = predict_scan(
-                model, pre, read_image(f), tile_size=args.tile)
-        sub = write_submission(args.out, marks)
-        print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
-        return 0
-    if args.cmd == "phantom-demo":
-        with tempfile.TemporaryDirectory(prefix="medetect-luna-demo-") as tmp:
-            res = phantom_demo(args.out or tmp, n_train=args.n_train, n_test=args.n_test, weights=args.weights,
-                               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, seed=args.seed)
-        f = res["froc"]
-        print(f"CPM {f['cpm']:.3f}  sensitivities at {f['fps']} FPs/scan: {f['sensitivities']}  "
-              f"({f['n_nodules']} nodules in {f['n_scans']} held-out phantom scans)")
-        return 0
-    if args.cmd == "lung-pet-ct":
-        model, pre = load_luna_model(args.weights)
-        for r in lung_pet_ct_smoke(model, pre, args.root):
-            print(json.dumps(r))
-        return 0
-    if args.cmd == "time":
-        model, pre = load_luna_model(args.weights)
-        print(json.dumps(time_inference(model, pre, shape=tuple(args.shape))))
-        return 0
-    return 2  # pragma: no cover
-
-
-def _subset_name(s: str | int) -> str:
-    return s if isinstance(s, str) and s.startswith("subset") else f"subset{int(s)}"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -38,7 +38,6 @@ CLI (wired by the lead as ``medetect luna-fpr``)::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -71,7 +70,6 @@ __all__ = [
     "FUSION_MODES",
     "save_fpr",
     "load_fpr",
-    "main",
 ]
 
 FUSION_MODES = ("product", "mean", "geometric", "fpr")
@@ -537,73 +535,3 @@ def fuse(det_prob, fpr_prob, mode: str = "product", weight: float = 0.5) -> np.n
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="LUNA16 stage two: false-positive reduction of candidates.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the cube classifier: LUNA16 folder + candidates.csv -> run dir")
-    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd)")
-    t.add_argument("--candidates", required=True, help="candidates.csv (seriesuid,coordX,coordY,coordZ,class)")
-    t.add_argument("--run-dir", required=True)
-    t.add_argument("--subsets", nargs="*", default=None, help="train only on these subset folders, e.g. subset0")
-    t.add_argument("--cube", type=int, default=32, help="voxels per cube axis (default 32)")
-    t.add_argument("--spacing", type=float, default=1.0, help="cube voxel size in mm (default 1)")
-    t.add_argument("--scales", type=float, nargs="*", default=[1.0], help="fields of view (channels), default 1")
-    t.add_argument("--widths", type=int, nargs="*", default=[16, 32, 64])
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--max-steps-per-epoch", type=int, default=0)
-    t.add_argument("--pos-fraction", type=float, default=0.5)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--device", default=None)
-    s = sub.add_parser("score", help="score candidates: weights + folder + candidates -> LUNA16 submission CSV")
-    s.add_argument("weights", help="model.safetensors written by train (or the run folder: its latest checkpoint)")
-    s.add_argument("root")
-    s.add_argument("--candidates", required=True,
-                   help="candidates.csv, or a stage-one submission (probability column, then fused with --fuse)")
-    s.add_argument("--out", required=True, help="submission CSV (seriesuid,coordX,coordY,coordZ,probability)")
-    s.add_argument("--fuse", choices=FUSION_MODES, default="product", help="with a stage-one submission (default product)")
-    s.add_argument("--subsets", nargs="*", default=None)
-    s.add_argument("--tta", action="store_true", help="average over the cube's axis flips")
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--device", default=None)
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "medetect luna-fpr") -> int:
-    from ..data.annotations import write_luna_submission
-    from ..engine.trainer import TrainConfig
-
-    a = _parser(prog).parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.cmd == "train":
-        cfg = FPRConfig(cube_size=a.cube, spacing_mm=a.spacing, scales=list(a.scales), in_channels=len(a.scales),
-                        widths=list(a.widths))
-        tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer="adamw", warmup_iters=50,
-                           num_workers=0, seed=a.seed, max_steps_per_epoch=a.max_steps_per_epoch, weight_decay=1e-4)
-        _, hist = train_fpr(a.root, a.candidates, a.run_dir, config=cfg, train=tcfg, subsets=a.subsets,
-                            pos_fraction=a.pos_fraction, device=a.device)
-        print(json.dumps(hist[-1] if hist else {}))
-        return 0
-    model = load_fpr(a.weights, device=a.device)
-    cands = read_candidates(a.candidates)
-    scans = find_scans(a.root)
-    if a.subsets:
-        scans = {u: p for u, p in scans.items() if p.parent.name in set(a.subsets)}
-    with open(a.candidates, newline="") as f:
-        is_submission = "probability" in next(csv.reader(f), [])
-    scored = score_scans(model, scans, cands, tta=a.tta)
-    rows = {}
-    for uid, (c, p) in scored.items():
-        rows[uid] = (c, fuse(cands[uid][1], p, a.fuse) if is_submission else p)
-    write_luna_submission(a.out, rows)
-    print(f"wrote {sum(len(c) for c, _ in rows.values())} scored candidates of {len(rows)} scans to {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(prog="python -m medetect.luna.fpr"))

@@ -1,0 +1,115 @@
+"""The general detector commands: ``train``, ``export``, ``predict``, ``evaluate``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (add_runtime, apply_runtime, check_out_dir, check_out_file, fraction, positive_int,
+                     print_json, probability)
+
+__all__ = ["register"]
+
+
+def cmd_train(args) -> int:
+    from ..config import load_config
+    from ..experiment import run_training
+
+    apply_runtime(args)
+    cfg = load_config(args.config)
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    history = run_training(cfg, run_dir, resume=args.resume, device=args.device)
+    print_json(history[-1] if history else {})
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..models.io import export_from_run, export_onnx
+
+    check_out_file(args.out)
+    if args.onnx:
+        print(export_onnx(args.run_dir, args.out, args.onnx))
+    else:
+        print(export_from_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ..models.io import predict_paths
+
+    apply_runtime(args)
+    out = check_out_dir(args.out)
+    written = predict_paths(args.weights, args.paths, out, tile_size=args.tile, overlap=args.overlap,
+                            device=args.device, score_thresh=args.score_thresh)
+    print(f"wrote {len(written)} prediction files to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..models.io import evaluate_spec
+
+    apply_runtime(args)
+    if args.plots:
+        check_out_dir(args.plots, "--plots")
+    res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots)
+    if args.json:
+        print_json(res, indent=1)
+        return 0
+    print(f"images: {res['images']}  boxes: {res['boxes']}")
+    print(f"VOC mAP@0.5 (all-point): {res['map50']:.4f}   VOC07 11-point: {res['map50_07']:.4f}   "
+          f"COCO mAP@[.5:.95]: {res['coco_map']:.4f}")
+    for name, ap in res["ap50_per_class"].items():
+        print(f"  AP@0.5 {name:>12s}: {ap:.4f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    apply_runtime(args)
+    path = run_demo(check_out_dir(args.out), device=args.device or "cpu")
+    print(f"demo report: {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model from a YAML config (checkpoints every epoch, exact resume)")
+    t.add_argument("config", help="YAML config (see docs/config-reference.md)")
+    t.add_argument("--run-dir", default=None, help="checkpoints and metrics (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest intact checkpoint")
+    t.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
+    add_runtime(t)
+    t.set_defaults(fn=cmd_train)
+
+    ex = sub.add_parser("export", help="a run's newest checkpoint -> one shippable .safetensors model (or ONNX)")
+    ex.add_argument("run_dir", help="training run folder (or, with --onnx, a .safetensors model)")
+    ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--onnx", type=positive_int, nargs="+", default=None, metavar="SIZE",
+                    help="export the dense part (backbone, FPN, dense head) to ONNX for this input size")
+    ex.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("predict", help="detect objects in images and volumes with a model file")
+    pr.add_argument("--weights", required=True, help="a .safetensors model file (config and preprocessing inside) or a run folder")
+    pr.add_argument("paths", nargs="+", help="image files, volumes (NIfTI, MHD, NRRD), DICOM files or series folders, folders")
+    pr.add_argument("--out", required=True, help="output folder (one CSV per input + predictions.json)")
+    pr.add_argument("--tile", type=positive_int, nargs="+", default=None, metavar="SIZE",
+                    help="sliding-window tile size in input pixels/voxels (one per axis, or one for all)")
+    pr.add_argument("--overlap", type=fraction, default=0.25, help="tile overlap fraction in [0, 1) (default 0.25)")
+    pr.add_argument("--score-thresh", type=probability, default=0.05, help="drop detections below this score (default 0.05)")
+    add_runtime(pr)
+    pr.set_defaults(fn=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="VOC/COCO mAP of a model on a dataset")
+    ev.add_argument("--weights", required=True)
+    ev.add_argument("--data", required=True, help="FOLDER:SPLIT, e.g. ../shared/data/bccd:val (a VOC folder)")
+    ev.add_argument("--plots", default=None, help="folder for PR curves (PNG)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_runtime(ev)
+    ev.set_defaults(fn=cmd_evaluate)
+
+    de = sub.add_parser("demo", help="the shipped detector on bundled images -> HTML report")
+    de.add_argument("--out", default="medetect-demo", help="report folder (default medetect-demo)")
+    add_runtime(de)
+    de.set_defaults(fn=cmd_demo)

@@ -1,0 +1,252 @@
+"""``luna`` (LUNA16 stage one: the 3D nodule detector) and ``luna-fpr`` (stage two: false-positive reduction)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from .common import add_runtime, apply_runtime, check_out_file, fraction, positive_float, positive_int, print_json
+from .errors import UsageError
+
+__all__ = ["register"]
+
+
+def _subset_name(s: str) -> str:
+    return s if s.startswith("subset") else f"subset{int(s)}" if s.isdigit() else s
+
+
+def _luna_train(args) -> int:
+    from ..engine.trainer import TrainConfig
+    from ..luna.detection import (LunaLayout, LunaPreprocess, _froc_summary, default_detector_config,
+                                  evaluate_submission, load_luna_model, predict_layout, train_detector,
+                                  write_submission)
+
+    layout = LunaLayout(args.root, allow_missing_scans=args.allow_missing_scans)
+    if args.subsets:
+        uids = layout.uids_in(args.subsets)
+    else:
+        test = _subset_name(args.test_subset) if args.test_subset else None
+        uids = [u for u, s in layout.subset_of.items() if s != test]
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", warmup_iters=50,
+                     num_workers=0, max_steps_per_epoch=args.steps_per_epoch, log_every=10)
+    extra = {}
+    if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
+        if args.arch != "faster_rcnn":
+            raise UsageError("--hard-negatives needs --arch faster_rcnn (RetinaNet's focal loss already covers all anchors)")
+        extra = {"rpn_objectness_loss": "bce", "rpn_negative_sampling": "hard"}
+    mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels, **extra)
+    w = train_detector(layout, args.run_dir, uids=uids, pre=LunaPreprocess(spacing=args.spacing), model_config=mc,
+                       train_config=tc, patch_size=args.patch, patches_per_volume=args.patches_per_volume,
+                       pos_prob=args.pos_prob, cache_dir=args.cache_dir, resume=args.resume, device=args.device or "cpu")
+    print(f"weights: {w}")
+    if args.test_subset:
+        model, pre = load_luna_model(w)
+        test = layout.uids_in([args.test_subset])
+        sub = write_submission(Path(args.run_dir) / "submission.csv", predict_layout(model, pre, layout, test))
+        print_json(_froc_summary(evaluate_submission(layout, sub, test)))
+    return 0
+
+
+def _luna_predict(args) -> int:
+    from ..data.io import read_image
+    from ..luna.detection import (LunaLayout, _froc_summary, evaluate_submission, load_luna_model, predict_layout,
+                                  predict_scan, write_submission)
+
+    out = check_out_file(args.out)
+    model, pre = load_luna_model(args.weights)
+    ins = [Path(i) for i in args.inputs]
+    if len(ins) == 1 and ins[0].is_dir():
+        layout = LunaLayout(ins[0], allow_missing_scans=True)
+        uids = layout.uids_in(args.subsets) if args.subsets else layout.uids
+        if not uids:
+            raise UsageError(f"{ins[0]} holds no scans in subset*/ folders (a LUNA16 layout); give scan files instead")
+        marks = predict_layout(model, pre, layout, uids, tile_size=args.tile)
+        sub = write_submission(out, marks)
+        print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
+        if args.froc:
+            print_json(_froc_summary(evaluate_submission(layout, sub, uids)))
+        return 0
+    if args.froc or args.subsets:
+        raise UsageError("--froc and --subsets need a LUNA16 folder as the single input")
+    marks = {}
+    for f in ins:
+        if not f.exists():
+            raise FileNotFoundError(f"input not found: {f}")
+        uid = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
+        marks[uid] = predict_scan(model, pre, read_image(f), tile_size=args.tile)
+    sub = write_submission(out, marks)
+    print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
+    return 0
+
+
+def _luna_phantom_demo(args) -> int:
+    from ..luna.detection import phantom_demo
+
+    with tempfile.TemporaryDirectory(prefix="medetect-luna-demo-") as tmp:
+        res = phantom_demo(args.out or tmp, n_train=args.n_train, n_test=args.n_test, weights=args.weights,
+                           epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, seed=args.seed)
+    f = res["froc"]
+    print(f"CPM {f['cpm']:.3f}  sensitivities at {f['fps']} FPs/scan: {f['sensitivities']}  "
+          f"({f['n_nodules']} nodules in {f['n_scans']} held-out phantom scans)")
+    return 0
+
+
+def _luna_lung_pet_ct(args) -> int:
+    from ..luna.detection import load_luna_model, lung_pet_ct_smoke
+
+    if not Path(args.root).is_dir():
+        raise UsageError(f"--root {args.root} is not a folder (the Lung-PET-CT-Dx sample, e.g. "
+                         "../shared/data/lung-pet-ct-dx-sample)")
+    model, pre = load_luna_model(args.weights)
+    for r in lung_pet_ct_smoke(model, pre, args.root):
+        print_json(r)
+    return 0
+
+
+def _luna_time(args) -> int:
+    from ..luna.detection import load_luna_model, time_inference
+
+    model, pre = load_luna_model(args.weights)
+    print_json(time_inference(model, pre, shape=tuple(args.shape)))
+    return 0
+
+
+def _run_luna(args) -> int:
+    apply_runtime(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.luna_fn(args)
+
+
+def _fpr_train(args) -> int:
+    from ..engine.trainer import TrainConfig
+    from ..luna.fpr import FPRConfig, train_fpr
+
+    cfg = FPRConfig(cube_size=args.cube, spacing_mm=args.spacing, scales=list(args.scales), in_channels=len(args.scales),
+                    widths=list(args.widths))
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", warmup_iters=50,
+                       num_workers=0, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch, weight_decay=1e-4)
+    _, hist = train_fpr(args.root, args.candidates, args.run_dir, config=cfg, train=tcfg, subsets=args.subsets,
+                        pos_fraction=args.pos_fraction, device=args.device)
+    print_json(hist[-1] if hist else {})
+    return 0
+
+
+def _fpr_score(args) -> int:
+    import csv
+
+    from ..data.annotations import write_luna_submission
+    from ..luna.fpr import find_scans, fuse, load_fpr, read_candidates, score_scans
+
+    out = check_out_file(args.out)
+    model = load_fpr(args.weights, device=args.device)
+    cands = read_candidates(args.candidates)
+    scans = find_scans(args.root)
+    if args.subsets:
+        scans = {u: p for u, p in scans.items() if p.parent.name in {_subset_name(s) for s in args.subsets}}
+    if not scans:
+        raise UsageError(f"{args.root} holds no scans in subset*/ folders" + (" of --subsets" if args.subsets else ""))
+    with open(args.candidates, newline="") as f:
+        is_submission = "probability" in next(csv.reader(f), [])
+    scored = score_scans(model, scans, cands, tta=args.tta)
+    rows = {uid: (c, fuse(cands[uid][1], p, args.fuse) if is_submission else p) for uid, (c, p) in scored.items()}
+    write_luna_submission(out, rows)
+    print(f"wrote {sum(len(c) for c, _ in rows.values())} scored candidates of {len(rows)} scans to {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lp = sub.add_parser("luna", help="LUNA16 stage one: the 3D nodule detector (train, predict, phantom demo, smoke test, timing)",
+                        description="LUNA16-style lung nodule detection (3D detector stage).")
+    ls = lp.add_subparsers(dest="sub", required=True, metavar="STEP")
+    t = ls.add_parser("train", help="LUNA16 folder -> run folder (checkpoints, model.safetensors)")
+    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd, annotations.csv)")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument("--subsets", nargs="*", help="training subsets (default: all but --test-subset)")
+    t.add_argument("--test-subset", help="held-out subset, predicted and scored after training")
+    t.add_argument("--spacing", type=positive_float, default=1.5, help="resampling in mm (default 1.5)")
+    t.add_argument("--patch", type=positive_int, default=64)
+    t.add_argument("--patches-per-volume", type=positive_int, default=8)
+    t.add_argument("--pos-prob", type=fraction, default=0.7)
+    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--steps-per-epoch", type=int, default=0)
+    t.add_argument("--batch-size", type=positive_int, default=4)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--arch", default="retinanet", choices=("retinanet", "faster_rcnn"))
+    t.add_argument("--hard-negatives", action="store_true",
+                   help="with --arch faster_rcnn: RPN minibatches of positives + the highest-loss negatives "
+                        "(explicit hard negative mining) instead of the focal loss over all anchors")
+    t.add_argument("--base-width", type=positive_int, default=8)
+    t.add_argument("--fpn-channels", type=positive_int, default=16)
+    t.add_argument("--cache-dir")
+    t.add_argument("--allow-missing-scans", action="store_true")
+    add_runtime(t)
+    t.set_defaults(luna_fn=_luna_train)
+    pr = ls.add_parser("predict", help="weights + LUNA16 folder or scan files -> submission CSV")
+    pr.add_argument("inputs", nargs="+", help="a LUNA16 folder, or .mhd/.mha/.nii(.gz) files (uid = file stem)")
+    pr.add_argument("--weights", required=True)
+    pr.add_argument("--out", required=True, help="submission CSV")
+    pr.add_argument("--subsets", nargs="*")
+    pr.add_argument("--tile", type=positive_int, default=256)
+    pr.add_argument("--froc", action="store_true", help="score against the folder's annotations.csv")
+    add_runtime(pr)
+    pr.set_defaults(luna_fn=_luna_predict)
+    d = ls.add_parser("phantom-demo", help="synthetic phantoms -> train briefly (or --weights) -> predict -> CPM")
+    d.add_argument("--out", help="work folder (default: a temporary one)")
+    d.add_argument("--n-train", type=positive_int, default=8)
+    d.add_argument("--n-test", type=positive_int, default=4)
+    d.add_argument("--weights", help="use these weights instead of training (e.g. the shipped phantom model)")
+    d.add_argument("--epochs", type=positive_int, default=4)
+    d.add_argument("--steps-per-epoch", type=positive_int, default=50)
+    d.add_argument("--seed", type=int, default=1000)
+    add_runtime(d, device=False)
+    d.set_defaults(luna_fn=_luna_phantom_demo)
+    s = ls.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--root", required=True, help="the Lung-PET-CT-Dx sample folder (e.g. ../shared/data/lung-pet-ct-dx-sample)")
+    add_runtime(s, device=False)
+    s.set_defaults(luna_fn=_luna_lung_pet_ct)
+    tm = ls.add_parser("time", help="whole-scan inference time on a synthetic 512x512x256 volume")
+    tm.add_argument("--weights", required=True)
+    tm.add_argument("--shape", type=positive_int, nargs=3, default=[256, 512, 512])
+    add_runtime(tm, device=False)
+    tm.set_defaults(luna_fn=_luna_time)
+    lp.set_defaults(fn=_run_luna)
+
+    fp = sub.add_parser("luna-fpr", help="LUNA16 stage two: false-positive reduction of candidates (train, score)",
+                        description="LUNA16 stage two: false-positive reduction of candidates.")
+    fs = fp.add_subparsers(dest="sub", required=True, metavar="STEP")
+    t = fs.add_parser("train", help="train the cube classifier: LUNA16 folder + candidates.csv -> run folder")
+    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd)")
+    t.add_argument("--candidates", required=True, help="candidates.csv (seriesuid,coordX,coordY,coordZ,class)")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    t.add_argument("--subsets", nargs="*", default=None, help="train only on these subset folders, e.g. subset0")
+    t.add_argument("--cube", type=positive_int, default=32, help="voxels per cube axis (default 32)")
+    t.add_argument("--spacing", type=positive_float, default=1.0, help="cube voxel size in mm (default 1)")
+    t.add_argument("--scales", type=positive_float, nargs="+", default=[1.0], help="fields of view (channels), default 1")
+    t.add_argument("--widths", type=positive_int, nargs="+", default=[16, 32, 64])
+    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--max-steps-per-epoch", type=int, default=0)
+    t.add_argument("--pos-fraction", type=fraction, default=0.5)
+    t.add_argument("--seed", type=int, default=0)
+    add_runtime(t)
+    t.set_defaults(luna_fn=_fpr_train)
+    from ..luna.fpr import FUSION_MODES
+
+    s = fs.add_parser("score", help="score candidates: weights + folder + candidates -> LUNA16 submission CSV")
+    s.add_argument("weights", help="model.safetensors written by train (or the run folder: its newest checkpoint)")
+    s.add_argument("root")
+    s.add_argument("--candidates", required=True,
+                   help="candidates.csv, or a stage-one submission (probability column, then fused with --fuse)")
+    s.add_argument("--out", required=True, help="submission CSV (seriesuid,coordX,coordY,coordZ,probability)")
+    s.add_argument("--fuse", choices=FUSION_MODES, default="product", help="with a stage-one submission (default product)")
+    s.add_argument("--subsets", nargs="*", default=None)
+    s.add_argument("--tta", action="store_true", help="average over the cube's axis flips")
+    add_runtime(s)
+    s.set_defaults(luna_fn=_fpr_score)
+    fp.set_defaults(fn=_run_luna)
