@@ -90,7 +90,7 @@ def test_unknown_key_in_other_sections(section, key):
 
 
 def test_unknown_section():
-    with pytest.raises(ValueError, match=r"unknown config section 'modle'.*allowed"):
+    with pytest.raises(ValueError, match=r"unknown config key modle; allowed keys: \['data', 'model', 'task', 'train'\]"):
         config_from_dict({"modle": {}})
 
 
