@@ -152,4 +152,6 @@ def config_reference() -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(config_reference(), end="")
+    from medetect.config import config_reference as _reference  # the importable module, not __main__
+
+    print(_reference(), end="")

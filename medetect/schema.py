@@ -117,6 +117,16 @@ def _type_name(tp: Any) -> str:
     return {float: "number", int: "integer", bool: "true/false", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _expected(tp: Any) -> str:
+    """``tp`` as the object of "must be ...": a number, an integer, a list of number or a number, ..."""
+    if _is_union(tp):
+        return " or ".join(_expected(a) for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return f"a {_type_name(tp)}"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, "a mapping")
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
 
@@ -124,7 +134,10 @@ def _hints(cls: type) -> dict[str, Any]:
 # ============================================================================================ from_dict
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -133,7 +146,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise ValueError(f"{key} must be {_type_name(tp)}, got null")
+            raise ValueError(f"{key} must be {_expected(tp)}, got null")
         for a in args:
             if a is type(None):
                 continue
@@ -141,12 +154,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ValueError:
                 continue
-        raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        raise ValueError(f"{key} must be {_expected(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
+        return from_dict(tp, value, key, base=base)
     if value is None:
-        raise ValueError(f"{key} must be {_type_name(tp)}, got null")
+        raise ValueError(f"{key} must be {_expected(tp)}, got null")
     if tp is float:
+        if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string: accept exponent numbers
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -164,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list ({_type_name(tp)}), got {value!r}")
+            raise ValueError(f"{key} must be {_expected(tp)}, got {value!r}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -175,12 +190,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+def from_dict(cls: type, raw: Any, prefix: str = "", base: Any = None) -> Any:
     """``cls(**raw)`` with every value coerced to its field's type (ints become floats where a float is expected,
-    nested dataclasses are built recursively). ``None`` (an empty YAML section) gives the defaults. Unknown keys
-    and wrong types are errors naming ``prefix.key``; ranges are not checked here (see :func:`check`)."""
+    nested dataclasses are built recursively). Keys not in ``raw`` keep the value of ``base`` (an instance of
+    ``cls``) or, without one, the field's default; a nested section starts from its field's default object, so a
+    section whose default is not its class's defaults (LUNA's detector) is only changed where ``raw`` says.
+    ``None`` (an empty YAML section) gives the defaults. Unknown keys and wrong types are errors naming
+    ``prefix.key``; ranges are not checked here (see :func:`check`)."""
     if raw is None:
-        return cls()
+        return base if base is not None else cls()
     if not isinstance(raw, dict):
         raise ValueError(f"{prefix or 'the config'} must be a mapping of keys, got {raw!r}")
     hints = _hints(cls)
@@ -189,8 +207,15 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     if unknown:
         where = f" in {prefix}" if prefix else ""
         raise ValueError(f"unknown config key {_join(prefix, unknown[0])}; allowed keys{where}: {sorted(names)}")
-    kw = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in raw.items()}
-    return cls(**kw)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in raw.items():
+        sub = None
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):  # start from the section's default object
+            sub = getattr(base, k) if base is not None else _field_default(fields[k])
+            sub = sub if dataclasses.is_dataclass(sub) else None
+        kw[k] = _coerce(v, hints[k], _join(prefix, k), base=sub)
+    return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
 
 
 # ============================================================================================ check
@@ -245,7 +270,7 @@ def check(obj: Any, prefix: str = "") -> None:
         tp = hints.get(f.name, Any)
         if v is None:
             if not _optional(tp):
-                raise ValueError(f"{key} must be {_type_name(tp)}, got null")
+                raise ValueError(f"{key} must be {_expected(tp)}, got null")
             continue
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             validate = getattr(v, "validate", None)
@@ -369,15 +394,9 @@ def resolve_paths(obj: Any, base_dir: os.PathLike | str | None, prefix: str = ""
 # ============================================================================================ reference
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        v = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        v = f.default_factory()  # type: ignore[misc]
-    else:
+def _default_text(v: Any) -> str:
+    if v is dataclasses.MISSING:
         return "(required)"
-    if dataclasses.is_dataclass(v):
-        return "(section)"
     return "`" + yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() + "`"
 
 
@@ -394,13 +413,26 @@ def _allowed_text(meta: dict) -> str:
 
 def reference(cls: type, prefix: str = "") -> str:
     """A markdown table of every key of ``cls`` (nested sections flattened to dotted keys): key, type, default,
-    allowed range / choices, doc."""
+    allowed range / choices, doc. Defaults are read from ``cls()`` when it can be built without arguments, so a
+    section whose default differs from its class's defaults (e.g. LUNA's detector) shows the real values."""
+    try:
+        instance = cls()
+    except TypeError:
+        instance = None
     rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-    rows += _rows(cls, prefix)
+    rows += _rows(cls, prefix, instance)
     return "\n".join(rows) + "\n"
 
 
-def _rows(cls: type, prefix: str) -> list[str]:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _rows(cls: type, prefix: str, instance: Any) -> list[str]:
     hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -409,12 +441,13 @@ def _rows(cls: type, prefix: str) -> list[str]:
         tp = hints[f.name]
         key = _join(prefix, f.name)
         meta = _meta(f)
+        value = getattr(instance, f.name) if instance is not None else _field_default(f)
         doc = meta.get("doc", "").replace("|", "\\|").replace("\n", " ")
         if dataclasses.is_dataclass(tp):
             out.append(f"| `{key}` | section | | | {doc} |")
-            out += _rows(tp, key)
+            out += _rows(tp, key, value if value is not dataclasses.MISSING else None)
             continue
-        typ = _type_name(tp).replace("|", "\\|")
-        out.append(f"| `{key}` | {typ} | {_default_text(f).replace('|', chr(92) + '|')} | "
-                   f"{_allowed_text(meta).replace('|', chr(92) + '|')} | {doc} |")
+        cells = [_type_name(tp), _default_text(value), _allowed_text(meta)]
+        cells = [c.replace("|", "\\|") for c in cells]
+        out.append(f"| `{key}` | {cells[0]} | {cells[1]} | {cells[2]} | {doc} |")
     return out

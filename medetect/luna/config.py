@@ -73,7 +73,7 @@ class LunaDataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         check(self, prefix)
-        if isinstance(self.patch_size, list) and len(self.patch_size) != 3:
+        if isinstance(self.patch_size, (list, tuple)) and len(self.patch_size) != 3:
             raise ValueError(f"{prefix}.patch_size must be one number or 3 (z, y, x), got {self.patch_size}")
 
 
@@ -86,7 +86,7 @@ class LunaPreprocessConfig:
 
     def validate(self, prefix: str = "preprocess") -> None:
         check(self, prefix)
-        if isinstance(self.spacing, list) and len(self.spacing) != 3:
+        if isinstance(self.spacing, (list, tuple)) and len(self.spacing) != 3:
             raise ValueError(f"{prefix}.spacing must be one number or 3 (z, y, x), got {self.spacing}")
         if not self.hu_lo < self.hu_hi:
             raise ValueError(f"{prefix}.hu_lo must be < {prefix}.hu_hi, got {self.hu_lo:g} >= {self.hu_hi:g}")
@@ -110,7 +110,7 @@ class LunaPredictConfig:
 
     def validate(self, prefix: str = "predict") -> None:
         check(self, prefix)
-        if isinstance(self.tile_size, list) and len(self.tile_size) != 3:
+        if isinstance(self.tile_size, (list, tuple)) and len(self.tile_size) != 3:
             raise ValueError(f"{prefix}.tile_size must be one number or 3 (z, y, x), got {self.tile_size}")
 
     def kwargs(self) -> dict:

@@ -79,7 +79,7 @@ class DetectorConfig:
         for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
             if len(getattr(self, key)) != 2:
                 raise ValueError(f"{prefix}.{key} must be [train, test] (2 numbers), got {getattr(self, key)}")
-        if isinstance(self.stem_stride, list) and len(self.stem_stride) != self.ndim:
+        if isinstance(self.stem_stride, (list, tuple)) and len(self.stem_stride) != self.ndim:
             raise ValueError(f"{prefix}.stem_stride must be one number or {self.ndim} (one per axis), "
                              f"got {self.stem_stride}")
         if not self.levels:
