@@ -211,7 +211,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "", base: Any = None) -> Any:
     kw = {}
     for k, v in raw.items():
         sub = None
-        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):  # start from the section's default object
+        if (v is None or isinstance(v, dict)) and dataclasses.is_dataclass(hints[k]):  # from the section's default
             sub = getattr(base, k) if base is not None else _field_default(fields[k])
             sub = sub if dataclasses.is_dataclass(sub) else None
         kw[k] = _coerce(v, hints[k], _join(prefix, k), base=sub)

@@ -491,5 +491,12 @@ def test_partial_luna_model_section_keeps_the_luna_defaults():
                                                                 "rpn_objectness_loss": "bce"}})
     assert cfg.model == default_detector_config(arch="faster_rcnn", rpn_negative_sampling="hard",
                                                 rpn_objectness_loss="bce")
-    cfg = config_from_dict({"task": "luna-detection", "train": {"epochs": 3}})
+    cfg = config_from_dict({"task": "luna-detection", "train": {"epochs": 3}, "model": None})  # `model:` empty
+    assert cfg.model == default_detector_config()
     assert cfg.train.epochs == 3 and cfg.train.optimizer == "adamw" and cfg.train.warmup_iters == 50
+
+
+def test_tasks_constant_matches_the_schemas():
+    from medetect.config import TASKS, _tasks
+
+    assert tuple(_tasks()) == TASKS

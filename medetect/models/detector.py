@@ -8,7 +8,7 @@ mode detections are skipped unless ``with_detections=True``). Targets per image:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch

@@ -17,7 +17,7 @@ so the model trains with :class:`medetect.engine.trainer.Trainer`. ``targets`` i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
