@@ -237,7 +237,7 @@ def _check_value(v: Any, meta: dict, key: str) -> None:
         raise ValueError(f"{key} must be one of {list(choices)}, got {_fmt(v)}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return
-    for op, bound, ok in (
+    for _op, bound, ok in (
         (">", meta.get("gt"), lambda a, b: a > b),
         (">=", meta.get("ge"), lambda a, b: a >= b),
         ("<", meta.get("lt"), lambda a, b: a < b),
