@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..schema import check, option
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate"]
@@ -36,35 +37,30 @@ class TrainingOutOfMemory(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    epochs: int = 24  # passes over the training set
-    batch_size: int = 4  # images (or patches) per step per process
-    lr: float = 0.01  # peak learning rate after warm-up
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, the Faster R-CNN recipe) or "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 200  # linear warm-up from warmup_factor * lr
-    warmup_factor: float = 0.001
-    schedule: str = "cosine"  # "cosine" | "step" (x0.1 at 2/3 and 8/9 of training) | "constant"
-    grad_clip: float = 10.0  # max global grad norm; 0 disables
-    amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
-    seed: int = 0
-    num_workers: int = 2
-    val_every: int = 1  # epochs between validations (0: never)
-    keep_checkpoints: int = 2
-    log_every: int = 10  # steps between metric rows
-    max_steps_per_epoch: int = 0  # 0 = the whole dataset (for smoke tests)
-    extra: dict = field(default_factory=dict)
+    epochs: int = option(24, doc="passes over the training set", ge=1)
+    batch_size: int = option(4, doc="images (or patches) per step per process", ge=1)
+    lr: float = option(0.01, doc="peak learning rate after warm-up", gt=0)
+    optimizer: str = option("sgd", doc="sgd (momentum, the Faster R-CNN recipe) or adamw", choices=("sgd", "adamw"))
+    momentum: float = option(0.9, doc="SGD momentum", ge=0, lt=1)
+    weight_decay: float = option(1e-4, doc="L2 (sgd) / decoupled (adamw) weight decay", ge=0)
+    warmup_iters: int = option(200, doc="steps of linear warm-up from warmup_factor * lr", ge=0)
+    warmup_factor: float = option(0.001, doc="learning-rate factor at the first warm-up step", gt=0, le=1)
+    schedule: str = option("cosine", doc="cosine, step (x0.1 at 2/3 and 8/9 of training) or constant",
+                           choices=("cosine", "step", "constant"))
+    grad_clip: float = option(10.0, doc="max global gradient norm; 0 disables clipping", ge=0)
+    amp: str = option("auto", doc="mixed precision: auto (bf16 autocast on CUDA), bf16 or off",
+                      choices=("auto", "bf16", "off"))
+    seed: int = option(0, doc="seed of weights init, data order and augmentation", ge=0)
+    num_workers: int = option(2, doc="data loader worker processes (0: load in the main process)", ge=0)
+    val_every: int = option(1, doc="epochs between validations (0: never)", ge=0)
+    keep_checkpoints: int = option(2, doc="most recent checkpoints kept in the run folder", ge=1)
+    log_every: int = option(10, doc="steps between metric rows", ge=1)
+    max_steps_per_epoch: int = option(0, doc="cap on steps per epoch (0: the whole dataset; for smoke tests)", ge=0)
+    extra: dict = option({}, doc="free-form settings carried into the run record")
 
-    def validate(self) -> None:
-        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant"), "amp": ("auto", "bf16", "off")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"train.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    def validate(self, prefix: str = "train") -> None:
+        """Ranges and choices of every key (see :mod:`medetect.schema`)."""
+        check(self, prefix)
 
 
 def seed_everything(seed: int) -> None:

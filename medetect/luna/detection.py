@@ -393,39 +393,65 @@ def default_detector_config(**overrides) -> DetectorConfig:
 
 
 def train_detector(
-    layout: LunaLayout,
+    layout: LunaLayout | None,
     run_dir: str | os.PathLike,
     *,
+    config=None,
     uids: Sequence[str] | None = None,
     subsets: Sequence[str | int] | None = None,
     pre: LunaPreprocess | None = None,
     model_config: DetectorConfig | None = None,
     train_config=None,
-    patch_size: int | Sequence[int] = 64,
-    patches_per_volume: int = 8,
-    pos_prob: float = 0.7,
+    patch_size: int | Sequence[int] | None = None,
+    patches_per_volume: int | None = None,
+    pos_prob: float | None = None,
     cache_dir: str | os.PathLike | None = None,
     resume: bool = True,
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Train the 3D detector on patches of the scans ``uids`` (or of ``subsets``; default: all) and write
-    ``run_dir/model.safetensors`` (weights + config + preprocessing). Checkpoints every epoch in ``run_dir``;
-    ``resume`` continues from the last one. Returns the weights path."""
-    from ..engine.trainer import TrainConfig, Trainer, seed_everything
+    """Train the 3D detector on patches of the training scans and write ``run_dir/model.safetensors`` (weights +
+    config + preprocessing). Checkpoints every epoch in ``run_dir``; ``resume`` continues from the last one. Returns
+    the weights path.
+
+    ``config``: a :class:`medetect.luna.config.LunaDetectionConfig` (``load_config`` of a ``task: luna-detection``
+    YAML; default: its defaults = the ``luna train`` defaults). ``layout`` None opens ``config.data.root``. The
+    keyword arguments given explicitly win over the config: ``uids`` (else ``subsets``, else ``config.data.subsets``,
+    else every scan outside ``config.data.test_subset``), ``pre``, ``model_config``, ``train_config``, ``patch_size``,
+    ``patches_per_volume``, ``pos_prob``, ``cache_dir`` (else ``config.data.cache_dir``, else ``run_dir/cache``)."""
+    from ..engine.trainer import Trainer, seed_everything
+    from .config import LunaDetectionConfig
 
     _Patches = _patches_cls()
 
-    pre = pre or LunaPreprocess(spacing=1.5)
+    config = config if config is not None else LunaDetectionConfig()
+    if not isinstance(config, LunaDetectionConfig):
+        raise TypeError(f"train_detector: config must be a LunaDetectionConfig, got {type(config).__name__}")
+    config.validate()
+    dc = config.data
+    if layout is None:
+        if not dc.root:
+            raise ValueError("data.root is not set: give the LUNA16 folder in the config or pass a layout")
+        layout = LunaLayout(dc.root, allow_missing_scans=dc.allow_missing_scans)
+    pre = pre or config.preprocess.build()
     if uids is None:
-        uids = layout.uids_in(subsets) if subsets is not None else layout.uids
+        if subsets is None and dc.subsets:
+            subsets = dc.subsets
+        if subsets is not None:
+            uids = layout.uids_in(subsets)
+        else:
+            held = _subset_name(dc.test_subset) if dc.test_subset else None
+            uids = [u for u, s in layout.subset_of.items() if s != held]
     if not uids:
         raise ValueError(f"{layout.root}: no scans to train on")
-    cfg = model_config or default_detector_config()
-    tc = train_config or TrainConfig(epochs=10, batch_size=4, lr=1e-3, optimizer="adamw", warmup_iters=50,
-                                     num_workers=0, log_every=10, weight_decay=1e-4)
+    cfg = model_config or config.model
+    tc = train_config or config.train
+    patch_size = patch_size if patch_size is not None else dc.patch_size
+    patches_per_volume = patches_per_volume if patches_per_volume is not None else dc.patches_per_volume
+    pos_prob = pos_prob if pos_prob is not None else dc.pos_prob
     run_dir = Path(run_dir)
-    cache_dir = cache_dir if cache_dir is not None else run_dir / "cache"
+    if cache_dir is None:
+        cache_dir = dc.cache_dir if dc.cache_dir is not None else run_dir / "cache"
     base = LunaVolumes(layout, uids, pre, cache_dir)
     aug = Compose([RandomFlip(p=0.5), RandomRot90(axes=(-2, -1), p=0.5)])
     data = _Patches(base, patch_size=(patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size),

@@ -429,29 +429,54 @@ def load_fpr(path, device=None) -> FPRClassifier:
 
 
 def train_fpr(
-    root,
-    candidates,
-    run_dir,
+    root=None,
+    candidates=None,
+    run_dir=None,
     *,
-    config: FPRConfig | None = None,
+    config=None,
     train=None,
     seriesuids: Sequence[str] | None = None,
     subsets: Sequence[str] | None = None,
-    pos_fraction: float = 0.5,
+    pos_fraction: float | None | str = "config",
     resume: bool = True,
     device=None,
     progress: bool = True,
 ) -> tuple[FPRClassifier, list[dict]]:
     """Train the classifier on the candidates of the scans under ``root`` and write ``run_dir/model.safetensors``.
 
-    ``candidates``: path of ``candidates.csv`` or its :func:`read_candidates` dict. ``seriesuids`` / ``subsets``
-    (folder names such as ``subset0``) restrict the training scans. ``train``: a
-    :class:`~medetect.engine.trainer.TrainConfig` (checkpoints every epoch in ``run_dir``; ``resume`` continues).
+    ``config``: a :class:`medetect.luna.config.LunaFPRConfig` (``load_config`` of a ``task: luna-fpr`` YAML: folder,
+    candidates, subsets, class balance, classifier, training), or just the classifier's :class:`FPRConfig`; default:
+    the ``luna-fpr train`` defaults. Arguments given explicitly win over the config: ``root``, ``candidates`` (path of
+    ``candidates.csv`` or its :func:`read_candidates` dict), ``train`` (a :class:`~medetect.engine.trainer.TrainConfig`;
+    checkpoints every epoch in ``run_dir``, ``resume`` continues), ``subsets`` (folder names such as ``subset0``),
+    ``pos_fraction`` (None: natural frequencies). ``seriesuids`` restricts the training scans further.
     """
-    from ..engine.trainer import TrainConfig, Trainer, seed_everything
+    import dataclasses
 
-    cfg = config or FPRConfig()
-    tcfg = train or TrainConfig(epochs=10, batch_size=16, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0)
+    from ..engine.trainer import Trainer, seed_everything
+    from .config import LunaFPRConfig
+
+    if isinstance(config, LunaFPRConfig):
+        full = config
+    else:
+        full = LunaFPRConfig()
+        if config is not None:
+            if not isinstance(config, FPRConfig):
+                raise TypeError(f"train_fpr: config must be a LunaFPRConfig or FPRConfig, got {type(config).__name__}")
+            full = dataclasses.replace(full, model=config)
+    full.validate()
+    cfg = full.model
+    tcfg = train or full.train
+    root = root if root is not None else full.data.root
+    candidates = candidates if candidates is not None else full.data.candidates
+    subsets = subsets if subsets is not None else (full.data.subsets or None)
+    pos_fraction = full.data.pos_fraction if isinstance(pos_fraction, str) and pos_fraction == "config" else pos_fraction
+    if not root:
+        raise ValueError("data.root is not set: give the LUNA16 folder in the config or as root")
+    if candidates is None or (isinstance(candidates, str) and not candidates):
+        raise ValueError("data.candidates is not set: give candidates.csv in the config or as candidates")
+    if run_dir is None:
+        raise ValueError("train_fpr: run_dir is required")
     cands = read_candidates(candidates) if isinstance(candidates, (str, Path)) else candidates
     scans = find_scans(root)
     if subsets:

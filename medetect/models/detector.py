@@ -8,7 +8,7 @@ mode detections are skipped unless ``with_detections=True``). Targets per image:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -19,6 +19,7 @@ from ..backbones.resnet import ResNet
 from ..backbones.vgg import VGG16
 from ..layers.fpn import FPN
 from ..layers.nd import NORM_KINDS
+from ..schema import check, option
 from .retinanet import RetinaHead, RetinaNetHead
 from .roi_heads import FastRCNNPredictor, MultiLevelRoIAlign, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
@@ -31,53 +32,72 @@ ARCHITECTURES = ("faster_rcnn", "retinanet")
 
 @dataclass
 class DetectorConfig:
-    arch: str = "faster_rcnn"  # "faster_rcnn" (two-stage) or "retinanet" (one-stage, focal loss)
-    ndim: int = 2  # spatial dims: 2 for images, 3 for volumes
-    in_channels: int = 3  # image channels (1 for CT/mammograms, 3 for RGB microscopy)
-    num_classes: int = 1  # object classes, background excluded
-    class_names: list[str] = field(default_factory=list)  # names of labels 0..K-1 (optional, carried into reports)
-    backbone: str = "resnet18"  # one of BACKBONES
-    base_width: int = 64  # channels of the first stage (64 = the papers; smaller for CPU training)
-    norm: str = "group"  # "group" | "batch" | "none": GroupNorm trains from scratch with small batches
-    stem_stride: list[int] | int = 2  # first conv stride; per axis for anisotropic volumes, e.g. [1, 2, 2]
-    fpn_channels: int = 256  # channels of every pyramid level
-    levels: list[int] = field(default_factory=lambda: [2, 3, 4, 5])  # backbone stages feeding the FPN (c2..c5)
-    anchor_sizes: list[list[float]] = field(default_factory=lambda: [[32], [64], [128], [256]])  # per level
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # 2D only: h / w
-    anchor_shapes: list[list[list[float]]] | None = None  # explicit per-level shapes (3D), overrides sizes/ratios
+    arch: str = option("faster_rcnn", doc="detector: two-stage Faster R-CNN or one-stage RetinaNet (focal loss)",
+                       choices=ARCHITECTURES)
+    ndim: int = option(2, doc="spatial dims: 2 for images, 3 for volumes", choices=(1, 2, 3))
+    in_channels: int = option(3, doc="image channels (1 for CT / mammograms, 3 for RGB microscopy)", ge=1)
+    num_classes: int = option(1, doc="object classes, background excluded", ge=1)
+    class_names: list[str] = option([], doc="names of labels 0..K-1 (optional; carried into reports)")
+    backbone: str = option("resnet18", doc="feature extractor", choices=BACKBONES)
+    base_width: int = option(64, doc="channels of the first stage (64 = the papers; smaller for CPU training)", ge=1)
+    norm: str = option("group", doc="normalisation layer; GroupNorm trains from scratch with small batches",
+                       choices=NORM_KINDS)
+    stem_stride: list[int] | int = option(2, doc="first conv stride; a list gives one per axis for anisotropic "
+                                          "volumes, e.g. [1, 2, 2]", ge=1)
+    fpn_channels: int = option(256, doc="channels of every pyramid level", ge=1)
+    levels: list[int] = option([2, 3, 4, 5], doc="backbone stages feeding the FPN (c2..c5)", ge=2, le=5)
+    anchor_sizes: list[list[float]] = option([[32], [64], [128], [256]], doc="anchor sizes (voxels) per pyramid "
+                                             "level", gt=0)
+    aspect_ratios: list[float] = option([0.5, 1.0, 2.0], doc="anchor aspect ratios h / w (2D only)", gt=0)
+    anchor_shapes: list[list[list[float]]] | None = option(
+        None, doc="explicit anchor shapes per level (3D: [[d, h, w], ...]); overrides anchor_sizes / aspect_ratios",
+        gt=0)
     # RPN (Ren et al. 2015)
-    rpn_pre_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])  # per level: train, test
-    rpn_post_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])  # per image: train, test
-    rpn_nms_thresh: float = 0.7
-    rpn_batch_size_per_image: int = 256
-    rpn_objectness_loss: str = "bce"  # "bce" (paper) or "focal" (3D RPN, Xu et al. 2019)
-    rpn_negative_sampling: str = "random"  # "random" (paper) or "hard" (highest-loss negatives), with "bce"
+    rpn_pre_nms_top_n: list[int] = option([2000, 1000], doc="RPN proposals kept per level before NMS: [train, test]",
+                                          ge=1)
+    rpn_post_nms_top_n: list[int] = option([2000, 1000], doc="RPN proposals kept per image after NMS: [train, test]",
+                                           ge=1)
+    rpn_nms_thresh: float = option(0.7, doc="IoU above which the RPN suppresses a proposal", ge=0, le=1)
+    rpn_batch_size_per_image: int = option(256, doc="anchors sampled per image for the RPN loss (paper: 256)", ge=1)
+    rpn_objectness_loss: str = option("bce", doc="RPN objectness loss: sampled BCE (paper) or focal over all "
+                                      "anchors (3D RPN, Xu et al. 2019)", choices=("bce", "focal"))
+    rpn_negative_sampling: str = option("random", doc="with bce: random negatives (paper) or the highest-loss "
+                                        "negatives (hard negative mining)", choices=("random", "hard"))
     # RoI heads (Fast R-CNN)
-    roi_output_size: int = 7
-    roi_hidden: int = 1024
-    roi_batch_size_per_image: int = 512
+    roi_output_size: int = option(7, doc="RoIAlign output size per axis", ge=1)
+    roi_hidden: int = option(1024, doc="width of the two fully connected layers of the box head", ge=1)
+    roi_batch_size_per_image: int = option(512, doc="proposals sampled per image for the box head loss", ge=1)
     # inference
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    score_thresh: float = option(0.05, doc="detections below this score are dropped", ge=0, le=1)
+    nms_thresh: float = option(0.5, doc="IoU above which a detection of the same class is suppressed", ge=0, le=1)
+    detections_per_img: int = option(100, doc="detections kept per image after NMS", ge=1)
 
-    def validate(self) -> None:
-        """Check the choices that need no building (called when a config is loaded, before any data is read)."""
-        cfg = self
-        if cfg.arch not in ARCHITECTURES:
-            raise ValueError(f"model.arch must be one of {ARCHITECTURES}, got {cfg.arch!r}")
-        if cfg.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
-        if cfg.ndim not in (1, 2, 3):
-            raise ValueError(f"model.ndim must be 1, 2 or 3, got {cfg.ndim}")
-        if cfg.num_classes < 1:
-            raise ValueError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
-        if cfg.norm not in NORM_KINDS:
-            raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
-        if cfg.rpn_objectness_loss not in ("bce", "focal"):
-            raise ValueError(f"model.rpn_objectness_loss must be 'bce' or 'focal', got {cfg.rpn_objectness_loss!r}")
-        if cfg.rpn_negative_sampling not in ("random", "hard"):
-            raise ValueError(f"model.rpn_negative_sampling must be 'random' or 'hard', got {cfg.rpn_negative_sampling!r}")
+    def validate(self, prefix: str = "model") -> None:
+        """Check ranges, choices and cross-field rules that need no building (called when a config is loaded,
+        before any data is read, and again by :func:`build_detector`)."""
+        check(self, prefix)
+        for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            if len(getattr(self, key)) != 2:
+                raise ValueError(f"{prefix}.{key} must be [train, test] (2 numbers), got {getattr(self, key)}")
+        if isinstance(self.stem_stride, (list, tuple)) and len(self.stem_stride) != self.ndim:
+            raise ValueError(f"{prefix}.stem_stride must be one number or {self.ndim} (one per axis), "
+                             f"got {self.stem_stride}")
+        if not self.levels:
+            raise ValueError(f"{prefix}.levels must name at least one backbone stage, got []")
+        key, per_level = ("anchor_shapes", self.anchor_shapes) if self.anchor_shapes is not None else \
+            ("anchor_sizes", self.anchor_sizes)
+        if len(per_level) != len(self.levels):
+            raise ValueError(f"{prefix}.{key} must have one entry per level of {prefix}.levels {self.levels}, "
+                             f"got {len(per_level)}")
+        if self.anchor_shapes is not None:
+            for i, lvl in enumerate(self.anchor_shapes):
+                for j, s in enumerate(lvl):
+                    if len(s) != self.ndim:
+                        raise ValueError(f"{prefix}.anchor_shapes[{i}][{j}] must have {self.ndim} sizes (one per "
+                                         f"axis), got {s}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{prefix}.class_names must name all {prefix}.num_classes = {self.num_classes} classes, "
+                             f"got {len(self.class_names)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,50 +17,53 @@ so the model trains with :class:`medetect.engine.trainer.Trainer`. ``targets`` i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.nd import conv, norm
+from ..layers.nd import NORM_KINDS, conv, norm
+from ..schema import check, option
 
 __all__ = ["FPRConfig", "FPRClassifier", "build_fpr"]
 
 
 @dataclass
 class FPRConfig:
-    ndim: int = 3  # spatial dims of the cubes
-    in_channels: int = 1  # one per field of view (scale)
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # channels per stage; stride 2 between stages
-    stem_width: int = 16
-    norm: str = "group"  # see medetect.layers.nd.norm
-    groups: int = 8
-    dropout: float = 0.2  # before the final linear layer
-    pos_weight: float = 1.0  # BCE weight of the positive class (1 when the sampler balances classes)
-    label_smoothing: float = 0.0
+    ndim: int = option(3, doc="spatial dims of the cubes", choices=(1, 2, 3))
+    in_channels: int = option(1, doc="input channels: one per field of view (must equal the number of scales)", ge=1)
+    widths: list[int] = option([16, 32, 64], doc="channels per stage; stride 2 between stages", ge=1)
+    stem_width: int = option(16, doc="channels of the stem convolution", ge=1)
+    norm: str = option("group", doc="normalisation layer (see medetect.layers.nd.norm)",
+                       choices=NORM_KINDS)
+    groups: int = option(8, doc="GroupNorm groups", ge=1)
+    dropout: float = option(0.2, doc="dropout before the final linear layer", ge=0, lt=1)
+    pos_weight: float = option(1.0, doc="BCE weight of the positive class (1 when the sampler balances classes)", gt=0)
+    label_smoothing: float = option(0.0, doc="label smoothing of the BCE targets", ge=0, lt=1)
     # what the cubes are (carried with the weights; used by medetect.luna.fpr to extract matching cubes)
-    cube_size: int = 32  # voxels per axis
-    spacing_mm: float = 1.0  # isotropic voxel size of the finest scale
-    scales: list[float] = field(default_factory=lambda: [1.0])  # fields of view as multiples of cube_size*spacing
-    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # lung window -> [0, 1]
+    cube_size: int = option(32, doc="voxels per cube axis", ge=1)
+    spacing_mm: float = option(1.0, doc="isotropic voxel size (mm) of the finest scale", gt=0)
+    scales: list[float] = option([1.0], doc="fields of view as multiples of cube_size * spacing_mm (one channel "
+                                 "each)", gt=0)
+    hu_window: list[float] = option([-1000.0, 400.0], doc="HU window [lo, hi] mapped to [0, 1] (lung window)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> None:
-        if self.ndim not in (1, 2, 3):
-            raise ValueError(f"fpr.ndim must be 1, 2 or 3, got {self.ndim}")
+    def validate(self, prefix: str = "fpr") -> None:
+        """Ranges of every key plus the cross-field rules (channels = scales, cube size vs stages, HU lo < hi)."""
+        check(self, prefix)
         if self.in_channels != len(self.scales):
-            raise ValueError(f"fpr.in_channels ({self.in_channels}) must equal the number of scales {self.scales}")
-        if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"fpr.widths must be a non-empty list of positive ints, got {self.widths}")
+            raise ValueError(f"{prefix}.in_channels ({self.in_channels}) must equal the number of {prefix}.scales "
+                             f"{self.scales}")
+        if not self.widths:
+            raise ValueError(f"{prefix}.widths must be a non-empty list of positive ints, got []")
         if self.cube_size < 2 ** (len(self.widths) - 1):
-            raise ValueError(f"fpr.cube_size {self.cube_size} is too small for {len(self.widths)} stages")
-        if self.spacing_mm <= 0 or any(s <= 0 for s in self.scales):
-            raise ValueError("fpr.spacing_mm and fpr.scales must be positive")
-        if not self.hu_window[1] > self.hu_window[0]:
-            raise ValueError(f"fpr.hu_window must be [lo, hi] with hi > lo, got {self.hu_window}")
+            raise ValueError(f"{prefix}.cube_size {self.cube_size} is too small for {len(self.widths)} stages "
+                             f"(needs >= {2 ** (len(self.widths) - 1)})")
+        if len(self.hu_window) != 2 or not self.hu_window[1] > self.hu_window[0]:
+            raise ValueError(f"{prefix}.hu_window must be [lo, hi] with lo < hi, got {self.hu_window}")
 
 
 class _Block(nn.Module):
