@@ -340,15 +340,18 @@ def test_paths_expand_env_and_are_relative_to_the_yaml(tmp_path, monkeypatch):
 # ============================================================================================ LUNA configs
 
 
-def _cli_defaults(module, argv):
-    ns = module._parser("x").parse_args(argv)
-    return vars(ns)
+# The recipe the LUNA16 commands trained with before they took YAML configs (the shipped phantom models' recipe):
+# the shipped YAMLs and the dataclass defaults must both keep it.
+LUNA_RECIPE = dict(spacing=1.5, patch=64, patches_per_volume=8, pos_prob=0.7, epochs=10, steps_per_epoch=0,
+                   batch_size=4, lr=1e-3, arch="retinanet", base_width=8, fpn_channels=16, tile=256)
+FPR_RECIPE = dict(cube=32, spacing=1.0, scales=[1.0], widths=[16, 32, 64], epochs=10, batch_size=16, lr=1e-3,
+                  max_steps_per_epoch=0, seed=0, pos_fraction=0.5, fuse="product", tta=False)
 
 
-def test_luna_detection_yaml_equals_cli_defaults():
+def test_luna_detection_yaml_equals_the_recipe():
     from medetect.luna import detection
 
-    a = _cli_defaults(detection, ["train", "root", "--run-dir", "r"])
+    a = LUNA_RECIPE
     cfg = load_config(REPO / "configs" / "luna_detection.yaml")
     assert cfg == LunaDetectionConfig(data=cfg.data)  # the file only restates the defaults (root aside)
     assert (cfg.preprocess.spacing, cfg.data.patch_size, cfg.data.patches_per_volume, cfg.data.pos_prob) == (
@@ -360,15 +363,12 @@ def test_luna_detection_yaml_equals_cli_defaults():
     assert (m.arch, m.base_width, m.fpn_channels) == (a["arch"], a["base_width"], a["fpn_channels"])
     assert m == detection.default_detector_config()
     assert cfg.data.cache_dir is None and cfg.data.allow_missing_scans is False and cfg.data.subsets == []
-    p = _cli_defaults(detection, ["predict", "in", "--weights", "w", "--out", "o"])
-    assert cfg.predict.tile_size == p["tile"]
+    assert cfg.predict.tile_size == a["tile"]
     assert cfg.preprocess.build() == detection.LunaPreprocess(spacing=1.5)
 
 
-def test_luna_fpr_yaml_equals_cli_defaults():
-    from medetect.luna import fpr
-
-    a = _cli_defaults(fpr, ["train", "root", "--candidates", "c.csv", "--run-dir", "r"])
+def test_luna_fpr_yaml_equals_the_recipe():
+    a = FPR_RECIPE
     cfg = load_config(REPO / "configs" / "luna_fpr.yaml")
     assert cfg == LunaFPRConfig(data=cfg.data)
     m, t = cfg.model, cfg.train
@@ -377,8 +377,7 @@ def test_luna_fpr_yaml_equals_cli_defaults():
     assert (t.epochs, t.batch_size, t.lr, t.max_steps_per_epoch, t.seed) == (
         a["epochs"], a["batch_size"], a["lr"], a["max_steps_per_epoch"], a["seed"])
     assert cfg.data.pos_fraction == a["pos_fraction"]
-    s = _cli_defaults(fpr, ["score", "w", "root", "--candidates", "c", "--out", "o"])
-    assert (cfg.score.fuse, cfg.score.tta) == (s["fuse"], s["tta"])
+    assert (cfg.score.fuse, cfg.score.tta) == (a["fuse"], a["tta"])
     from medetect.luna.fpr import FUSION_MODES
 
     assert LunaFPRConfig.__dataclass_fields__["score"].default_factory.__dataclass_fields__[
