@@ -676,3 +676,8 @@ def phantom_demo(out_dir: str | os.PathLike, *, n_train: int = 8, n_test: int = 
     sub = write_submission(out / "submission.csv", marks)
     res = evaluate_submission(layout, sub, test)
     return {"weights": str(weights), "submission": str(sub), "froc": _froc_summary(res)}
+
+
+def _subset_name(s: str | int) -> str:
+    """``3``, ``"3"`` or ``"subset3"`` -> ``"subset3"``."""
+    return s if isinstance(s, str) and s.startswith("subset") else f"subset{int(s)}"
