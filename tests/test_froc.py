@@ -229,12 +229,12 @@ def write_csv(path, header, rows):
 
 def to_objects(ann, exc, pred):
     def annot(rows, allow):
-        return F.LunaAnnotations.from_arrays([r[0] for r in rows],
-                                             np.array([r[1:4] for r in rows], float).reshape(-1, 3),
-                                             [r[4] for r in rows], allow_unknown_diameter=allow)
-    p = F.LunaPredictions.from_arrays([r[0] for r in pred],
-                                      np.array([r[1:4] for r in pred], float).reshape(-1, 3),
-                                      [r[4] for r in pred])
+        return F.WorldPoints.from_arrays([r[0] for r in rows],
+                                         np.array([r[1:4] for r in rows], float).reshape(-1, 3),
+                                         diameters=[r[4] for r in rows], allow_unknown_diameter=allow)
+    p = F.WorldPoints.from_arrays([r[0] for r in pred],
+                                  np.array([r[1:4] for r in pred], float).reshape(-1, 3),
+                                  scores=[r[4] for r in pred])
     return annot(ann, False), annot(exc, True), p
 
 
