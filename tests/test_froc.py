@@ -590,3 +590,16 @@ def test_empty_predictions_and_no_cap(tmp_path, capsys):
     assert "missing.csv: cannot open file" in capsys.readouterr().err
     assert F.main([str(ann), str(pred), "--max-marks", "0", "--bootstrap", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_marks_per_scan"] is None
+
+
+def test_world_points_inputs_are_checked_for_their_role():
+    ann = F.WorldPoints.from_arrays(["A"], [[0.0, 0.0, 0.0]], diameters=[10.0])
+    with pytest.raises(F.FROCInputError, match=r"<arrays>, row 1: probability is NaN"):
+        F.froc(ann, ann, n_bootstrap=0)  # annotations given as predictions: they have no scores
+    marks = F.WorldPoints.from_arrays(["A"], [[1.0, 0.0, 0.0]], scores=[0.5])
+    with pytest.raises(F.FROCInputError, match=r"row 1: diameter_mm is NaN"):
+        F.froc(marks, marks, n_bootstrap=0)
+    assert F.froc(ann, marks, n_bootstrap=0).n_tp == 1
+    from medetect.evaluation.plots import plot_froc
+
+    assert F.plot_froc is plot_froc
