@@ -777,7 +777,7 @@ def test_lung_pet_ct_3d_boxes(shared_data):
     anns_inc, _ = read_lung_pet_ct_boxes(root, inplane_max_inclusive=True)
     for a in anns_inc:
         c = (a.boxes[:, :3] + a.boxes[:, 3:]) / 2
-        np.testing.assert_allclose(voxel_to_world(c, a.meta["geometry"]), a.meta["center_xyz_mm"], atol=2e-3)
+        np.testing.assert_allclose(voxel_to_world(c, a.meta["geometry"]), a.meta["centre_xyz_mm"], atol=2e-3)
     slices, rep_s = read_lung_pet_ct_boxes(root, per_slice=True)
     assert rep_s.read == 38 and Counter({a.image: len(a) for a in slices}) == {"Lung_Dx-A0001": 20, "Lung_Dx-A0002": 18}
     for a in slices:  # the 3D box is the union of the slice boxes

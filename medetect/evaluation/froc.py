@@ -18,6 +18,10 @@ Inputs
 
 Columns are found by header name (the official script uses ``header.index(name)``), so their order
 does not matter and extra columns are ignored.
+The three point files are read by :func:`medetect.data.annotations.read_world_points` into one
+record, :class:`~medetect.data.annotations.WorldPoints` (its errors are raised here as
+:class:`FROCInputError`), and rule 3 below is :func:`medetect.data.annotations.hits`, the one hit test
+of the library (stage-two training labels use it too).
 
 Rules of the official script, and where they come from
 ------------------------------------------------------

@@ -6,7 +6,6 @@ import csv
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np

@@ -33,7 +33,7 @@ def read_lung_pet_ct_boxes(
     README's mapping does; ``inplane_max_inclusive=True`` adds 1 to them (then the box centre matches the README's
     ``coordX/Y/Z`` exactly). ``image`` = patient id (A0002 ships only as DICOM); meta: ``geometry``
     (:class:`Geometry` from ``volumes.json``), ``volume_file``, ``series_instance_uid``, and for the 3D boxes per-box
-    ``center_xyz_mm`` (the CSV's world centre). ``image_shape`` from ``volumes.json``; boxes outside it are errors.
+    ``centre_xyz_mm`` (the CSV's world centre). ``image_shape`` from ``volumes.json``; boxes outside it are errors.
     """
     root = Path(root)
     vols_file = root / "volumes.json"
@@ -72,8 +72,8 @@ def read_lung_pet_ct_boxes(
                 raise AnnotationError(file, w, f"patient {row['patient_id']!r} is not in volumes.json")
             ctr = [_num(row[c], file, w, c) if row.get(c) else math.nan for c in _LUNA_XYZ]
             groups.setdefault(row["patient_id"], _Rows()).add(
-                (z0, y0, x0, z1 + 1, y1 + inc, x1 + inc), row["label"], w, center_xyz_mm=ctr)
-        dtypes = {"center_xyz_mm": np.float64}
+                (z0, y0, x0, z1 + 1, y1 + inc, x1 + inc), row["label"], w, centre_xyz_mm=ctr)
+        dtypes = {"centre_xyz_mm": np.float64}
     report = AnnotationReport()
     anns = []
     for pid, r in groups.items():

@@ -200,9 +200,9 @@ def _dicom_meta(ds) -> dict[str, Any]:
         "rescale_intercept": (floats("RescaleIntercept") or [None])[0],
         "bits_stored": int(ds.BitsStored) if "BitsStored" in ds else None,
     }
-    centers, widths = floats("WindowCenter"), floats("WindowWidth")
-    if centers and widths:
-        meta["windows"] = [(c, w) for c, w in zip(centers, widths)]
+    centres, widths = floats("WindowCenter"), floats("WindowWidth")
+    if centres and widths:
+        meta["windows"] = [(c, w) for c, w in zip(centres, widths)]
     return {k: v for k, v in meta.items() if v is not None}
 
 
