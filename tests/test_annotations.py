@@ -326,6 +326,12 @@ def test_luna_csv_roundtrip_and_boxes(tmp_path):
     np.testing.assert_allclose(world["1.2.3"][1], rows["1.2.3"][1], atol=1e-9)
     anns2, rep2 = luna_csv_to_annotations(rows, {"1.2.3": g})
     assert len(anns2) == 1 and rep2.skipped_other == 1 and "no geometry" in rep2.events[0][2]
+    points = read_world_points(tmp_path / "annotations.csv")  # the record gives the same boxes
+    anns3, _ = luna_csv_to_annotations(points, geoms)
+    for a, b in zip(anns, anns3):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+    with pytest.raises(TypeError, match="without diameters"):
+        luna_csv_to_annotations(WorldPoints.from_arrays("1.2.3", [[0, 0, 0]], scores=[0.5]), geoms)
 
 
 def test_luna_candidates_and_errors(tmp_path):

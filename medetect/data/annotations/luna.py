@@ -53,7 +53,7 @@ def read_luna_csv(path: PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def luna_csv_to_annotations(
-    rows: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | WorldPoints,
     geometries: Mapping[str, Geometry],
     *,
     label: str = "nodule",
@@ -63,6 +63,9 @@ def luna_csv_to_annotations(
 ) -> tuple[list[ImageAnnotation], AnnotationReport]:
     """LUNA16 world nodules -> voxel-box records, one per scan in ``geometries`` (scans without nodules: 0 boxes).
 
+    ``rows``: a :class:`WorldPoints` with diameters or ``{seriesuid: (centres_xyz [N, 3], diameters [N])}``
+    (:func:`read_luna_csv`).
+
     Boxes are :func:`~medetect.convert.luna_to_boxes` (the mm cube circumscribing the sphere, in voxels, with the
     +0.5 voxel-centre offset handled there). ``image = seriesuid``. Rows of scans missing from ``geometries`` are not
     converted: each such scan is counted in ``report.skipped_other`` (per nodule), listed and logged. Zero diameters
@@ -71,6 +74,10 @@ def luna_csv_to_annotations(
     Meta: ``geometry``, per-box ``centres_xyz`` and ``diameter_mm``. ``rows`` with a candidate ``class`` column
     (integer values) are refused: candidates have no size.
     """
+    if isinstance(rows, WorldPoints):
+        if np.isnan(rows.diameters).any():
+            raise TypeError(f"luna_csv_to_annotations: {rows.source} has points without diameters (candidates or marks)")
+        rows = rows.to_dict("diameters")
     report = AnnotationReport()
     for uid, (c, v) in rows.items():
         if np.issubdtype(np.asarray(v).dtype, np.integer):

@@ -21,6 +21,9 @@ Errors: a missing path raises :class:`FileNotFoundError`; anything wrong with a 
 unsupported, no pixel data, inconsistent series, wrong dimensionality) raises
 :class:`~medetect.data.image.MedicalImageError` (a :class:`ValueError`) whose message starts with the offending file.
 
+One module per backend: :mod:`.pillow`, :mod:`.dicom` (single files), :mod:`.dicom_series`, :mod:`.itk` (SimpleITK:
+NIfTI, MetaImage, NRRD), :mod:`.npz`; shared extensions and helpers in :mod:`._common`. Every name is re-exported here.
+
 Array and geometry conventions are those of :mod:`medetect.convert`: arrays in numpy axis order (``z, y, x``), channels
 first, spacing per array axis, origin/direction in ITK/DICOM LPS world ``(x, y, z)`` millimetres.
 """
