@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from medetect.data.annotations import (
     AnnotationError,
     AnnotationReport,
     ImageAnnotation,
+    WorldPoints,
+    WorldPointsError,
     annotations_to_luna,
     boxes_from_instance_mask,
     boxes_from_masks,
+    hits,
     luna_csv_to_annotations,
     read_coco,
     read_coco_results,
@@ -33,12 +37,14 @@ from medetect.data.annotations import (
     read_mias,
     read_voc,
     read_voc_folder,
+    read_world_points,
     write_coco,
     write_coco_results,
     write_csv_boxes,
     write_luna_csv,
     write_luna_submission,
     write_voc,
+    write_world_points,
 )
 
 LOGGER = "medetect.data.annotations"
@@ -320,6 +326,12 @@ def test_luna_csv_roundtrip_and_boxes(tmp_path):
     np.testing.assert_allclose(world["1.2.3"][1], rows["1.2.3"][1], atol=1e-9)
     anns2, rep2 = luna_csv_to_annotations(rows, {"1.2.3": g})
     assert len(anns2) == 1 and rep2.skipped_other == 1 and "no geometry" in rep2.events[0][2]
+    points = read_world_points(tmp_path / "annotations.csv")  # the record gives the same boxes
+    anns3, _ = luna_csv_to_annotations(points, geoms)
+    for a, b in zip(anns, anns3):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+    with pytest.raises(TypeError, match="without diameters"):
+        luna_csv_to_annotations(WorldPoints.from_arrays("1.2.3", [[0, 0, 0]], scores=[0.5]), geoms)
 
 
 def test_luna_candidates_and_errors(tmp_path):
@@ -329,10 +341,10 @@ def test_luna_candidates_and_errors(tmp_path):
     with pytest.raises(TypeError, match="candidate classes"):
         luna_csv_to_annotations(rows, {"1.2": _geom()})
     (tmp_path / "bad.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,4\n1.2,1,zz,3,4\n")
-    with pytest.raises(AnnotationError, match=r"bad\.csv: line 3: coordY: 'zz' is not a number"):
+    with pytest.raises(AnnotationError, match=r"bad\.csv, line 3: malformed number 'zz' in column 'coordY'"):
         read_luna_csv(tmp_path / "bad.csv")
     (tmp_path / "nocol.csv").write_text("seriesuid,coordX,coordY,diameter_mm\n1.2,1,2,4\n")
-    with pytest.raises(AnnotationError, match=r"nocol\.csv: line 1 \(header\): missing column\(s\) \['coordZ'\]"):
+    with pytest.raises(AnnotationError, match=r"nocol\.csv, line 1: missing column\(s\) coordZ in the header"):
         read_luna_csv(tmp_path / "nocol.csv")
 
 
@@ -354,7 +366,7 @@ def test_luna_csv_diameter_minus_one(tmp_path):
     np.testing.assert_allclose(anns[0].boxes, luna_to_boxes(rows["1.2.3"][0][1:], rows["1.2.3"][1][1:], g))
     for bad in ("-2", "-0.5", "-1.5"):  # only -1 is a code; other negative diameters stay errors naming the line
         (tmp_path / "neg.csv").write_text(f"seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,4\n1.2,1,2,3,{bad}\n")
-        with pytest.raises(AnnotationError, match=r"neg\.csv: line 3: diameter_mm must be >= 0 \(or -1"):
+        with pytest.raises(AnnotationError, match=r"neg\.csv, line 3: negative diameter_mm .* \(only -1"):
             read_luna_csv(tmp_path / "neg.csv")
 
 
@@ -372,8 +384,117 @@ def test_luna_submission_roundtrip(tmp_path):
     sub2 = read_luna_submission(tmp_path / "sub2.csv")
     np.testing.assert_array_equal(sub2["1.2.3"][0], sub["1.2.3"][0])
     (tmp_path / "wrong.csv").write_text("seriesuid,coordX,coordY,coordZ,probability,extra\n1,1,2,3,0.5,x\n")
-    with pytest.raises(AnnotationError, match=r"wrong\.csv: line 1 \(header\): columns must be exactly"):
+    with pytest.raises(AnnotationError, match=r"wrong\.csv, line 1: columns must be exactly"):
         read_luna_submission(tmp_path / "wrong.csv")
+
+
+# ============================================================================================ WorldPoints
+
+
+def test_world_points_record_select_group_concat():
+    p = WorldPoints.from_arrays(["b", "a", "b", "c"], np.arange(12.0).reshape(4, 3), diameters=[1.0, 2.0, 3.0, 4.0])
+    assert len(p) == 4 and np.isnan(p.scores).all() and (p.labels == -1).all() and p.lines.tolist() == [1, 2, 3, 4]
+    groups = p.by_uid()
+    assert list(groups) == ["b", "a", "c"]  # first-seen order
+    assert groups["b"].diameters.tolist() == [1.0, 3.0] and groups["b"].lines.tolist() == [1, 3]
+    np.testing.assert_array_equal(p.for_uid("b").centres, p.centres[[0, 2]])
+    assert len(p[p.diameters > 2]) == 2 and p[1].seriesuids.tolist() == ["a"]
+    both = WorldPoints.concat(p[:1], p[3:])
+    assert both.seriesuids.tolist() == ["b", "c"] and both.lines.tolist() == [1, 4]
+    d = p.to_dict("diameters")
+    again = WorldPoints.from_dict(d, "diameters")
+    np.testing.assert_array_equal(again.centres, np.concatenate([groups[u].centres for u in groups]))
+    assert WorldPoints.from_arrays("x", np.zeros((2, 3))).seriesuids.tolist() == ["x", "x"]  # one uid for all
+    assert len(WorldPoints.concat()) == 0 and WorldPoints.from_dict({}, "scores").by_uid() == {}
+
+
+def test_world_points_from_arrays_errors_name_the_row():
+    with pytest.raises(WorldPointsError, match=r"<arrays>, row 2: coordY is not a finite number"):
+        WorldPoints.from_arrays(["a", "a"], [[0, 0, 0], [0, np.nan, 0]])
+    with pytest.raises(WorldPointsError, match=r"mine, row 1: empty seriesuid"):
+        WorldPoints.from_arrays([" "], [[0, 0, 0]], source="mine")
+    with pytest.raises(WorldPointsError, match=r"row 2: negative diameter_mm -1.0"):
+        WorldPoints.from_arrays(["a", "a"], [[0, 0, 0]] * 2, diameters=[1, -1])
+    assert WorldPoints.from_arrays(["a"], [[0, 0, 0]], diameters=[-1], allow_unknown_diameter=True).diameters[0] == -1
+    with pytest.raises(WorldPointsError, match=r"row 1: probability is infinite"):
+        WorldPoints.from_arrays(["a"], [[0, 0, 0]], scores=[np.inf])
+    with pytest.raises(WorldPointsError, match=r"centres must have shape \(N, 3\)"):
+        WorldPoints.from_arrays(["a"], [[0, 0]])
+    with pytest.raises(WorldPointsError, match=r"scores must have shape \(2,\)"):
+        WorldPoints.from_arrays(["a", "a"], [[0, 0, 0]] * 2, scores=[1.0])
+
+
+@pytest.mark.parametrize("kind, column, values", [
+    ("annotations", "diameter_mm", [6.5, 0.1]),
+    ("excluded", "diameter_mm", [-1.0, 2.5]),
+    ("candidates", "class", [0, 1]),
+    ("marks", "probability", [0.9, 0.125]),
+])
+def test_world_points_csv_roundtrip_each_kind(tmp_path, kind, column, values):
+    path = tmp_path / f"{kind}.csv"
+    path.write_text(f"seriesuid,coordX,coordY,coordZ,{column}\n1.2,-80.5,70.25,-280.0,{values[0]}\n\n"
+                    f"3.4,0.1,1e-3,2,{values[1]}\n")
+    p = read_world_points(path, kind)
+    assert p.seriesuids.tolist() == ["1.2", "3.4"] and p.lines.tolist() == [2, 4] and p.word == "line"
+    got = {"diameter_mm": p.diameters, "class": p.labels, "probability": p.scores}[column]
+    assert got.tolist() == values
+    write_world_points(tmp_path / "out.csv", p, kind)
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == f"seriesuid,coordX,coordY,coordZ,{column}"
+    q = read_world_points(tmp_path / "out.csv", kind)
+    np.testing.assert_array_equal(q.centres, p.centres)  # lossless
+    for k in ("diameters", "scores", "labels"):
+        np.testing.assert_array_equal(getattr(q, k), getattr(p, k))
+
+
+def test_read_world_points_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "c.csv"
+    bad.write_text("seriesuid,coordX,coordY,coordZ,class\n1,0,0,0,1\n1,0,0,0,2\n")
+    with pytest.raises(WorldPointsError, match=r"c\.csv, line 3: class must be 0 or 1, got '2'"):
+        read_world_points(bad, "candidates")
+    with pytest.raises(WorldPointsError, match=r"c\.csv, line 1: missing column\(s\) probability"):
+        read_world_points(bad, "marks")
+    with pytest.raises(AnnotationError, match=r"missing\.csv: cannot open file"):  # a ValueError naming the file
+        read_world_points(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        read_world_points(bad, "nodules")
+    nan = WorldPoints.from_arrays(["a"], [[0, 0, 0]])  # no scores
+    with pytest.raises(ValueError, match=r"<arrays>, row 1 \(seriesuid 'a'\) has a non-finite centre or probability"):
+        write_world_points(tmp_path / "x.csv", nan, "marks")
+
+
+def _hits_loop(marks, centres, diameters, unknown):
+    out = np.zeros((len(marks), len(centres)), dtype=bool)
+    for i, m in enumerate(marks):
+        for j, (c, d) in enumerate(zip(centres, diameters)):
+            d = unknown if (d < 0 or math.isnan(d)) else d
+            out[i, j] = sum((float(a) - float(b)) ** 2 for a, b in zip(m, c)) < (d / 2) ** 2
+    return out
+
+
+def test_hits_strict_boundary_unknown_diameter_and_loop():
+    centres = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 20.0, 0.0]])
+    diameters = np.array([10.0, -1.0, np.nan])
+    marks = np.array([[3.0, 4.0, 0.0], [2.9, 4.0, 0.0], [14.0, 0.0, 0.0], [15.0, 0.0, 0.0], [0.0, 21.0, 0.0]])
+    h = hits(marks[:, None], centres[None], diameters[None])  # [M, N]
+    assert h.shape == (5, 3)
+    assert h[:, 0].tolist() == [False, True, False, False, False]  # exactly on the sphere (distance 5) is no hit
+    assert not h[:, 1:].any()  # unknown size: never a hit by default
+    h10 = hits(marks[:, None], centres[None], diameters[None], unknown_diameter=10.0)
+    assert h10[:, 1].tolist() == [False, False, True, False, False] and h10[4, 2]  # 15 is on the 5 mm sphere
+    rng = np.random.default_rng(0)
+    m, c = rng.normal(0, 5, (40, 3)), rng.normal(0, 5, (7, 3))
+    d = rng.choice([-1.0, 3.0, 8.0, 12.0], 7)
+    np.testing.assert_array_equal(hits(m[:, None], c[None], d[None], unknown_diameter=10.0), _hits_loop(m, c, d, 10.0))
+    np.testing.assert_array_equal(hits(m[3], c, d), _hits_loop(m[3:4], c, d, np.nan)[0])  # elementwise broadcast
+
+
+def test_split_package_keeps_old_names():
+    import medetect.data as data
+    from medetect.data.annotations import _LUNA_XYZ, _common, _open_csv, csv_boxes, luna, voc  # noqa: F401
+    from medetect.data.io import _check_metaio, _ext, dicom, itk, npz, pillow  # noqa: F401
+
+    assert data.read_voc is voc.read_voc and data.WorldPoints is luna.WorldPoints and data.read_sitk is itk.read_sitk
+    assert _common.logger.name == LOGGER  # one logger for all formats, as before the split
 
 
 # ============================================================================================ MIAS
@@ -662,7 +783,7 @@ def test_lung_pet_ct_3d_boxes(shared_data):
     anns_inc, _ = read_lung_pet_ct_boxes(root, inplane_max_inclusive=True)
     for a in anns_inc:
         c = (a.boxes[:, :3] + a.boxes[:, 3:]) / 2
-        np.testing.assert_allclose(voxel_to_world(c, a.meta["geometry"]), a.meta["center_xyz_mm"], atol=2e-3)
+        np.testing.assert_allclose(voxel_to_world(c, a.meta["geometry"]), a.meta["centre_xyz_mm"], atol=2e-3)
     slices, rep_s = read_lung_pet_ct_boxes(root, per_slice=True)
     assert rep_s.read == 38 and Counter({a.image: len(a) for a in slices}) == {"Lung_Dx-A0001": 20, "Lung_Dx-A0002": 18}
     for a in slices:  # the 3D box is the union of the slice boxes

@@ -186,12 +186,12 @@ def test_slice_linking_sphere_to_one_candidate():
     boxes[3] = torch.cat([boxes[3], torch.tensor([[2.0, 2.0, 6.0, 6.0]])])
     scores[3] = torch.cat([scores[3], torch.tensor([0.3])])
     cands = link_slice_boxes(boxes, scores, g, iou_thresh=0.3)
-    assert len(cands["centers_world"]) == 2
+    assert len(cands["centres_world"]) == 2
     # plain IoU splits off the sphere's small cap slices (nested boxes, IoU (r_cap / r)^2 < 0.3); iomin does not
-    assert len(link_slice_boxes(boxes, scores, g, iou_thresh=0.3, metric="iou")["centers_world"]) >= 2
+    assert len(link_slice_boxes(boxes, scores, g, iou_thresh=0.3, metric="iou")["centres_world"]) >= 2
     main = int(np.argmax(cands["n_slices"]))
     assert cands["n_slices"][main] == len(spanned)
-    err_vox = world_to_voxel(cands["centers_world"][main][None], g)[0] - centre_vox
+    err_vox = world_to_voxel(cands["centres_world"][main][None], g)[0] - centre_vox
     assert np.all(np.abs(err_vox) <= 1.0)
     assert cands["scores"][main] == pytest.approx(0.9)
 
@@ -250,7 +250,7 @@ def test_candidates_from_marks_labels_topk_and_excluded():
 
     ann = {"a": (np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]), np.array([10.0, 4.0]))}
     excl = {"a": (np.array([[0.0, 40.0, 0.0], [0.0, -40.0, 0.0]]), np.array([6.0, -1.0]))}
-    centers = np.array([
+    centres = np.array([
         [4.9, 0.0, 0.0],    # inside nodule 0 (radius 5)      -> 1
         [5.1, 0.0, 0.0],    # just outside                   -> 0
         [51.0, 1.0, 1.0],   # inside nodule 1 (radius 2)      -> 1
@@ -259,21 +259,53 @@ def test_candidates_from_marks_labels_topk_and_excluded():
         [100.0, 0.0, 0.0],  # far                            -> 0
     ])
     probs = np.array([0.9, 0.8, 0.1, 0.7, 0.6, 0.05])
-    out = candidates_from_marks({"a": {"centers_xyz": centers, "probabilities": probs},
-                                 "b": (centers[:2], probs[:2])}, ann, excluded=excl)
+    out = candidates_from_marks({"a": {"centres_xyz": centres, "probabilities": probs},
+                                 "b": (centres[:2], probs[:2])}, ann, excluded=excl)
     c, y = out["a"]
     # kept in descending probability order, excluded dropped
-    np.testing.assert_allclose(c, centers[[0, 1, 2, 5]])
+    np.testing.assert_allclose(c, centres[[0, 1, 2, 5]])
     np.testing.assert_array_equal(y, [1, 0, 1, 0])
     assert y.dtype == np.int64
     # a scan without annotations: all negatives
     np.testing.assert_array_equal(out["b"][1], [0, 0])
     # top_k keeps the most probable marks (before dropping excluded ones)
-    c3, y3 = candidates_from_marks({"a": (centers, probs)}, ann, top_k=4)["a"]
-    np.testing.assert_allclose(c3, centers[[0, 1, 3, 4]])
+    c3, y3 = candidates_from_marks({"a": (centres, probs)}, ann, top_k=4)["a"]
+    np.testing.assert_allclose(c3, centres[[0, 1, 3, 4]])
     np.testing.assert_array_equal(y3, [1, 0, 0, 0])
     # no excluded findings given: they are plain negatives
-    assert len(candidates_from_marks({"a": (centers, probs)}, ann, top_k=None)["a"][1]) == 6
+    assert len(candidates_from_marks({"a": (centres, probs)}, ann, top_k=None)["a"][1]) == 6
     # merging with candidates.csv-style sets concatenates per scan
-    m = merge_candidates({"a": (centers[:1], np.array([1]))}, out)
+    m = merge_candidates({"a": (centres[:1], np.array([1]))}, out)
     assert len(m["a"][1]) == 5 and m["a"][1].tolist() == [1, 1, 0, 1, 0] and len(m["b"][1]) == 2
+
+def test_candidate_label_on_the_sphere_is_negative_as_in_the_froc():
+    # a mark exactly at radius distance is not a hit in the official FROC (strict <); training labels agree
+    from medetect.evaluation import froc as F
+    from medetect.luna.fpr import candidates_from_marks
+
+    ann = {"a": (np.array([[0.0, 0.0, 0.0]]), np.array([10.0]))}
+    marks = np.array([[3.0, 4.0, 0.0], [2.9, 4.0, 0.0], [0.0, 0.0, -5.0]])  # |.| = 5 (exact), < 5, = 5
+    c, y = candidates_from_marks({"a": (marks, np.array([0.9, 0.8, 0.7]))}, ann)["a"]
+    np.testing.assert_array_equal(y, [0, 1, 0])
+    # the same marks through the FROC: only the middle one detects the nodule
+    ann_p = F.WorldPoints.from_arrays(["a"], ann["a"][0], diameters=ann["a"][1])
+    for k, want in enumerate([0, 1, 0]):
+        pred = F.WorldPoints.from_arrays(["a"], marks[k:k + 1], scores=[0.5])
+        assert F.froc(ann_p, pred, n_bootstrap=0).n_tp == want
+    # an excluded finding of unknown size (-1) counts as 10 mm: a mark 5 mm away is not dropped
+    excl = {"a": (np.array([[0.0, 40.0, 0.0]]), np.array([-1.0]))}
+    c, y = candidates_from_marks({"a": (np.array([[0.0, 45.0, 0.0], [0.0, 44.0, 0.0]]), None)}, {}, excluded=excl)["a"]
+    np.testing.assert_array_equal(c, [[0.0, 45.0, 0.0]])
+
+
+def test_candidates_from_marks_accepts_world_points():
+    from medetect.data.annotations import WorldPoints
+    from medetect.luna.fpr import candidates_from_marks, merge_candidates
+
+    nodules = WorldPoints.from_arrays(["a", "b"], [[0.0, 0, 0], [9.0, 9, 9]], diameters=[4.0, 4.0])
+    marks = WorldPoints.from_arrays(["a", "a", "b"], [[1.0, 0, 0], [30.0, 0, 0], [9.0, 9, 10]], scores=[0.2, 0.9, 0.5])
+    out = candidates_from_marks(marks, nodules)
+    np.testing.assert_array_equal(out["a"][0], [[30.0, 0, 0], [1.0, 0, 0]])  # by probability
+    assert out["a"][1].tolist() == [0, 1] and out["b"][1].tolist() == [1]
+    cands = WorldPoints.from_arrays("a", [[5.0, 5, 5]], labels=[0])
+    assert merge_candidates(cands, out)["a"][1].tolist() == [0, 0, 1]

@@ -230,12 +230,12 @@ def write_csv(path, header, rows):
 
 def to_objects(ann, exc, pred):
     def annot(rows, allow):
-        return F.LunaAnnotations.from_arrays([r[0] for r in rows],
-                                             np.array([r[1:4] for r in rows], float).reshape(-1, 3),
-                                             [r[4] for r in rows], allow_unknown_diameter=allow)
-    p = F.LunaPredictions.from_arrays([r[0] for r in pred],
-                                      np.array([r[1:4] for r in pred], float).reshape(-1, 3),
-                                      [r[4] for r in pred])
+        return F.WorldPoints.from_arrays([r[0] for r in rows],
+                                         np.array([r[1:4] for r in rows], float).reshape(-1, 3),
+                                         diameters=[r[4] for r in rows], allow_unknown_diameter=allow)
+    p = F.WorldPoints.from_arrays([r[0] for r in pred],
+                                  np.array([r[1:4] for r in pred], float).reshape(-1, 3),
+                                  scores=[r[4] for r in pred])
     return annot(ann, False), annot(exc, True), p
 
 
@@ -591,3 +591,16 @@ def test_empty_predictions_and_no_cap(tmp_path, capsys):
     assert "missing.csv: cannot open file" in capsys.readouterr().err
     assert cli_main(["froc", str(ann), str(pred), "--max-marks", "0", "--bootstrap", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_marks_per_scan"] is None
+
+
+def test_world_points_inputs_are_checked_for_their_role():
+    ann = F.WorldPoints.from_arrays(["A"], [[0.0, 0.0, 0.0]], diameters=[10.0])
+    with pytest.raises(F.FROCInputError, match=r"<arrays>, row 1: probability is NaN"):
+        F.froc(ann, ann, n_bootstrap=0)  # annotations given as predictions: they have no scores
+    marks = F.WorldPoints.from_arrays(["A"], [[1.0, 0.0, 0.0]], scores=[0.5])
+    with pytest.raises(F.FROCInputError, match=r"row 1: diameter_mm is NaN"):
+        F.froc(marks, marks, n_bootstrap=0)
+    assert F.froc(ann, marks, n_bootstrap=0).n_tp == 1
+    from medetect.evaluation.plots import plot_froc
+
+    assert F.plot_froc is plot_froc

@@ -29,3 +29,15 @@ def test_ct_section_report(tmp_path):
     marks = s["top_marks"]
     assert marks and all(set(m) >= {"x", "y", "z", "probability", "hit"} for m in marks)
     assert any(m["hit"] for m in marks)  # the shipped pipeline finds nodules on these easy phantoms
+
+
+def test_hits_use_the_official_strict_rule():
+    from medetect.data.annotations import WorldPoints
+
+    nodules = WorldPoints.from_arrays(["a", "a"], [[0.0, 0.0, 0.0], [20.0, 0.0, 0.0]], diameters=[10.0, -1.0],
+                                    allow_unknown_diameter=True)
+    marks = [[3.0, 4.0, 0.0], [2.9, 4.0, 0.0], [20.0, 0.0, 0.0], [50.0, 0.0, 0.0]]
+    # on the sphere: no hit; a nodule without a size (-1) is never hit; no marks -> empty
+    assert demo._hits(nodules, marks).tolist() == [False, True, False, False]
+    assert demo._hits(nodules, np.zeros((0, 3))).shape == (0,)
+    assert demo._hits(nodules[:0], marks).tolist() == [False] * 4

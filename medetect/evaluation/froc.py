@@ -18,6 +18,10 @@ Inputs
 
 Columns are found by header name (the official script uses ``header.index(name)``), so their order
 does not matter and extra columns are ignored.
+The three point files are read by :func:`medetect.data.annotations.read_world_points` into one
+record, :class:`~medetect.data.annotations.WorldPoints` (its errors are raised here as
+:class:`FROCInputError`), and rule 3 below is :func:`medetect.data.annotations.hits`, the one hit test
+of the library (stage-two training labels use it too).
 
 Rules of the official script, and where they come from
 ------------------------------------------------------
@@ -131,13 +135,16 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from ..data.annotations import WorldPoints, WorldPointsError, hits, read_world_points
+from ..data.annotations.luna import _check_diameters, _check_scores
+from .plots import plot_froc  # noqa: F401  (moved there; kept importable from here)
+
 __all__ = [
     "OPERATING_POINTS",
     "MAX_MARKS_PER_SCAN",
     "FROCError",
     "FROCInputError",
-    "LunaAnnotations",
-    "LunaPredictions",
+    "WorldPoints",
     "FROCResult",
     "read_luna_annotations",
     "read_luna_predictions",
@@ -160,9 +167,6 @@ FROC_MAX_X = 8.0
 CURVE_GRID_POINTS = 10001  # fps_itp of evaluateCAD
 BOOTSTRAP_GRID_POINTS = 10000  # all_fps of computeFROC_bootstrap
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
-
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -175,164 +179,28 @@ class FROCError(ValueError):
     """The evaluation cannot be carried out (e.g. no nodule among the evaluated scans)."""
 
 
-class FROCInputError(FROCError):
+class FROCInputError(FROCError, WorldPointsError):
     """Bad input; the message names the file (or array) and the 1-based line (or row)."""
 
     def __init__(self, source: str, line: int | None, problem: str, word: str = "line"):
-        self.source = source
-        self.line = line
-        self.problem = problem
-        where = source if line is None else f"{source}, {word} {line}"
-        super().__init__(f"{where}: {problem}")
+        WorldPointsError.__init__(self, source, line, problem, word)
 
 
-@dataclass(frozen=True, eq=False)
-class LunaAnnotations:
-    """Nodule annotations (or excluded findings) in LUNA16 world coordinates (mm).
+class _AsFROCInputError:
+    """Context manager: a :class:`WorldPointsError` of the shared reader becomes a :class:`FROCInputError`."""
 
-    ``lines`` holds the 1-based line number of each row in ``source`` (used in error messages);
-    ``word`` is ``"line"`` for files and ``"row"`` for arrays.
-    """
+    def __enter__(self):
+        return self
 
-    seriesuids: np.ndarray  # (N,) str
-    centres: np.ndarray  # (N, 3) float64: coordX, coordY, coordZ
-    diameters: np.ndarray  # (N,) float64 mm; -1 = unknown (excluded findings only)
-    lines: np.ndarray  # (N,) int64
-    source: str = "<annotations>"
-    word: str = "row"
-
-    def __len__(self) -> int:
-        return int(self.seriesuids.shape[0])
-
-    @classmethod
-    def from_arrays(cls, seriesuids, centres, diameters, *, source: str = "<annotations>",
-                    allow_unknown_diameter: bool = False) -> "LunaAnnotations":
-        uids = _as_uid_array(seriesuids)
-        n = uids.shape[0]
-        lines = np.arange(1, n + 1, dtype=np.int64)
-        xyz = _as_float_array(centres, (n, 3), "centres", source)
-        diam = _as_float_array(diameters, (n,), "diameters", source)
-        _check_uids(uids, lines, source, "row")
-        _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "row")
-        _check_diameters(diam, lines, source, "row", allow_unknown_diameter)
-        return cls(uids, xyz, diam, lines, source, "row")
-
-
-@dataclass(frozen=True, eq=False)
-class LunaPredictions:
-    """CAD marks in LUNA16 world coordinates (mm) with their probabilities."""
-
-    seriesuids: np.ndarray  # (M,) str
-    centres: np.ndarray  # (M, 3) float64
-    probabilities: np.ndarray  # (M,) float64
-    lines: np.ndarray  # (M,) int64
-    source: str = "<predictions>"
-    word: str = "row"
-
-    def __len__(self) -> int:
-        return int(self.seriesuids.shape[0])
-
-    @classmethod
-    def from_arrays(cls, seriesuids, centres, probabilities, *,
-                    source: str = "<predictions>") -> "LunaPredictions":
-        uids = _as_uid_array(seriesuids)
-        n = uids.shape[0]
-        lines = np.arange(1, n + 1, dtype=np.int64)
-        xyz = _as_float_array(centres, (n, 3), "centres", source)
-        prob = _as_float_array(probabilities, (n,), "probabilities", source)
-        _check_uids(uids, lines, source, "row")
-        _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "row")
-        _check_probabilities(prob, lines, source, "row")
-        return cls(uids, xyz, prob, lines, source, "row")
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, WorldPointsError) and not isinstance(exc, FROCInputError):
+            raise FROCInputError(exc.source, exc.line, exc.problem, exc.word) from None
+        return False
 
 
 def _as_uid_array(values) -> np.ndarray:
     arr = np.asarray(values, dtype=str).reshape(-1)
     return np.char.strip(arr) if arr.size else arr
-
-
-def _as_float_array(values, shape, name, source) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0 and int(np.prod(shape)) == 0:
-        return arr.reshape(shape)
-    if arr.shape != shape:
-        raise FROCInputError(source, None, f"{name} must have shape {shape}, got {arr.shape}")
-    return arr
-
-
-# ----------------------------------------------------------------------------------------------
-# CSV reading and validation
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_blank(row: list[str]) -> bool:
-    return not any(field.strip() for field in row)
-
-
-def _open_csv(path: PathLike):
-    source = os.fspath(path)
-    try:
-        return source, open(source, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise FROCInputError(source, None, f"cannot open file ({exc.strerror})") from None
-
-
-def _read_table(path: PathLike, columns: Sequence[str]):
-    """Read the named columns of a CSV file with a header line; return strings and line numbers."""
-    source, handle = _open_csv(path)
-    with handle:
-        reader = csv.reader(handle)
-        header = None
-        header_line = 0
-        try:
-            for row in reader:
-                if not _is_blank(row):
-                    header = [field.strip() for field in row]
-                    header_line = reader.line_num
-                    break
-            if header is None:
-                raise FROCInputError(source, None, "empty file: expected a header line with the "
-                                     f"columns {','.join(columns)}")
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise FROCInputError(source, header_line,
-                                     f"missing column(s) {', '.join(missing)} in the header "
-                                     f"{','.join(header)!r} (expected {','.join(columns)})")
-            index = [header.index(c) for c in columns]
-            need = max(index) + 1
-            fields: list[list[str]] = [[] for _ in columns]
-            lines: list[int] = []
-            for row in reader:
-                if _is_blank(row):
-                    continue
-                if len(row) < need:
-                    raise FROCInputError(source, reader.line_num,
-                                         f"too few fields: {len(row)}, the header has {len(header)} "
-                                         f"({','.join(header)})")
-                for out, i in zip(fields, index):
-                    out.append(row[i].strip())
-                lines.append(reader.line_num)
-        except csv.Error as exc:
-            raise FROCInputError(source, reader.line_num, f"malformed CSV ({exc})") from None
-        except UnicodeDecodeError as exc:
-            raise FROCInputError(source, None, f"not a UTF-8 text file ({exc.reason})") from None
-    return source, fields, np.asarray(lines, dtype=np.int64)
-
-
-def _parse_floats(strings: list[str], column: str, lines: np.ndarray, source: str) -> np.ndarray:
-    if not strings:
-        return np.zeros(0, dtype=np.float64)
-    try:
-        return np.asarray(strings, dtype=np.float64)
-    except ValueError:
-        pass
-    for text, line in zip(strings, lines):  # error path only: find the first bad row
-        try:
-            float(text)
-        except ValueError:
-            what = "empty value" if text == "" else f"malformed number {text!r}"
-            raise FROCInputError(source, int(line), f"{what} in column {column!r}") from None
-    raise FROCInputError(source, None, f"cannot parse column {column!r} as numbers")
 
 
 def _first(mask: np.ndarray) -> int:
@@ -345,66 +213,35 @@ def _check_uids(uids, lines, source, word):
         raise FROCInputError(source, int(lines[_first(empty)]), "empty seriesuid", word)
 
 
-def _check_finite(xyz, names, lines, source, word):
-    bad = ~np.isfinite(xyz)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise FROCInputError(source, int(lines[row]),
-                             f"{names[col]} is not a finite number ({float(xyz[row, col])!r})", word)
+# ----------------------------------------------------------------------------------------------
+# CSV reading (one reader for all LUNA16 point files: medetect.data.annotations.read_world_points)
+# ----------------------------------------------------------------------------------------------
 
 
-def _check_diameters(diam, lines, source, word, allow_unknown):
-    nan = np.isnan(diam)
-    if nan.any():
-        raise FROCInputError(source, int(lines[_first(nan)]), "diameter_mm is NaN", word)
-    inf = np.isinf(diam)
-    if inf.any():
-        raise FROCInputError(source, int(lines[_first(inf)]), "diameter_mm is infinite", word)
-    negative = diam < 0
-    if allow_unknown:
-        negative &= diam != -1.0
-    if negative.any():
-        i = _first(negative)
-        hint = (" (only -1, 'unknown', is allowed, in the excluded-findings file)" if allow_unknown
-                else " (-1, 'unknown', is only allowed in the excluded-findings file)")
-        raise FROCInputError(source, int(lines[i]), f"negative diameter_mm {float(diam[i])!r}{hint}", word)
+def _open_csv(path: PathLike):
+    source = os.fspath(path)
+    try:
+        return source, open(source, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise FROCInputError(source, None, f"cannot open file ({exc.strerror})") from None
 
 
-def _check_probabilities(prob, lines, source, word):
-    nan = np.isnan(prob)
-    if nan.any():
-        raise FROCInputError(source, int(lines[_first(nan)]), "probability is NaN", word)
-    inf = np.isinf(prob)
-    if inf.any():
-        i = _first(inf)
-        raise FROCInputError(source, int(lines[i]), f"probability is infinite ({float(prob[i])!r})", word)
+def _is_blank(row: list[str]) -> bool:
+    return not any(field.strip() for field in row)
 
 
-def _columns_to_arrays(source, fields, lines, value_column):
-    uids = np.asarray(fields[0], dtype=str)
-    xyz = np.stack([_parse_floats(fields[k], name, lines, source)
-                    for k, name in ((1, "coordX"), (2, "coordY"), (3, "coordZ"))], axis=1)
-    values = _parse_floats(fields[4], value_column, lines, source)
-    _check_uids(uids, lines, source, "line")
-    _check_finite(xyz, ("coordX", "coordY", "coordZ"), lines, source, "line")
-    return uids, xyz, values
-
-
-def read_luna_annotations(path: PathLike, *, allow_unknown_diameter: bool = False) -> LunaAnnotations:
+def read_luna_annotations(path: PathLike, *, allow_unknown_diameter: bool = False) -> WorldPoints:
     """Read ``annotations.csv`` (or, with ``allow_unknown_diameter=True``, ``annotations_excluded.csv``,
-    whose ``diameter_mm`` may be ``-1``)."""
-    source, fields, lines = _read_table(path, ANNOTATION_COLUMNS)
-    uids, xyz, diam = _columns_to_arrays(source, fields, lines, "diameter_mm")
-    _check_diameters(diam, lines, source, "line", allow_unknown_diameter)
-    return LunaAnnotations(uids, xyz, diam, lines, source, "line")
+    whose ``diameter_mm`` may be ``-1``): :func:`~medetect.data.annotations.read_world_points`, with its errors
+    raised as :class:`FROCInputError`."""
+    with _AsFROCInputError():
+        return read_world_points(path, "excluded" if allow_unknown_diameter else "annotations")
 
 
-def read_luna_predictions(path: PathLike) -> LunaPredictions:
-    """Read a LUNA16 submission (``seriesuid,coordX,coordY,coordZ,probability``)."""
-    source, fields, lines = _read_table(path, PREDICTION_COLUMNS)
-    uids, xyz, prob = _columns_to_arrays(source, fields, lines, "probability")
-    _check_probabilities(prob, lines, source, "line")
-    return LunaPredictions(uids, xyz, prob, lines, source, "line")
+def read_luna_predictions(path: PathLike) -> WorldPoints:
+    """Read a LUNA16 submission (``seriesuid,coordX,coordY,coordZ,probability``) as :class:`WorldPoints` (scores)."""
+    with _AsFROCInputError():
+        return read_world_points(path, "marks")
 
 
 def read_luna_seriesuids(path: PathLike) -> list[str]:
@@ -558,10 +395,7 @@ def _same_scan_pairs(nod_scan, mark_scan, n_scans):
 
 def _match(n_scans, nod_scan, nod_xyz, nod_diam, nod_included, mark_scan, mark_xyz, mark_prob):
     pair_nod, pair_mark = _same_scan_pairs(nod_scan, mark_scan, n_scans)
-    d = nod_xyz[pair_nod] - mark_xyz[pair_mark]
-    dist2 = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-    radius = np.where(nod_diam < 0.0, UNKNOWN_DIAMETER_MM, nod_diam) / 2.0
-    hit = dist2 < (radius * radius)[pair_nod]
+    hit = hits(mark_xyz[pair_mark], nod_xyz[pair_nod], nod_diam[pair_nod], unknown_diameter=UNKNOWN_DIAMETER_MM)
     inc = hit & nod_included[pair_nod]
     exc = hit & ~nod_included[pair_nod]
     n_nod, n_mark = nod_scan.shape[0], mark_scan.shape[0]
@@ -731,13 +565,13 @@ def _lookup(scan_uids: np.ndarray, query: np.ndarray):
 
 
 def _load_annotations(obj, allow_unknown, what):
-    if isinstance(obj, LunaAnnotations):
-        if not allow_unknown:
-            _check_diameters(obj.diameters, obj.lines, obj.source, obj.word, False)
+    if isinstance(obj, WorldPoints):
+        with _AsFROCInputError():
+            _check_diameters(obj.diameters, obj.lines, obj.source, obj.word, allow_unknown)
         return obj
     if isinstance(obj, (str, os.PathLike)):
         return read_luna_annotations(obj, allow_unknown_diameter=allow_unknown)
-    raise TypeError(f"{what} must be a path or a LunaAnnotations, got {type(obj).__name__}")
+    raise TypeError(f"{what} must be a path or a WorldPoints, got {type(obj).__name__}")
 
 
 def _load_scans(seriesuids):
@@ -761,19 +595,21 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
          confidence: float = 0.95) -> FROCResult:
     """Evaluate CAD marks against LUNA16 annotations with the official rules (module docstring).
 
-    ``annotations``/``excluded``: paths or :class:`LunaAnnotations`; ``predictions``: path or
-    :class:`LunaPredictions`; ``seriesuids``: path, sequence of uids, or None (scans = uids of the
+    ``annotations``/``excluded``: paths or :class:`~medetect.data.annotations.WorldPoints` with diameters;
+    ``predictions``: path or ``WorldPoints`` with scores; ``seriesuids``: path, sequence of uids, or None (scans = uids of the
     annotations and predictions). ``n_bootstrap=0`` skips the bootstrap. ``max_marks_per_scan=None``
     (or <= 0) disables the official cap of 100 marks per scan.
     """
     ann = _load_annotations(annotations, False, "annotations")
     exc = None if excluded is None else _load_annotations(excluded, True, "excluded")
-    if isinstance(predictions, LunaPredictions):
+    if isinstance(predictions, WorldPoints):
         pred = predictions
+        with _AsFROCInputError():
+            _check_scores(pred.scores, pred.lines, pred.source, pred.word)
     elif isinstance(predictions, (str, os.PathLike)):
         pred = read_luna_predictions(predictions)
     else:
-        raise TypeError(f"predictions must be a path or a LunaPredictions, got "
+        raise TypeError(f"predictions must be a path or a WorldPoints, got "
                         f"{type(predictions).__name__}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -797,10 +633,10 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
         raise FROCInputError(pred.source, int(pred.lines[i]),
                              f"seriesuid {str(pred.seriesuids[i])!r} is not in the series list "
                              f"{list_source}", pred.word)
-    keep = _truncate(mark_scan, pred.probabilities, n_scans, max_marks_per_scan)
+    keep = _truncate(mark_scan, pred.scores, n_scans, max_marks_per_scan)
     mark_scan = mark_scan[keep]
     mark_xyz = pred.centres[keep]
-    mark_prob = pred.probabilities[keep]
+    mark_prob = pred.scores[keep]
 
     # findings on the listed scans (others are ignored, as in the official script)
     ann_scan, ann_found = _lookup(scan_uids, ann.seriesuids)
@@ -897,48 +733,6 @@ def _order_stat_bounds(values: np.ndarray, confidence: float):
     v = np.sort(values, axis=0)
     n = v.shape[0]
     return v[int(math.floor(pz * n))], v[int(math.floor((1.0 - pz) * n))]
-
-
-# ----------------------------------------------------------------------------------------------
-# plot
-# ----------------------------------------------------------------------------------------------
-
-
-def plot_froc(result: FROCResult, path: PathLike, *, title: str | None = None, dpi: int = 150) -> None:
-    """Write the FROC curve (log2 x axis from 1/8 to 8 FPs/scan) with the bootstrap band as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
-
-    fig = Figure(figsize=(6.4, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.linspace(FROC_MIN_X, FROC_MAX_X, num=CURVE_GRID_POINTS)
-    y = np.interp(x, result.curve_fps, result.curve_sensitivities)
-    colour = "tab:blue"
-    if result.bootstrap_fps is not None:
-        pct = f"{100 * result.confidence:g}%"
-        ax.fill_between(result.bootstrap_fps, result.bootstrap_low, result.bootstrap_high,
-                        color=colour, alpha=0.2, linewidth=0,
-                        label=f"{pct} bootstrap interval ({result.n_bootstrap_valid} resamples)")
-        ax.plot(result.bootstrap_fps, result.bootstrap_mean, color=colour, ls="--", lw=1,
-                label="bootstrap mean")
-    ax.plot(x, y, color=colour, lw=2, label=f"FROC (CPM = {result.cpm:.3f})")
-    ax.plot(result.fps, result.sensitivities, "o", color=colour, ms=4)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(FROC_MIN_X, FROC_MAX_X)
-    ax.set_ylim(0.0, 1.0)
-    ax.xaxis.set_major_locator(FixedLocator(list(OPERATING_POINTS)))
-    ax.xaxis.set_major_formatter(FixedFormatter(["0.125", "0.25", "0.5", "1", "2", "4", "8"]))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_yticks(np.linspace(0.0, 1.0, 11))
-    ax.grid(True, which="major", alpha=0.4)
-    ax.set_xlabel("Average number of false positives per scan")
-    ax.set_ylabel("Sensitivity")
-    ax.set_title(title or f"FROC: {result.n_scans} scans, {result.n_nodules} nodules")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=dpi)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Precision-recall curves of a detection evaluation, written as PNG (matplotlib's Agg canvas, no pyplot state)."""
+"""Evaluation plots written as PNG (matplotlib's Agg canvas, no pyplot state): precision-recall curves of a detection
+evaluation, and the LUNA16 FROC curve with its bootstrap band."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["pr_curve_png"]
+if TYPE_CHECKING:
+    from .froc import FROCResult
+
+__all__ = ["pr_curve_png", "plot_froc"]
 
 
 def _curves(result: Mapping[str, Any], iou_threshold: float | None, area: str | None):
@@ -104,3 +109,42 @@ def pr_curve_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
     return path
+
+
+def plot_froc(result: FROCResult, path: str | os.PathLike, *, title: str | None = None, dpi: int = 150) -> None:
+    """Write the FROC curve (log2 x axis from 1/8 to 8 FPs/scan) with the bootstrap band as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    from .froc import CURVE_GRID_POINTS, FROC_MAX_X, FROC_MIN_X, OPERATING_POINTS  # lazy: froc imports this module
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.linspace(FROC_MIN_X, FROC_MAX_X, num=CURVE_GRID_POINTS)
+    y = np.interp(x, result.curve_fps, result.curve_sensitivities)
+    colour = "tab:blue"
+    if result.bootstrap_fps is not None:
+        pct = f"{100 * result.confidence:g}%"
+        ax.fill_between(result.bootstrap_fps, result.bootstrap_low, result.bootstrap_high,
+                        color=colour, alpha=0.2, linewidth=0,
+                        label=f"{pct} bootstrap interval ({result.n_bootstrap_valid} resamples)")
+        ax.plot(result.bootstrap_fps, result.bootstrap_mean, color=colour, ls="--", lw=1,
+                label="bootstrap mean")
+    ax.plot(x, y, color=colour, lw=2, label=f"FROC (CPM = {result.cpm:.3f})")
+    ax.plot(result.fps, result.sensitivities, "o", color=colour, ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FROC_MIN_X, FROC_MAX_X)
+    ax.set_ylim(0.0, 1.0)
+    ax.xaxis.set_major_locator(FixedLocator(list(OPERATING_POINTS)))
+    ax.xaxis.set_major_formatter(FixedFormatter(["0.125", "0.25", "0.5", "1", "2", "4", "8"]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yticks(np.linspace(0.0, 1.0, 11))
+    ax.grid(True, which="major", alpha=0.4)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(title or f"FROC: {result.n_scans} scans, {result.n_nodules} nodules")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=dpi)

@@ -43,12 +43,14 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _hits(centres, diameters_mm, marks):
-    """Per mark: True where it hits a nodule (official rule: distance < diameter / 2)."""
-    if len(centres) == 0 or len(marks) == 0:
-        return np.zeros(len(marks), dtype=bool)
-    d2 = ((np.asarray(marks)[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1)
-    return (d2 < (np.asarray(diameters_mm)[None] / 2.0) ** 2).any(1)
+def _hits(nodules, marks_xyz) -> np.ndarray:
+    """``[M]`` bool: does each mark hit a nodule of ``nodules`` (a :class:`~medetect.data.annotations.WorldPoints`)?
+    The official rule, :func:`~medetect.data.annotations.hits` (distance < diameter / 2); a nodule without a size
+    (diameter -1) is never hit, as before."""
+    from ..data.annotations import hits
+
+    m = np.asarray(marks_xyz, dtype=np.float64).reshape(-1, 3)
+    return hits(m[:, None], nodules.centres[None], nodules.diameters[None]).any(1)
 
 
 def _montage(path: Path, panels: list[dict], dpi: int = 110) -> None:
@@ -132,14 +134,15 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
             scans[uid] = (vol, geom)
             if use_det:
                 m = predict_scan(model, pre, img)
-                p_fpr = score_candidates(fpr, vol, geom, m["centers_xyz"])
-                marks[uid] = {"centers_xyz": m["centers_xyz"], "diameters_mm": m["diameters_mm"],
+                centres = m["centers_xyz"]  # predict_scan's key (renamed with predict_scan at integration)
+                p_fpr = score_candidates(fpr, vol, geom, centres)
+                marks[uid] = {"centres_xyz": centres, "diameters_mm": m["diameters_mm"],
                               "p_det": m["probabilities"], "p_fpr": p_fpr,
                               "probabilities": fuse(m["probabilities"], p_fpr, fusion)}
             else:
                 c = np.asarray(layout.candidates.get(uid, (np.zeros((0, 3)), None))[0]).reshape(-1, 3)
                 p_fpr = score_candidates(fpr, vol, geom, c)
-                marks[uid] = {"centers_xyz": c, "diameters_mm": np.full(len(c), CANDIDATE_DIAMETER_MM),
+                marks[uid] = {"centres_xyz": c, "diameters_mm": np.full(len(c), CANDIDATE_DIAMETER_MM),
                               "p_fpr": p_fpr, "probabilities": p_fpr}
         t_infer = time.perf_counter() - t_infer
         sub = write_submission(tmp / "submission.csv", marks)
@@ -147,7 +150,7 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
         res_det = None
         if use_det:  # stage one alone, for comparison
             sub1 = write_submission(tmp / "submission_stage1.csv", {
-                u: {"centers_xyz": m["centers_xyz"], "probabilities": m["p_det"]} for u, m in marks.items()})
+                u: {"centres_xyz": m["centres_xyz"], "probabilities": m["p_det"]} for u, m in marks.items()})
             res_det = froc(layout.annotations_path, sub1, excluded=layout.excluded_path, seriesuids=uids, n_bootstrap=0)
         froc_png = out_dir / "ct_froc.png"
         pipeline = ("stage one (3D RetinaNet) + stage two (FPR cube classifier), fused by " + fusion if use_det
@@ -158,12 +161,13 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
         rows, panels, n_nod = [], [], 0
         for uid in uids:
             vol, geom = scans[uid]
-            gt_c, gt_d = layout.nodules(uid)
+            gt = layout.nodule_points.for_uid(uid)
+            gt_c, gt_d = gt.centres, gt.diameters
             n_nod += len(gt_d)
             m = marks[uid]
             order = np.argsort(-np.asarray(m["probabilities"]), kind="stable")[:top_k]
-            c = np.asarray(m["centers_xyz"]).reshape(-1, 3)[order]
-            hit = _hits(gt_c, gt_d, c)
+            c = np.asarray(m["centres_xyz"]).reshape(-1, 3)[order]
+            hit = _hits(gt, c)
             short = uid[-6:]
             for rank, (k, h) in enumerate(zip(order, hit)):
                 rows.append({"scan": short, "rank": rank + 1, "x": float(c[rank, 0]), "y": float(c[rank, 1]),

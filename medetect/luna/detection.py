@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from ..boxes import clip_boxes
 from ..convert import Geometry, boxes_to_luna, luna_to_boxes, voxel_to_world, world_to_voxel
-from ..data.annotations import _open_csv, read_luna_csv, write_luna_submission
+from ..data.annotations import WorldPoints, read_world_points, write_world_points
 from ..data.image import MedicalImage
 from ..data.io import read_image
 from ..data.transforms import Compose, HUWindow, RandomFlip, RandomRot90, resample
@@ -87,11 +87,14 @@ class LunaLayout:
             CSV line, unless ``seriesuids.csv`` lists the uid (then the scan is just not downloaded: recorded in
             ``missing``). True records every such uid in ``missing`` instead (e.g. only subset0 downloaded).
 
-    Attributes: ``root``, ``paths`` (uid -> .mhd), ``subset_of`` (uid -> subset folder name), ``annotations``
-    (uid -> (centres_xyz [N, 3], diameters [N])), ``lines`` (uid -> CSV line numbers of those rows),
-    ``excluded`` (a :class:`medetect.evaluation.froc.LunaAnnotations`, diameters -1 allowed, or None),
-    ``candidates`` (uid -> (centres, classes), or None), ``seriesuids`` (list from seriesuids.csv, or None),
-    ``annotations_path``, ``excluded_path``.
+    Attributes: ``root``, ``paths`` (uid -> .mhd), ``subset_of`` (uid -> subset folder name), ``nodule_points``
+    (the nodules as one :class:`~medetect.data.annotations.WorldPoints`, with CSV line numbers; empty without an
+    annotations file) and its per-scan views ``annotations`` (uid -> (centres_xyz [N, 3], diameters [N])) and
+    ``lines`` (uid -> CSV line numbers of those rows), ``excluded`` (a ``WorldPoints`` of
+    ``annotations_excluded.csv``, diameters -1 allowed, or None), ``candidate_points`` (``candidates.csv`` as a
+    ``WorldPoints`` with labels, or None) and its view ``candidates`` (uid -> (centres, classes), or None),
+    ``seriesuids`` (list from seriesuids.csv, or None), ``annotations_path``, ``excluded_path``. All CSV files are
+    read by :func:`~medetect.data.annotations.read_world_points` (errors name the file and line).
     """
 
     def __init__(self, root: str | os.PathLike, *, annotations: str | os.PathLike | None = "annotations.csv",
@@ -115,37 +118,30 @@ class LunaLayout:
             with open(sfile, newline="") as fh:
                 self.seriesuids = [r[0].strip() for r in csv.reader(fh) if r and r[0].strip()]
         self.annotations_path = None
-        self.annotations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.lines: dict[str, list[int]] = {}
+        self.nodule_points = WorldPoints.from_arrays(np.zeros(0, dtype=str), np.zeros((0, 3)), diameters=np.zeros(0))
         self.missing: list[str] = []
         if annotations is not None:
             a = Path(annotations)
             a = a if a.is_absolute() or a.exists() else self.root / a
             if a.is_file():
                 self.annotations_path = a
-                self.annotations, self.lines = self._read_with_lines(a)
-                self._check_uids(a, self.annotations, self.lines, allow_missing_scans)
+                # "excluded" rules: a -1 diameter (a finding without a size) is accepted, as read_luna_csv did
+                self.nodule_points = read_world_points(a, "excluded")
+        per_scan = self.nodule_points.by_uid()
+        self.annotations: dict[str, tuple[np.ndarray, np.ndarray]] = {u: (p.centres, p.diameters)
+                                                                       for u, p in per_scan.items()}
+        self.lines: dict[str, list[int]] = {u: p.lines.tolist() for u, p in per_scan.items()}
+        if self.annotations_path is not None:
+            self._check_uids(self.annotations_path, self.annotations, self.lines, allow_missing_scans)
         self.excluded_path = self.root / "annotations_excluded.csv"
-        self.excluded = None
+        self.excluded: WorldPoints | None = None
         if self.excluded_path.is_file():
-            # -1 diameters (findings without a size) are legal here; the FROC wants them as LunaAnnotations
-            from ..evaluation.froc import read_luna_annotations
-
-            self.excluded = read_luna_annotations(self.excluded_path, allow_unknown_diameter=True)
+            self.excluded = read_world_points(self.excluded_path, "excluded")  # -1 diameters are legal here
         else:
             self.excluded_path = None
         cfile = self.root / "candidates.csv"
-        self.candidates = read_luna_csv(cfile) if cfile.is_file() else None
-
-    # ------------------------------------------------------------------ csv helpers
-    @staticmethod
-    def _read_with_lines(path: Path):
-        rows = read_luna_csv(path)  # validates numbers and diameters, errors name the line
-        _, it = _open_csv(path, ("seriesuid",))
-        lines: dict[str, list[int]] = {}
-        for line, row in it:
-            lines.setdefault(row["seriesuid"], []).append(line)
-        return rows, lines
+        self.candidate_points = read_world_points(cfile, "candidates") if cfile.is_file() else None
+        self.candidates = None if self.candidate_points is None else self.candidate_points.to_dict("labels")
 
     def _check_uids(self, path: Path, rows, lines, allow_missing: bool) -> None:
         listed = set(self.seriesuids or ())
@@ -560,32 +556,40 @@ def predict_layout(model: Detector, pre: LunaPreprocess, layout: LunaLayout, uid
     return out
 
 
-def write_submission(path: str | os.PathLike, marks: Mapping[str, Mapping[str, np.ndarray]],
-                     max_per_scan: int = MAX_MARKS_PER_SCAN) -> Path:
+def write_submission(path: str | os.PathLike, marks, max_per_scan: int = MAX_MARKS_PER_SCAN) -> Path:
     """LUNA16 submission ``seriesuid,coordX,coordY,coordZ,probability``: per scan the ``max_per_scan`` most probable
-    marks, sorted by probability (descending)."""
+    marks, sorted by probability (descending).
+
+    ``marks``: a :class:`~medetect.data.annotations.WorldPoints` with scores, or ``{uid: marks of that scan}`` where a
+    scan's marks are a ``WorldPoints``, a ``{"centres_xyz" [M, 3], "probabilities" [M]}`` dict or a
+    ``(centres, probabilities)`` pair (world mm).
+    """
+    from .fpr import _mark_arrays
+
+    per_scan = marks.by_uid() if isinstance(marks, WorldPoints) else marks
     rows = {}
-    for uid, m in marks.items():
-        p = np.asarray(m["probabilities"], dtype=np.float64).reshape(-1)
-        c = np.asarray(m["centers_xyz"], dtype=np.float64).reshape(-1, 3)
+    for uid, m in per_scan.items():
+        c, p = _mark_arrays(m)
+        if p is None:
+            raise ValueError(f"write_submission: the marks of {uid!r} have no probabilities")
         order = np.argsort(-p, kind="stable")[:max_per_scan]
         rows[uid] = (c[order], p[order])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_luna_submission(path, rows)
+    write_world_points(path, WorldPoints.from_dict(rows, "scores", source="write_submission"), "marks")
     return path
 
 
 def evaluate_submission(layout: LunaLayout, submission: str | os.PathLike, uids: Sequence[str], *,
                         n_bootstrap: int = 0):
     """Exact LUNA16 FROC of ``submission`` on the scans ``uids`` (annotations and excluded findings of the layout)."""
-    from ..evaluation.froc import LunaAnnotations, froc
+    from ..evaluation.froc import froc
 
     if layout.annotations_path is None:
         raise ValueError(f"{layout.root}: no annotations.csv to evaluate against")
     ann = layout.annotations_path
     if not any(u in layout.annotations for u in uids):
-        ann = LunaAnnotations.from_arrays(np.zeros(0, dtype=str), np.zeros((0, 3)), np.zeros(0))
+        ann = layout.nodule_points[np.zeros(len(layout.nodule_points), dtype=bool)]
     return froc(ann, Path(submission), excluded=layout.excluded_path, seriesuids=list(uids), n_bootstrap=n_bootstrap)
 
 

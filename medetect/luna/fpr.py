@@ -234,67 +234,86 @@ def load_scan(path) -> tuple[np.ndarray, Geometry]:
 
 
 def read_candidates(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``candidates.csv`` (``class`` column) or a submission (``probability`` column) -> ``{uid: (xyz [N, 3], value [N])}``."""
-    from ..data.annotations import read_luna_csv, read_luna_submission
+    """``candidates.csv`` (``class`` column) or a submission (``probability`` column) -> ``{uid: (xyz [N, 3], value [N])}``
+    (labels int64, or probabilities float64), read by :func:`~medetect.data.annotations.read_world_points`."""
+    from ..data.annotations import csv_header, read_world_points
 
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    if "probability" in header:
-        return read_luna_submission(path)
-    return read_luna_csv(path)
+    if "probability" in csv_header(path):
+        return read_world_points(path, "marks").to_dict("scores")
+    return read_world_points(path, "candidates").to_dict("labels")
 
 
 def _mark_arrays(m) -> tuple[np.ndarray, np.ndarray | None]:
-    """``{"centers_xyz", "probabilities"}`` (stage-one marks) or ``(centers, probabilities)`` -> arrays."""
-    if isinstance(m, Mapping):
-        c, p = m["centers_xyz"], m.get("probabilities")
+    """One scan's marks -> ``(centres [M, 3], probabilities [M] or None)``: a :class:`WorldPoints` (its scores, None
+    when all NaN), a ``{"centres_xyz", "probabilities"}`` dict or a ``(centres, probabilities)`` pair."""
+    from ..data.annotations import WorldPoints
+
+    if isinstance(m, WorldPoints):
+        c, p = m.centres, None if np.isnan(m.scores).all() else m.scores
+    elif isinstance(m, Mapping):
+        # TRANSITION: stage one's ``predict_scan`` still names the key ``centers_xyz``; drop that fallback once it
+        # returns ``centres_xyz`` (or a WorldPoints).
+        c, p = m["centres_xyz"] if "centres_xyz" in m else m["centers_xyz"], m.get("probabilities")
     else:
         c, p = m[0], m[1] if len(m) > 1 else None
     c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
     return c, None if p is None else np.asarray(p, dtype=np.float64).reshape(-1)
 
 
-def _within(centers: np.ndarray, findings, unknown_diameter_mm: float = 10.0) -> np.ndarray:
-    """``[M]`` bool: is each point within the radius of any finding ``(centres [N, 3], diameters [N])`` (one
-    ``[M, N]`` distance matrix; a negative diameter -- "unknown" in ``annotations_excluded.csv`` -- counts as
-    ``unknown_diameter_mm``, as in the LUNA16 FROC)."""
+def _within(centres: np.ndarray, findings, unknown_diameter_mm: float = 10.0) -> np.ndarray:
+    """``[M]`` bool: is each point strictly within the radius of any finding (a :class:`WorldPoints` or
+    ``(centres [N, 3], diameters [N])``)? The LUNA16 hit test :func:`~medetect.data.annotations.hits` on one
+    ``[M, N]`` matrix, so a training label agrees with the FROC (a point exactly on the sphere is not within). A
+    negative or NaN diameter -- "unknown" in ``annotations_excluded.csv`` -- counts as ``unknown_diameter_mm`` (10 mm,
+    as in the LUNA16 FROC)."""
+    from ..data.annotations import WorldPoints, hits
+
     if findings is None:
-        return np.zeros(len(centers), dtype=bool)
+        return np.zeros(len(centres), dtype=bool)
+    if isinstance(findings, WorldPoints):
+        findings = (findings.centres, findings.diameters)
     fc = np.asarray(findings[0], dtype=np.float64).reshape(-1, 3)
     fd = np.asarray(findings[1], dtype=np.float64).reshape(-1)
-    if len(fc) == 0 or len(centers) == 0:
-        return np.zeros(len(centers), dtype=bool)
-    r = np.where(fd < 0, unknown_diameter_mm, fd) / 2.0
-    d2 = ((centers[:, None, :] - fc[None, :, :]) ** 2).sum(-1)
-    return (d2 <= (r * r)[None, :]).any(axis=1)
+    if len(fc) == 0 or len(centres) == 0:
+        return np.zeros(len(centres), dtype=bool)
+    return hits(centres[:, None, :], fc[None, :, :], fd[None, :], unknown_diameter=unknown_diameter_mm).any(axis=1)
+
+
+def _per_scan(findings) -> Mapping:
+    """``{uid: findings}`` from a :class:`WorldPoints` (split by scan) or a mapping (as it is)."""
+    from ..data.annotations import WorldPoints
+
+    return findings.by_uid() if isinstance(findings, WorldPoints) else (findings or {})
 
 
 def candidates_from_marks(
-    marks: Mapping,
-    annotations: Mapping,
+    marks,
+    annotations,
     *,
     top_k: int | None = 100,
-    excluded: Mapping | None = None,
+    excluded=None,
     unknown_diameter_mm: float = 10.0,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Training candidates for stage two from a stage-one detector's marks: ``{uid: (centers [M, 3], labels [M])}``.
+    """Training candidates for stage two from a stage-one detector's marks: ``{uid: (centres [M, 3], labels [M])}``.
 
     Args:
-        marks: ``{uid: {"centers_xyz" [M, 3], "probabilities" [M]}}`` (:func:`~medetect.luna.detection.predict_scan`)
-            or ``{uid: (centers, probabilities)}``; world ``(x, y, z)`` mm.
-        annotations: ``{uid: (centres [N, 3], diameters [N])}`` (``LunaLayout.annotations``). A scan missing here
-            has no nodules (all its marks are negatives).
+        marks: a :class:`~medetect.data.annotations.WorldPoints` with scores, or ``{uid: marks of that scan}``
+            where a scan's marks are a ``WorldPoints``, ``{"centres_xyz" [M, 3], "probabilities" [M]}`` or
+            ``(centres, probabilities)``; world ``(x, y, z)`` mm.
+        annotations: a ``WorldPoints`` with diameters, or ``{uid: (centres [N, 3], diameters [N])}``
+            (``LunaLayout.annotations``). A scan missing here has no nodules (all its marks are negatives).
         top_k: keep the ``top_k`` most probable marks per scan (None: all; marks without probabilities keep their
             order).
-        excluded: optional findings of the same form (``annotations_excluded.csv``): marks within their radius and
-            not within a nodule's are dropped, because the LUNA16 FROC counts them neither as hits nor as false
-            positives (ambiguous labels).
-        unknown_diameter_mm: diameter used for negative (unknown) diameters.
+        excluded: optional findings of the same forms (``annotations_excluded.csv``, e.g. ``LunaLayout.excluded``):
+            marks within their radius and not within a nodule's are dropped, because the LUNA16 FROC counts them
+            neither as hits nor as false positives (ambiguous labels).
+        unknown_diameter_mm: diameter used for negative (unknown) diameters (10 mm, the LUNA16 FROC's).
 
-    Label 1 when the mark lies within the radius (diameter / 2) of an annotated nodule -- the LUNA16 hit rule --
-    else 0: the latter are exactly the detector's false positives that stage two must learn to reject. One
-    vectorised distance matrix per scan.
+    Label 1 when the mark lies strictly within the radius (diameter / 2) of an annotated nodule -- the LUNA16 hit
+    rule of the FROC, :func:`~medetect.data.annotations.hits` -- else 0: the latter are exactly the detector's false
+    positives that stage two must learn to reject. One vectorised distance matrix per scan.
     """
+    marks, annotations, excluded = _per_scan(marks), _per_scan(annotations), _per_scan(excluded)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for uid, m in marks.items():
         c, p = _mark_arrays(m)
@@ -302,16 +321,20 @@ def candidates_from_marks(
             order = np.argsort(-p, kind="stable") if p is not None else np.arange(len(c))
             c = c[order[:top_k]]
         pos = _within(c, annotations.get(uid), unknown_diameter_mm)
-        keep = pos | ~_within(c, (excluded or {}).get(uid), unknown_diameter_mm)
+        keep = pos | ~_within(c, excluded.get(uid), unknown_diameter_mm)
         out[uid] = (c[keep], pos[keep].astype(np.int64))
     return out
 
 
 def merge_candidates(*sets: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Concatenate candidate sets ``{uid: (centers [N, 3], labels [N])}`` scan by scan (e.g. ``candidates.csv`` and
-    :func:`candidates_from_marks`)."""
+    """Concatenate candidate sets ``{uid: (centres [N, 3], labels [N])}`` scan by scan (e.g. ``candidates.csv`` and
+    :func:`candidates_from_marks`); a :class:`~medetect.data.annotations.WorldPoints` with labels is accepted too."""
+    from ..data.annotations import WorldPoints
+
     out: dict[str, tuple[list, list]] = {}
     for s in sets:
+        if isinstance(s, WorldPoints):
+            s = s.to_dict("labels")
         for uid, (c, y) in s.items():
             cs, ys = out.setdefault(uid, ([], []))
             cs.append(np.asarray(c, dtype=np.float64).reshape(-1, 3))

@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 
-def slice_boxes(centers_world, diameters, geometry: Geometry, n_slices: int, *, shape: str = "box") -> list[np.ndarray]:
+def slice_boxes(centres_world, diameters, geometry: Geometry, n_slices: int, *, shape: str = "box") -> list[np.ndarray]:
     """Per axial slice ``z`` (array axis 0), the 2D boxes ``[k, 4]`` (``y0, x0, y1, x1`` voxel edges) of the nodules
-    that span it. Vectorised over (slice, nodule) pairs."""
-    c = np.asarray(centers_world, dtype=np.float64).reshape(-1, 3)
+    (world centres ``[G, 3]`` mm and diameters ``[G]``) that span it. Vectorised over (slice, nodule) pairs."""
+    c = np.asarray(centres_world, dtype=np.float64).reshape(-1, 3)
     dia = np.asarray(diameters, dtype=np.float64).reshape(-1)
     if len(c) == 0:
         return [np.zeros((0, 4)) for _ in range(n_slices)]
@@ -78,14 +78,25 @@ def slice_stack(volume: torch.Tensor, z: torch.Tensor, context: int, window=(-10
     return ((x - window[0]) / (window[1] - window[0])).clamp(0, 1)
 
 
+def _nodules_by_uid(annotations) -> Mapping:
+    """``{uid: (centres [G, 3], diameters [G])}`` from a :class:`~medetect.data.annotations.WorldPoints` or a mapping."""
+    from ..data.annotations import WorldPoints
+
+    return annotations.to_dict("diameters") if isinstance(annotations, WorldPoints) else annotations
+
+
 class SliceDataset(Dataset):
     """Axial slices of training scans: every slice with a nodule plus ``neg_ratio`` times as many random slices
-    without one. Samples ``{"image": [C, H, W], "boxes": [G, 4], "labels": [G]}`` (the Trainer's detection collate)."""
+    without one. Samples ``{"image": [C, H, W], "boxes": [G, 4], "labels": [G]}`` (the Trainer's detection collate).
+
+    ``annotations``: the nodules as a :class:`~medetect.data.annotations.WorldPoints` (``LunaLayout.nodule_points``)
+    or ``{uid: (centres_xyz [G, 3], diameters [G])}`` (``LunaLayout.annotations``)."""
 
     def __init__(self, scans: Mapping, annotations: Mapping, *, context: int = 1, neg_ratio: float = 0.5,
                  box_shape: str = "sphere", seed: int = 0, flip: bool = True):
         from .fpr import _volume_tensor, load_scan
 
+        annotations = _nodules_by_uid(annotations)
         self.context, self.flip = context, flip
         self.vols, self.boxes, items = [], [], []
         rng = np.random.default_rng(seed)
@@ -171,7 +182,8 @@ def train_slices2d(scans: Mapping, annotations: Mapping, run_dir, *, config: Det
                    context: int = 1, neg_ratio: float = 0.5, resume: bool = True, progress: bool = True):
     """Train the slice detector with the medetect Trainer; writes ``run_dir/model.safetensors``.
 
-    ``annotations``: ``{uid: (centers_xyz [G, 3], diameters [G])}`` (``read_luna_csv`` of ``annotations.csv``)."""
+    ``annotations``: the nodules, as :class:`SliceDataset` takes them (a ``WorldPoints`` or
+    ``{uid: (centres_xyz [G, 3], diameters [G])}``)."""
     from ..engine.trainer import TrainConfig, Trainer, seed_everything
 
     cfg = config or default_slice_config(context)
@@ -225,11 +237,11 @@ def link_slice_boxes(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
     intersection over the smaller box instead, so the small cap slices of a sphere (nested in the next slice's box,
     IoU ``(r_cap / r) ** 2`` often < 0.3) stay linked to it.
 
-    Returns ``{"centers_world" [K, 3], "scores" [K], "boxes" [K, 6] (voxel, array order), "n_slices" [K]}``.
+    Returns ``{"centres_world" [K, 3], "scores" [K], "boxes" [K, 6] (voxel, array order), "n_slices" [K]}``.
     """
     nz = len(boxes)
     counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
-    empty = {"centers_world": np.zeros((0, 3)), "scores": np.zeros(0), "boxes": np.zeros((0, 6)), "n_slices": np.zeros(0, int)}
+    empty = {"centres_world": np.zeros((0, 3)), "scores": np.zeros(0), "boxes": np.zeros((0, 6)), "n_slices": np.zeros(0, int)}
     if nz == 0 or int(counts.sum()) == 0:
         return empty
     allb = torch.cat([torch.as_tensor(b, dtype=torch.float64).reshape(-1, 4) for b in boxes])
@@ -265,7 +277,7 @@ def link_slice_boxes(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
     keep = ns >= min_slices
     b3 = torch.cat([lo, hi], 1)[keep]
     centres = voxel_to_world(((b3[:, :3] + b3[:, 3:]) / 2).numpy(), geometry)
-    return {"centers_world": np.asarray(centres), "scores": sc[keep].numpy(), "boxes": b3.numpy(),
+    return {"centres_world": np.asarray(centres), "scores": sc[keep].numpy(), "boxes": b3.numpy(),
             "n_slices": ns[keep].numpy()}
 
 
