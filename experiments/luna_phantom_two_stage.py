@@ -267,7 +267,7 @@ def stage_evaluate(out: Path, weights: Path, slice_weights: Path | None, *, tta:
         for u, path in scans.items():
             vol, geom = fpr.load_scan(path)
             c = slices2d.detect_scan_2d(det, vol, geom)
-            rows[u] = (c["centers_world"], c["scores"])
+            rows[u] = (c["centres_world"], c["scores"])
         res["s2d_detect_seconds"] = round(time.time() - t, 1)
         res["s2d_candidates_per_scan"] = float(np.mean([len(v[1]) for v in rows.values()]))
         cpm("slices2d_stage1", rows)

@@ -471,7 +471,7 @@ def test_lung_pet_ct_dx_volumes(shared_data):
         assert float(s["image"][0, z0:z1, y0:y1, x0:x1].mean()) > -700
         # the box centre lands on the CSV's world centre (within a voxel; in-plane maxima read as exclusive)
         ctr = voxel_to_world(((b[0, :3] + b[0, 3:]) / 2).double(), g)
-        assert np.allclose(ctr.numpy(), ds.records[i].meta["center_xyz_mm"][0],
+        assert np.allclose(ctr.numpy(), ds.records[i].meta["centre_xyz_mm"][0],
                            atol=max(spacing) / 2 + 1e-6)
     assert ds.image(by_id["Lung_Dx-A0002"]).meta["format"].lower().startswith("dicom")
 
