@@ -110,7 +110,7 @@ def check_input(image: MedicalImage, pre: Preprocess, *, allow_range_mismatch: b
 def prepare(image: MedicalImage, pre: Preprocess, *, allow_range_mismatch: bool = False) -> Prepared:
     """``image`` -> :class:`Prepared` (checks with :func:`check_input`, then intensity, resampling, resize)."""
     check_input(image, pre, allow_range_mismatch=allow_range_mismatch)
-    arr = image.array
+    arr = image.array if image.array.flags.writeable else image.array.copy()  # torch cannot wrap read-only arrays
     t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype not in (np.uint16, np.uint32, np.uint64) else \
         torch.from_numpy(arr.astype(np.float32))
     if pre.window is not None:

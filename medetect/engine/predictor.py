@@ -11,7 +11,8 @@ Caps: ``max_detections`` (default: the model's ``detections_per_img``) bounds th
 tiled one (the model's own per-forward cap is raised to it while predicting, so asking for more than 100 gives more
 than 100); a ``UserWarning`` says when the cap was reached. Inputs smaller than ``min_size`` voxels on a side are
 zero-padded at the high end (a stride-32 backbone needs more than one voxel per GroupNorm group at its last stage);
-boxes are clipped back to the real image.
+detections centred in the padding are dropped (``drop_padded``; the first release kept them, clipped to the image
+border, which gave a 1-voxel volume dozens of marks) and boxes are clipped back to the real image.
 
 :meth:`Predictor.predict_image` is the one application path: a :class:`medetect.data.image.MedicalImage` and the
 model's stored :class:`medetect.models.io.Preprocess` -> detections in voxels of the INPUT grid and in world mm.
@@ -71,6 +72,7 @@ class Predictor:
         max_detections: int | None = None,
         score_thresh: float | None = None,
         min_size: int = 64,
+        drop_padded: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -80,7 +82,7 @@ class Predictor:
         if max_detections is not None and (int(max_detections) != max_detections or max_detections < 1):
             raise ValueError(f"max_detections must be a positive integer, got {max_detections!r}")
         self.max_detections = None if max_detections is None else int(max_detections)
-        self.score_thresh, self.min_size = score_thresh, int(min_size)
+        self.score_thresh, self.min_size, self.drop_padded = score_thresh, int(min_size), bool(drop_padded)
         self.overlap, self.batch_size, self.nms_thresh = overlap, batch_size, nms_thresh
         self.border_penalty, self.size_divisor = border_penalty, size_divisor
         self.cut_containment = cut_containment
@@ -98,7 +100,18 @@ class Predictor:
     @torch.no_grad()
     def _forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(self._pad(batch.to(self.device)))["detections"]
+            dets = self.model(self._pad(batch.to(self.device)))["detections"]
+        if not self.drop_padded:
+            return dets
+        # a detection centred in the zero padding is not in the image (a 1-voxel input is all padding)
+        d = batch.ndim - 2
+        size = torch.tensor(batch.shape[2:], dtype=torch.float32, device=self.device)
+        out = []
+        for det in dets:  # loop over the images of a batch, not over boxes
+            b = det["boxes"].float()
+            inside = (((b[:, :d] + b[:, d:]) / 2) < size).all(-1)
+            out.append({k: v[inside] for k, v in det.items()})
+        return out
 
     def _cap(self) -> int:
         cfg = getattr(self.model, "config", None)
