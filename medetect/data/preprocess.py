@@ -26,37 +26,11 @@ import torch
 from ..convert import Geometry
 from ..models.io import Preprocess
 from .image import MedicalImage
-from .transforms import resample, scale
+from .transforms import normalize_intensity, resample, scale, window_intensity
 
 __all__ = ["normalize_intensity", "window_intensity", "check_input", "prepare", "Prepared", "RANGE_REFUSE_FACTOR"]
 
 RANGE_REFUSE_FACTOR = 4.0  # values further than 4 range-widths outside the training range: refused, not warned
-
-
-def window_intensity(image: torch.Tensor, lo: float, hi: float, *, inplace: bool = False) -> torch.Tensor:
-    """``clip((x - lo) / (hi - lo), 0, 1)`` (CT window). ``inplace`` reuses a float32 ``image`` (no copy)."""
-    if not hi > lo:
-        raise ValueError(f"the intensity window needs lo < hi, got [{lo}, {hi}]")
-    x = image if (inplace and image.dtype == torch.float32) else image.float().clone()
-    return x.sub_(lo).mul_(1.0 / (hi - lo)).clamp_(0.0, 1.0)
-
-
-def normalize_intensity(image: torch.Tensor, max_value: float = 255.0, mean=(0.5,), std=(0.25,), *,
-                        window: Sequence[float] | None = None) -> torch.Tensor:
-    """The one intensity normalisation family, on ``[C, *S]``: with ``window`` the CT window
-    (:func:`window_intensity`), else ``(image / max_value - mean) / std`` with per-channel or shared mean/std.
-    Returns a new float tensor; the input is untouched."""
-    if window is not None:
-        return window_intensity(image, float(window[0]), float(window[1]))
-    x = image.float() / max_value  # a new tensor: the in-place steps below never touch the input
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-    m = m.reshape(shape) if m.numel() > 1 else m
-    s = s.reshape(shape) if s.numel() > 1 else s
-    if torch.broadcast_shapes(x.shape, m.shape, s.shape) == x.shape:
-        return x.sub_(m).div_(s)  # same values, two fewer full-size temporaries
-    return (x - m) / s
 
 
 @dataclasses.dataclass
