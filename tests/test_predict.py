@@ -4,6 +4,7 @@ stored preprocessing applied, caps, input checks, tiles, outputs."""
 import csv
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -205,3 +206,17 @@ def test_one_normalisation_family():
     torch.testing.assert_close(HUWindow(lo=-1000, hi=400)({"image": x})["image"], normalize_intensity(x, window=[-1000, 400]))
     torch.testing.assert_close(Normalize(mean=[0.5], std=[0.25])({"image": y / 255})["image"],
                                normalize_intensity(y, 255.0, [0.5], [0.25]))
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    predict_paths(BCCD, [tmp_path], tmp_path / "o", progress=True)
+    assert "predict" not in capsys.readouterr().err  # not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    predict_paths(BCCD, [tmp_path], tmp_path / "o", progress=True)
+    assert "predict" in capsys.readouterr().err
+    predict_paths(BCCD, [tmp_path], tmp_path / "o", progress=False)
+    assert "predict" not in capsys.readouterr().err

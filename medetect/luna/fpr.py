@@ -394,10 +394,9 @@ def cube_collate(samples: list[dict]) -> tuple[torch.Tensor, list[dict]]:
 
 def save_fpr(model: FPRClassifier, path, *, extra: dict | None = None) -> Path:
     """The one model writer (:func:`medetect.models.io.save_model`, kind ``"fpr"``; float32 tensors)."""
-    from ..models.io import save_model
-    from ..models.io import _fpr_preprocess
+    from ..models.io import fpr_preprocess, save_model
 
-    return save_model(model, path, kind="fpr", preprocess=_fpr_preprocess(model.config.to_dict()), classes=["nodule"],
+    return save_model(model, path, kind="fpr", preprocess=fpr_preprocess(model.config.to_dict()), classes=["nodule"],
                       extra=extra, fp16=False)
 
 

@@ -34,7 +34,7 @@ from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
 
 __all__ = ["FORMAT_VERSION", "BUILDERS", "Preprocess", "LoadedModel", "save_model", "load_model", "read_metadata",
-           "check_safetensors_file"]
+           "check_safetensors_file", "fpr_preprocess"]
 
 FORMAT_VERSION = 2
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -232,7 +232,7 @@ def _detector_preprocess_v1(cfg: dict, pre: dict, extra: dict) -> Preprocess:
                       value_range=[0.0, 255.0] if mv == 255.0 else None)
 
 
-def _fpr_preprocess(cfg: dict) -> Preprocess:
+def fpr_preprocess(cfg: dict) -> Preprocess:
     """The FPR classifier extracts its own multi-scale cubes; the preprocess records the finest grid and the window."""
     nd = int(cfg.get("ndim", 3))
     return Preprocess(ndim=nd, channels=int(cfg.get("in_channels", 1)), spacing=[float(cfg.get("spacing_mm", 1.0))] * nd,
@@ -257,7 +257,7 @@ def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Pre
         return "detector", cfg, pre, list(classes), extra
     if "medetect_fpr_config" in meta:
         cfg = _json(meta, "medetect_fpr_config", path)
-        return "fpr", cfg, _fpr_preprocess(cfg), ["nodule"], {}
+        return "fpr", cfg, fpr_preprocess(cfg), ["nodule"], {}
     if "medetect_slices2d_config" in meta:
         cfg = _json(meta, "medetect_slices2d_config", path)
         # the slice model's input: CT slices (+ context slices as channels) in the lung window, no resampling
@@ -290,7 +290,7 @@ def _run_dir_meta(run_dir: Path) -> tuple[dict[str, str], Path]:
     weights = Path(ckpt) / "model.safetensors"
     if (run_dir / "fpr_config.json").is_file():
         cfg = json.loads((run_dir / "fpr_config.json").read_text())["model"]
-        kind, pre, classes = "fpr", _fpr_preprocess(cfg), ["nodule"]
+        kind, pre, classes = "fpr", fpr_preprocess(cfg), ["nodule"]
     elif (run_dir / "config.json").is_file():
         raw = json.loads((run_dir / "config.json").read_text())
         if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
