@@ -16,7 +16,14 @@ from safetensors.torch import save_file
 
 from medetect.models.detector import DetectorConfig, build_detector
 from medetect.models.fp_reduction import FPRConfig, build_fpr
-from medetect.models.io import BUILDERS, LoadedModel, Preprocess, load_model, read_metadata, save_model
+from medetect.models.io import (
+    BUILDERS,
+    LoadedModel,
+    Preprocess,
+    load_model,
+    read_metadata,
+    save_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "medetect" / "weights"

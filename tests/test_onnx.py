@@ -1,14 +1,14 @@
 """ONNX export of the dense part of a detector (skips without onnx/onnxruntime)."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
 
-from medetect.models.detector import DetectorConfig, build_detector
-import os
-import stat
-
 from medetect.apps.export import _DenseGraph, export_onnx
+from medetect.models.detector import DetectorConfig, build_detector
 from medetect.models.io import Preprocess, load_model, save_model
 
 onnx = pytest.importorskip("onnx")

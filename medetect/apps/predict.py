@@ -37,8 +37,8 @@ import csv
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ..data.io import read_image
 from ..engine.predictor import Predictor
 from ..models.io import load_model
 
-__all__ = ["predict_paths", "check_tile_size", "image_files", "IMAGE_SUFFIXES"]
+__all__ = ["IMAGE_SUFFIXES", "check_tile_size", "image_files", "predict_paths"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".nii.gz", ".npz",
                   ".dcm")

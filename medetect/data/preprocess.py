@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from ..models.io import Preprocess
 from .image import MedicalImage
 from .transforms import normalize_intensity, resample, scale, window_intensity
 
-__all__ = ["normalize_intensity", "window_intensity", "check_input", "prepare", "Prepared", "RANGE_REFUSE_FACTOR"]
+__all__ = ["RANGE_REFUSE_FACTOR", "Prepared", "check_input", "normalize_intensity", "prepare", "window_intensity"]
 
 RANGE_REFUSE_FACTOR = 4.0  # values further than 4 range-widths outside the training range: refused, not warned
 

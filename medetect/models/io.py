@@ -25,16 +25,26 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
 
-__all__ = ["FORMAT_VERSION", "BUILDERS", "Preprocess", "LoadedModel", "save_model", "load_model", "read_metadata",
-           "check_safetensors_file", "fpr_preprocess"]
+__all__ = [
+    "BUILDERS",
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "Preprocess",
+    "check_safetensors_file",
+    "fpr_preprocess",
+    "load_model",
+    "read_metadata",
+    "save_model",
+]
 
 FORMAT_VERSION = 2
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -101,7 +111,7 @@ class Preprocess:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -282,7 +292,9 @@ def _load_state(model: torch.nn.Module, weights: Path) -> None:
 
 def _run_dir_meta(run_dir: Path) -> tuple[dict[str, str], Path]:
     """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights)."""
-    from ..engine.checkpoint import latest_checkpoint  # the one place that knows the checkpoint layout
+    from ..engine.checkpoint import (
+        latest_checkpoint,  # the one place that knows the checkpoint layout
+    )
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
