@@ -47,15 +47,14 @@ def _overlay(rgb: np.ndarray, boxes: np.ndarray, labels: list[str], scores: np.n
 
 
 def _bccd_section(out_dir: Path, score_thresh: float, device: str = "cpu") -> tuple[str, dict]:
-    model, pre = load_model(BCCD_WEIGHTS, device=device)
-    names = list(model.config.class_names)
-    predictor = Predictor(model, device=device)
+    loaded = load_model(BCCD_WEIGHTS, device=device)
+    names, pre = list(loaded.classes), loaded.preprocess
+    predictor = Predictor(loaded.model, device=device)
     rows, cards, preds, gts = [], [], [], []
     t0 = time.perf_counter()
     for jpg in sorted((ASSETS / "bccd").glob("*.jpg")):
         img = read_image(jpg)
-        det = predictor.predict(pre(img.array))
-        det["boxes"] = det["boxes"] / pre.scale
+        det = predictor.predict_image(img, pre)  # the model's stored preprocessing; boxes on the input grid
         keep = det["scores"] >= score_thresh
         boxes, scores, labels = det["boxes"][keep].numpy(), det["scores"][keep].numpy(), det["labels"][keep].numpy()
         lab_names = [names[i] for i in labels]

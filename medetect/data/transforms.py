@@ -100,6 +100,8 @@ __all__ = [
     "ScaleIntensityRange",
     "HUWindow",
     "Normalize",
+    "normalize_intensity",
+    "window_intensity",
     "CropOrPad",
     "RandomCrop",
     "RandomFlip",
@@ -613,6 +615,35 @@ class Resample(Transform):
         return resample(sample, self.target_spacing, mode=self.mode)
 
 
+# ------------------------------------------------------------------------------------ intensity: one family
+
+
+def window_intensity(image: torch.Tensor, lo: float, hi: float, *, inplace: bool = False) -> torch.Tensor:
+    """``clip((x - lo) / (hi - lo), 0, 1)`` (CT window). ``inplace`` reuses a float32 ``image`` (no copy)."""
+    if not hi > lo:
+        raise ValueError(f"the intensity window needs lo < hi, got [{lo}, {hi}]")
+    x = image if (inplace and image.dtype == torch.float32) else image.float().clone()
+    return x.sub_(lo).mul_(1.0 / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def normalize_intensity(image: torch.Tensor, max_value: float = 255.0, mean=(0.5,), std=(0.25,), *,
+                        window: Sequence[float] | None = None) -> torch.Tensor:
+    """The one intensity normalisation family, on ``[C, *S]``: with ``window`` the CT window
+    (:func:`window_intensity`), else ``(image / max_value - mean) / std`` with per-channel or shared mean/std.
+    Returns a new float tensor; the input is untouched."""
+    if window is not None:
+        return window_intensity(image, float(window[0]), float(window[1]))
+    x = image.float() / max_value  # a new tensor: the in-place steps below never touch the input
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    m = m.reshape(shape) if m.numel() > 1 else m
+    s = s.reshape(shape) if s.numel() > 1 else s
+    if torch.broadcast_shapes(x.shape, m.shape, s.shape) == x.shape:
+        return x.sub_(m).div_(s)  # same values, two fewer full-size temporaries
+    return (x - m) / s
+
+
 class ScaleIntensityRange(Transform):
     """Map ``[a_min, a_max]`` linearly to ``[b_min, b_max]``; with ``clip`` the result is clipped to that range."""
 
@@ -649,6 +680,13 @@ class HUWindow(ScaleIntensityRange):
         if not float(hi) > float(lo):
             raise ValueError(f"hi must be greater than lo, got lo={lo!r}, hi={hi!r}")
         super().__init__(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+
+    def __call__(self, sample: Mapping, generator: torch.Generator | None = None) -> dict:
+        out, _ = _prepare(sample)
+        image = out["image"]
+        x = window_intensity(image, self.a_min, self.a_max)
+        out["image"] = x.to(image.dtype) if image.is_floating_point() else x
+        return out
 
     @classmethod
     def lung(cls) -> "HUWindow":
@@ -695,10 +733,8 @@ class Normalize(Transform):
             for name, v in (("mean", self.mean), ("std", self.std)):
                 if len(v) not in (1, c):
                     raise ValueError(f"{name} has {len(v)} entries but the image has {c} channels")
-            mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device)
-            std = torch.tensor(self.std, dtype=image.dtype, device=image.device)
-            mean = mean.expand(c).reshape(bshape)
-            std = std.expand(c).reshape(bshape)
+            out["image"] = normalize_intensity(image, 1.0, self.mean, self.std).to(image.dtype)  # the one family
+            return out
         out["image"] = (image - mean) / std
         return out
 

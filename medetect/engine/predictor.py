@@ -6,12 +6,24 @@ with the far border, so every voxel is seen; the tiles' detections are shifted b
 touch an inner tile border (cut objects, seen whole by a neighbouring tile) are down-weighted, the union is merged
 by per-class NMS, and a cut box lying mostly (intersection over its own volume > ``cut_containment``) inside an uncut
 box of the same class is dropped: NMS alone keeps such slivers, whose IoU with the whole object is small. Tiles are batched through the model ``batch_size`` at a time.
+
+Caps: ``max_detections`` (default: the model's ``detections_per_img``) bounds the detections of a whole image AND of a
+tiled one (the model's own per-forward cap is raised to it while predicting, so asking for more than 100 gives more
+than 100); a ``UserWarning`` says when the cap was reached. Inputs smaller than ``min_size`` voxels on a side are
+zero-padded at the high end (a stride-32 backbone needs more than one voxel per GroupNorm group at its last stage);
+detections centred in the padding are dropped (``drop_padded``; the first release kept them, clipped to the image
+border, which gave a 1-voxel volume dozens of marks) and boxes are clipped back to the real image.
+
+:meth:`Predictor.predict_image` is the one application path: a :class:`medetect.data.image.MedicalImage` and the
+model's stored :class:`medetect.models.io.Preprocess` -> detections in voxels of the INPUT grid and in world mm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -57,10 +69,20 @@ class Predictor:
         cut_containment: float = 0.6,
         size_divisor: int = 32,
         autocast: bool | None = None,
+        max_detections: int | None = None,
+        score_thresh: float | None = None,
+        min_size: int = 64,
+        drop_padded: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
+        if tile_size is not None and (isinstance(tile_size, (int, float)) or not all(int(t) == t and t > 0 for t in tile_size)):
+            raise ValueError(f"--tile must be positive integers (one per axis), got {tile_size!r}")
         self.tile_size = None if tile_size is None else tuple(int(t) for t in tile_size)
+        if max_detections is not None and (int(max_detections) != max_detections or max_detections < 1):
+            raise ValueError(f"max_detections must be a positive integer, got {max_detections!r}")
+        self.max_detections = None if max_detections is None else int(max_detections)
+        self.score_thresh, self.min_size, self.drop_padded = score_thresh, int(min_size), bool(drop_padded)
         self.overlap, self.batch_size, self.nms_thresh = overlap, batch_size, nms_thresh
         self.border_penalty, self.size_divisor = border_penalty, size_divisor
         self.cut_containment = cut_containment
@@ -68,7 +90,7 @@ class Predictor:
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad the spatial dims of ``[B, C, *S]`` at the high end up to a multiple of ``size_divisor``."""
-        target = [math.ceil(s / self.size_divisor) * self.size_divisor for s in x.shape[2:]]
+        target = [max(math.ceil(s / self.size_divisor) * self.size_divisor, self.min_size) for s in x.shape[2:]]
         if list(x.shape[2:]) == target:
             return x
         out = x.new_zeros((*x.shape[:2], *target))
@@ -78,11 +100,51 @@ class Predictor:
     @torch.no_grad()
     def _forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(self._pad(batch.to(self.device)))["detections"]
+            dets = self.model(self._pad(batch.to(self.device)))["detections"]
+        if not self.drop_padded:
+            return dets
+        # a detection centred in the zero padding is not in the image (a 1-voxel input is all padding)
+        d = batch.ndim - 2
+        size = torch.tensor(batch.shape[2:], dtype=torch.float32, device=self.device)
+        out = []
+        for det in dets:  # loop over the images of a batch, not over boxes
+            b = det["boxes"].float()
+            inside = (((b[:, :d] + b[:, d:]) / 2) < size).all(-1)
+            out.append({k: v[inside] for k, v in det.items()})
+        return out
+
+    def _cap(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        return self.max_detections or int(getattr(cfg, "detections_per_img", 100))
+
+    @contextlib.contextmanager
+    def _head_settings(self, cap: int):
+        """Temporarily give the model's detection head the predictor's cap and score threshold."""
+        head = getattr(self.model, "heads", None)
+        saved = {k: getattr(head, k) for k in ("detections_per_img", "score_thresh") if hasattr(head, k)}
+        try:
+            if "detections_per_img" in saved:
+                head.detections_per_img = cap
+            if self.score_thresh is not None and "score_thresh" in saved:
+                head.score_thresh = self.score_thresh
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(head, k, v)
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Detections ``{"boxes", "scores", "labels"}`` for one image ``[C, *S]`` (on the CPU)."""
+        """Detections ``{"boxes", "scores", "labels"}`` for one image ``[C, *S]`` (on the CPU), at most
+        ``max_detections`` (warns when the cap is reached)."""
+        cap = self._cap()
+        with self._head_settings(cap):
+            det, hit = self._predict(image, cap)
+        if hit:
+            warnings.warn(f"{len(det['scores'])} detections: the cap max_detections={cap} was reached, raise it "
+                          "(--max-detections) to see more", stacklevel=2)
+        return det
+
+    def _predict(self, image: torch.Tensor, cap: int) -> tuple[dict[str, torch.Tensor], bool]:
         d = image.ndim - 1
         shape = tuple(image.shape[1:])
         if self.tile_size is not None and len(self.tile_size) != d:
@@ -91,14 +153,16 @@ class Predictor:
             det = self._forward(image[None])[0]
             det = {k: v.float() if k != "labels" else v for k, v in det.items()}
             det["boxes"] = clip_boxes(det["boxes"], shape)
-            return {k: v.cpu() for k, v in det.items()}
+            return {k: v.cpu() for k, v in det.items()}, len(det["scores"]) >= cap
         tile = tuple(min(t, s) for t, s in zip(self.tile_size, shape))
         origins = tile_origins(shape, tile, self.overlap)
         boxes, scores, labels, cuts = [], [], [], []
+        hit = False
         for start in range(0, len(origins), self.batch_size):  # loop over tile batches
             chunk = origins[start : start + self.batch_size]
             crops = torch.stack([image[(slice(None), *[slice(o, o + t) for o, t in zip(org, tile)])] for org in chunk])
             for org, det in zip(chunk, self._forward(crops)):
+                hit |= len(det["scores"]) >= cap  # a tile at its cap may hide detections
                 off = torch.tensor(org * 2, dtype=torch.float32, device=det["boxes"].device)
                 b = det["boxes"].float()
                 lo_t = torch.tensor(org, dtype=torch.float32, device=b.device)
@@ -122,9 +186,26 @@ class Predictor:
         contained = (inter / own[:, None] > self.cut_containment) & (lab[:, None] == lab[None, :]) & ~cut[None, :]
         contained.fill_diagonal_(False)
         keep = (~(cut & contained.any(1))).nonzero().squeeze(1)
-        cfg = getattr(self.model, "config", None)
-        keep = keep[: getattr(cfg, "detections_per_img", len(keep)) * max(1, len(origins))]
-        return {"boxes": clip_boxes(b[keep], shape).cpu(), "scores": s[keep].cpu(), "labels": lab[keep].cpu()}
+        hit |= len(keep) > cap
+        keep = keep[:cap]
+        return {"boxes": clip_boxes(b[keep], shape).cpu(), "scores": s[keep].cpu(), "labels": lab[keep].cpu()}, hit
 
     def predict_many(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return [self.predict(im) for im in images]
+
+    def predict_image(self, image, preprocess, *, allow_range_mismatch: bool = False) -> dict[str, torch.Tensor]:
+        """A :class:`MedicalImage` through the model's stored ``preprocess`` (:func:`medetect.data.preprocess.prepare`)
+        -> ``{"boxes" [N, 2d] float64 in voxels of the INPUT grid, "scores", "labels", "centres_world" [N, d]
+        (x, y[, z] mm), "extent_mm" [N, d] (array order), "diameters_mm" [N]}``, sorted by score (descending)."""
+        from ..convert import boxes_to_luna
+        from ..data.preprocess import prepare
+
+        prep = prepare(image, preprocess, allow_range_mismatch=allow_range_mismatch)
+        det = self.predict(prep.tensor)
+        order = torch.argsort(det["scores"], descending=True, stable=True)
+        boxes = prep.to_input(det["boxes"][order])
+        centres, dia = boxes_to_luna(boxes, prep.geometry)
+        d = boxes.shape[1] // 2
+        extent = (boxes[:, d:] - boxes[:, :d]) * torch.tensor(prep.geometry.spacing, dtype=torch.float64)
+        return {"boxes": boxes, "scores": det["scores"][order], "labels": det["labels"][order],
+                "centres_world": centres.reshape(-1, d), "extent_mm": extent, "diameters_mm": dia.reshape(-1)}

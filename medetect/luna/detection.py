@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 MAX_MARKS_PER_SCAN = 100
 MIN_INPUT = 64  # smallest input side given to the detector at inference (zero = air padding at the high end)
 CLASS_NAME = "nodule"
+CT_VALUE_RANGE = (-3024.0, 4095.0)  # raw HU the CT models accept without a warning (outside-FOV padding included)
 
 
 # ============================================================================================ layout
@@ -270,28 +272,35 @@ class LunaPreprocess:
         return "sp" + "x".join(f"{v:g}" for v in self.target()) + f"_hu{self.hu_lo:g}_{self.hu_hi:g}"
 
     def __call__(self, volume, geometry: Geometry) -> tuple[torch.Tensor, tuple[float, float, float]]:
-        """HU volume ``[Z, Y, X]`` or ``[1, Z, Y, X]`` -> (float32 ``[1, Z', Y', X']`` in [0, 1], zoom)."""
-        t = torch.as_tensor(np.asarray(volume))
-        x = t.clone() if t.dtype == torch.float32 else t.float()  # never modify the caller's array
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[0] != 1:
-            raise ValueError(f"expected a CT volume [Z, Y, X] or [1, Z, Y, X], got shape {tuple(x.shape)}")
+        """HU volume ``[Z, Y, X]`` or ``[1, Z, Y, X]`` -> (float32 ``[1, Z', Y', X']`` in [0, 1], zoom): the one
+        preprocessing path (:func:`medetect.data.preprocess.prepare`) with :meth:`as_preprocess`."""
+        from ..data.preprocess import prepare
+
+        a = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[0] != 1:
+            raise ValueError(f"expected a CT volume [Z, Y, X] or [1, Z, Y, X], got shape {tuple(a.shape)}")
         if geometry.ndim != 3:
             raise ValueError(f"expected a 3D geometry, got {geometry.ndim}D")
-        HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
-        # the lung window of HUWindow, in place (a 512 x 512 x 256 CT is 268 MB in float32)
-        x.sub_(self.hu_lo).mul_(1.0 / (self.hu_hi - self.hu_lo)).clamp_(0.0, 1.0)
-        s = resample({"image": x, "spacing": geometry.spacing}, self.target())
-        return s["image"].contiguous(), self.zoom(geometry)
+        p = prepare(MedicalImage(a, geometry), self.as_preprocess())
+        return p.tensor, self.zoom(geometry)
 
-    def model_preprocess(self):
-        """The affine part as a :class:`medetect.models.io.Preprocess` (``(x - hu_lo) / (hu_hi - hu_lo)``; the clip
-        and the resampling are in the weights' ``extra["luna"]``)."""
+    def as_preprocess(self):
+        """The same preprocessing as a stored :class:`medetect.models.io.Preprocess` (resample to ``spacing``, HU
+        window ``[hu_lo, hu_hi]`` -> [0, 1])."""
         from ..models.io import Preprocess
 
-        w = self.hu_hi - self.hu_lo
-        return Preprocess(scale=1.0, max_value=w, mean=[self.hu_lo / w], std=[1.0])
+        HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
+        return Preprocess(ndim=3, channels=1, spacing=list(self.target()), window=[self.hu_lo, self.hu_hi],
+                          value_range=list(CT_VALUE_RANGE))
+
+    @classmethod
+    def from_preprocess(cls, pre) -> "LunaPreprocess":
+        """The inverse of :meth:`as_preprocess` (a 3D, 1-channel, windowed and resampled :class:`Preprocess`)."""
+        if pre.ndim != 3 or pre.channels != 1 or pre.window is None or pre.spacing is None:
+            raise ValueError("a LUNA16 nodule detector needs a 3D, 1-channel preprocess with spacing and HU window")
+        return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1])
 
     def to_dict(self) -> dict:
         return {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
@@ -469,27 +478,23 @@ def train_detector(
     return out
 
 
-def save_luna_model(model: Detector, path: str | os.PathLike, pre: LunaPreprocess, extra: dict | None = None) -> None:
+def save_luna_model(model: Detector, path: str | os.PathLike, pre: LunaPreprocess, extra: dict | None = None) -> Path:
+    """The one model writer (:func:`medetect.models.io.save_model`, kind ``"detector"``) with ``pre`` as preprocess."""
     from ..models.io import save_model
 
-    save_model(model.cpu(), path, pre.model_preprocess(), extra={"luna": pre.to_dict(), **(extra or {})})
+    classes = list(model.config.class_names or [CLASS_NAME])
+    return save_model(model.cpu(), path, kind="detector", preprocess=pre.as_preprocess(), classes=classes, extra=extra)
 
 
 def load_luna_model(path: str | os.PathLike, device=None) -> tuple[Detector, LunaPreprocess]:
-    """Weights written by :func:`save_luna_model` -> (model in eval mode, its :class:`LunaPreprocess`)."""
-    from safetensors import safe_open
-
+    """Any nodule detector file (or run folder) -> (model in eval mode, its :class:`LunaPreprocess`)."""
     from ..models.io import load_model
 
-    model, _ = load_model(path, device=device)
-    with safe_open(str(path), framework="pt") as f:
-        extra = json.loads((f.metadata() or {}).get("extra", "{}"))
-    if "luna" not in extra:
-        raise ValueError(f"{path}: not a LUNA16 nodule detector (no 'luna' preprocessing in its metadata)")
-    if model.config.ndim != 3 or model.config.in_channels != 1:
-        raise ValueError(f"{path}: a nodule detector must be 3D with 1 channel, got {model.config.ndim}D/"
-                         f"{model.config.in_channels}")
-    return model, LunaPreprocess.from_dict(extra["luna"])
+    m = load_model(path, device=device)
+    cfg = getattr(m.model, "config", None)
+    if m.kind != "detector" or cfg.ndim != 3 or cfg.in_channels != 1 or m.preprocess.window is None:
+        raise ValueError(f"{path}: not a LUNA16 nodule detector (a 3D, 1-channel detector with an HU window)")
+    return m.model, LunaPreprocess.from_preprocess(m.preprocess)
 
 
 # ============================================================================================ inference
@@ -497,7 +502,7 @@ def load_luna_model(path: str | os.PathLike, device=None) -> tuple[Detector, Lun
 
 def predict_scan(
     model: Detector,
-    pre: LunaPreprocess,
+    pre,
     image: MedicalImage | np.ndarray | torch.Tensor,
     geometry: Geometry | None = None,
     *,
@@ -507,43 +512,41 @@ def predict_scan(
     score_thresh: float | None = None,
     predictor=None,
 ) -> dict[str, np.ndarray]:
-    """Whole-scan detection -> marks in world mm.
+    """Whole-scan detection -> marks in world mm, through the one predict path (:meth:`Predictor.predict_image`).
 
-    ``image``: a :class:`MedicalImage` (its geometry is used) or an HU array ``[Z, Y, X]`` / ``[1, Z, Y, X]`` with
-    ``geometry``. Returns ``centers_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted,
-    descending, ``M <= max_marks``) and ``boxes [M, 6]`` on the ORIGINAL voxel grid.
+    ``pre``: a :class:`LunaPreprocess` or a stored :class:`medetect.models.io.Preprocess`. ``image``: a
+    :class:`MedicalImage` (its geometry is used) or an HU array ``[Z, Y, X]`` / ``[1, Z, Y, X]`` with ``geometry``.
+    Returns ``centers_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted, descending,
+    ``M <= max_marks``) and ``boxes [M, 6]`` on the ORIGINAL voxel grid.
     """
     from ..engine.predictor import Predictor
 
-    if isinstance(image, MedicalImage):
-        geometry = geometry or image.geometry
-        image = image.array
-    if geometry is None:
-        raise ValueError("predict_scan needs the scan's geometry (pass a MedicalImage or geometry=)")
-    x, zoom = pre(image, geometry)
-    shape = x.shape[1:]
-    if any(n < MIN_INPUT for n in shape):  # the stride-32 stage needs > 1 voxel per GroupNorm group: pad with air
-        x = torch.nn.functional.pad(x, [p for n in reversed(shape) for p in (0, max(0, MIN_INPUT - n))])
+    if not isinstance(image, MedicalImage):
+        if geometry is None:
+            raise ValueError("predict_scan needs the scan's geometry (pass a MedicalImage or geometry=)")
+        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        image = MedicalImage(a[None] if a.ndim == 3 else a, geometry)
+    elif geometry is not None:
+        image = MedicalImage(image.array, geometry, image.meta, image.path)
+    spec = pre.as_preprocess() if isinstance(pre, LunaPreprocess) else pre
     if predictor is None:
         t = (tile_size,) * 3 if isinstance(tile_size, int) else tuple(tile_size)
         predictor = Predictor(model, device="cpu" if not torch.cuda.is_available() else None, tile_size=t,
-                              overlap=overlap, batch_size=1, nms_thresh=model.config.nms_thresh)
-    head = predictor.model.heads
-    old = getattr(head, "score_thresh", None)
-    if score_thresh is not None and old is not None:
-        head.score_thresh = score_thresh
+                              overlap=overlap, batch_size=1, nms_thresh=model.config.nms_thresh, min_size=MIN_INPUT)
+    old_cap, old_thresh = predictor.max_detections, predictor.score_thresh
+    predictor.max_detections = max(max_marks, predictor._cap())  # cut to max_marks below, by score
+    if score_thresh is not None:
+        predictor.score_thresh = score_thresh
     try:
-        det = predictor.predict(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # LUNA submissions are capped at max_marks by design
+            det = predictor.predict_image(image, spec, allow_range_mismatch=True)
     finally:
-        if old is not None:
-            head.score_thresh = old
-    scores = det["scores"].double()
-    order = torch.argsort(scores, descending=True, stable=True)[:max_marks]
-    boxes = clip_boxes(det["boxes"].double()[order], shape)  # drop the padding
-    boxes = boxes / torch.tensor(zoom * 2, dtype=torch.float64)  # resampled -> original grid (exact inverse)
-    centres, dia = boxes_to_luna(boxes, geometry)
-    return {"centers_xyz": centres.numpy().reshape(-1, 3), "diameters_mm": dia.numpy().reshape(-1),
-            "probabilities": scores[order].numpy(), "boxes": boxes.numpy().reshape(-1, 6)}
+        predictor.max_detections, predictor.score_thresh = old_cap, old_thresh
+    n = min(max_marks, len(det["scores"]))
+    return {"centers_xyz": det["centres_world"][:n].numpy().reshape(-1, 3),
+            "diameters_mm": det["diameters_mm"][:n].numpy().reshape(-1),
+            "probabilities": det["scores"][:n].double().numpy(), "boxes": det["boxes"][:n].numpy().reshape(-1, 6)}
 
 
 def predict_layout(model: Detector, pre: LunaPreprocess, layout: LunaLayout, uids: Sequence[str] | None = None,

@@ -413,39 +413,23 @@ def cube_collate(samples: list[dict]) -> tuple[torch.Tensor, list[dict]]:
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def save_fpr(model: FPRClassifier, path) -> Path:
-    """Weights as safetensors, the :class:`FPRConfig` in the metadata (``medetect_fpr_config``)."""
-    from safetensors.torch import save_file
+def save_fpr(model: FPRClassifier, path, *, extra: dict | None = None) -> Path:
+    """The one model writer (:func:`medetect.models.io.save_model`, kind ``"fpr"``; float32 tensors)."""
+    from ..models.io import fpr_preprocess, save_model
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"medetect_fpr_config": json.dumps(model.config.to_dict()), "format": "pt"})
-    return path
+    return save_model(model, path, kind="fpr", preprocess=fpr_preprocess(model.config.to_dict()), classes=["nodule"],
+                      extra=extra, fp16=False)
 
 
 def load_fpr(path, device=None) -> FPRClassifier:
-    """Weights written by :func:`save_fpr`, or a training run folder (``fpr_config.json`` + its latest checkpoint,
-    e.g. to score a run that is still training or was stopped)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Any FPR model file (current or first-release format) or a training run folder (``fpr_config.json`` + its
+    latest checkpoint, e.g. to score a run that is still training or was stopped)."""
+    from ..models.io import load_model
 
-    if Path(path).is_dir():
-        from ..engine.checkpoint import latest_checkpoint
-
-        ckpt = latest_checkpoint(Path(path))
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
-        model = build_fpr(json.loads((Path(path) / "fpr_config.json").read_text())["model"])
-        model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
-        return model.to(device or "cpu").eval()
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "medetect_fpr_config" not in meta:
-        raise ValueError(f"{path}: not a medetect FPR weights file (no 'medetect_fpr_config' metadata)")
-    model = build_fpr(json.loads(meta["medetect_fpr_config"]))
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device or "cpu").eval()
+    m = load_model(path, device=device or "cpu")
+    if m.kind != "fpr":
+        raise ValueError(f"{path}: not a false-positive-reduction model (its kind is {m.kind!r})")
+    return m.model
 
 
 # ----------------------------------------------------------------------------------------------- train / score

@@ -146,36 +146,40 @@ def default_slice_config(context: int = 1) -> DetectorConfig:
     )
 
 
-def save_slice_model(model, path) -> Path:
-    from safetensors.torch import save_file
+def save_slice_model(model, path, *, context: int | None = None, extra: dict | None = None) -> Path:
+    """The one model writer (:func:`medetect.models.io.save_model`, kind ``"detector"``): CT slices (plus ``context``
+    slices each side as channels) in the lung window, no resampling; float32 tensors."""
+    from ..models.io import Preprocess, save_model
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"medetect_slices2d_config": json.dumps(model.config.to_dict())})
-    return path
+    cfg = model.config
+    pre = Preprocess(ndim=2, channels=cfg.in_channels, window=[-1000.0, 400.0])
+    return save_model(model, path, kind="detector", preprocess=pre, classes=list(cfg.class_names or ["nodule"]),
+                      extra={"slices2d": {"context": context if context is not None else (cfg.in_channels - 1) // 2},
+                             **(extra or {})}, fp16=False)
 
 
 def load_slice_model(path, device=None, config: DetectorConfig | None = None):
-    """Weights written by :func:`save_slice_model`, or a training run folder (its latest checkpoint; ``config``
-    defaults to :func:`default_slice_config`)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Any slice-model file (current or first-release format) or a training run folder (its latest checkpoint;
+    ``config`` defaults to :func:`default_slice_config` when the folder has no config.json)."""
+    from ..models.io import load_model
 
-    if Path(path).is_dir():
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        from safetensors.torch import load_file
+
         from ..engine.checkpoint import latest_checkpoint
+        from ..models.io import check_safetensors_file
 
         ckpt = latest_checkpoint(Path(path))
         if ckpt is None:
             raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
         model = build_detector(config or default_slice_config())
+        check_safetensors_file(Path(ckpt) / "model.safetensors")
         model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
         return model.to(device or "cpu").eval()
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    model = build_detector(DetectorConfig(**json.loads(meta["medetect_slices2d_config"])))
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device or "cpu").eval()
+    m = load_model(path, device=device or "cpu")
+    if m.kind != "detector" or m.model.config.ndim != 2:
+        raise ValueError(f"{path}: not a 2D slice detector")
+    return m.model
 
 
 def train_slices2d(scans: Mapping, annotations: Mapping, run_dir, *, config: DetectorConfig | None = None, train=None,

@@ -1,230 +1,364 @@
-"""Shipping and loading trained detectors: one ``.safetensors`` file whose metadata carries the model config and the
-input preprocessing, so that ``medetect predict --weights W`` needs nothing else. Never unpickles anything."""
+"""One model file: a ``.safetensors`` whose metadata says what the model is and how its input must be prepared, one
+atomic writer (:func:`save_model`) and one loader (:func:`load_model`). Never unpickles anything.
+
+Metadata (every value a JSON string, as safetensors requires)::
+
+    format_version  "2"
+    kind            "detector" (2D/3D detectors, the LUNA stage one, the 2D slice model) | "fpr" (stage-two classifier)
+    config          the model's config dict (DetectorConfig / FPRConfig)
+    preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
+    classes         class names, in label order
+    extra           free-form provenance (run, epoch, training data, ...)
+
+A new kind of model is one entry in :data:`BUILDERS` (``{kind: (config dict) -> nn.Module}``). Files of the first
+release (``format: medetect-detector-v1``, the FPR ``medetect_fpr_config`` and slice ``medetect_slices2d_config``
+files) still load: their metadata is converted on reading.
+
+Layering: this module imports torch, safetensors, the standard library and ``medetect.models`` only. Applying a
+:class:`Preprocess` to an image is :func:`medetect.data.preprocess.prepare` (the data layer).
+"""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.io import read_image
-from ..data.transforms import scale as scale_sample
-from ..engine.checkpoint import load_weights, save_weights
-from .detector import Detector, DetectorConfig, build_detector
+from .detector import DetectorConfig, build_detector
+from .fp_reduction import FPRConfig, build_fpr
 
-__all__ = ["normalize_intensity", "save_model", "load_model", "Preprocess", "predict_paths", "evaluate_spec", "export_onnx"]
+__all__ = [
+    "BUILDERS",
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "Preprocess",
+    "check_safetensors_file",
+    "fpr_preprocess",
+    "load_model",
+    "read_metadata",
+    "save_model",
+]
 
-
-def normalize_intensity(image: torch.Tensor, max_value: float, mean, std) -> torch.Tensor:
-    """``(image / max_value - mean) / std`` with per-channel or shared mean/std (a new float tensor; the input is
-    untouched). The one definition used by training transforms and by shipped models' preprocessing."""
-    x = image.float() / max_value  # a new tensor: the in-place steps below never touch the input
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-    m = m.reshape(shape) if m.numel() > 1 else m
-    s = s.reshape(shape) if s.numel() > 1 else s
-    if torch.broadcast_shapes(x.shape, m.shape, s.shape) == x.shape:
-        return x.sub_(m).div_(s)  # same values, two fewer full-size temporaries
-    return (x - m) / s
+FORMAT_VERSION = 2
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 @dataclasses.dataclass
 class Preprocess:
-    """What the model expects: images scaled by ``scale``, intensities ``(x / max_value - mean) / std``."""
+    """What the model expects (pure data, stored with the weights; applied by ``medetect.data.preprocess.prepare``).
 
-    scale: float = 1.0
+    Geometry: ``spacing`` is the target mm per ARRAY axis (``z, y, x`` / ``y, x``); ``None`` = no resampling (the
+    array grid is used as stored). ``orientation`` ``None`` = the array as stored, no re-orientation (the only value
+    supported today; a code such as ``"LPS"`` is reserved for a later release and refused). ``scale`` resizes by a
+    factor (2D photos/microscopy; applied after resampling).
+
+    Intensity is ONE family: with ``window = [lo, hi]`` values are mapped ``lo -> 0, hi -> 1`` and clipped to [0, 1]
+    (CT Hounsfield units); otherwise ``(x / max_value - mean) / std`` (per channel when ``mean``/``std`` have one
+    entry per channel). ``bit_depth`` / ``value_range`` describe the raw inputs the model was trained on (e.g. 8 and
+    ``[0, 255]`` for PNG/JPEG photos, ``[-1024, 3071]`` HU for CT); ``None`` = not recorded (no check)."""
+
+    ndim: int = 2
+    channels: int = 1
+    spacing: list[float] | None = None
+    orientation: str | None = None
+    window: list[float] | None = None
     max_value: float = 255.0
     mean: list[float] = dataclasses.field(default_factory=lambda: [0.5])
     std: list[float] = dataclasses.field(default_factory=lambda: [0.25])
+    scale: float = 1.0
+    bit_depth: int | None = None
+    value_range: list[float] | None = None
 
-    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``[C, *S]`` raw pixels -> the normalised float tensor the model takes (resized by ``scale``)."""
-        x = torch.as_tensor(np.asarray(image, dtype=np.float32)) if not isinstance(image, torch.Tensor) else image.float()
-        if self.scale != 1.0:
-            # The resize of training (medetect.data.transforms.scale): same grid, so boxes map back by / scale exactly.
-            x = scale_sample({"image": x}, self.scale)["image"]
-        return normalize_intensity(x, self.max_value, self.mean, self.std)
+    def __post_init__(self) -> None:
+        if self.ndim not in (1, 2, 3):
+            raise ValueError(f"preprocess.ndim must be 1, 2 or 3, got {self.ndim!r}")
+        if not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"preprocess.channels must be a positive int, got {self.channels!r}")
+        if self.spacing is not None:
+            sp = [float(self.spacing)] * self.ndim if isinstance(self.spacing, (int, float)) else [float(v) for v in self.spacing]
+            if len(sp) != self.ndim or not all(v > 0 for v in sp):
+                raise ValueError(f"preprocess.spacing must be {self.ndim} positive numbers (mm per array axis), got {self.spacing!r}")
+            self.spacing = sp
+        if self.orientation is not None:
+            raise ValueError(f"preprocess.orientation must be null (the array as stored), got {self.orientation!r}")
+        if self.window is not None:
+            w = [float(v) for v in self.window]
+            if len(w) != 2 or not w[0] < w[1]:
+                raise ValueError(f"preprocess.window must be [lo, hi] with lo < hi, got {self.window!r}")
+            self.window = w
+        if not self.max_value > 0:
+            raise ValueError(f"preprocess.max_value must be positive, got {self.max_value!r}")
+        self.mean = [float(v) for v in (self.mean if isinstance(self.mean, (list, tuple)) else [self.mean])]
+        self.std = [float(v) for v in (self.std if isinstance(self.std, (list, tuple)) else [self.std])]
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"preprocess.std must be positive, got {self.std!r}")
+        if not self.scale > 0:
+            raise ValueError(f"preprocess.scale must be positive, got {self.scale!r}")
+        if self.value_range is not None:
+            r = [float(v) for v in self.value_range]
+            if len(r) != 2 or not r[0] < r[1]:
+                raise ValueError(f"preprocess.value_range must be [lo, hi] with lo < hi, got {self.value_range!r}")
+            self.value_range = r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown preprocess key {unknown[0]!r}; allowed: {sorted(names)}")
+        return cls(**dict(d))
 
 
-def save_model(model: Detector, path: str | Path, preprocess: Preprocess, extra: dict | None = None) -> None:
+@dataclasses.dataclass
+class LoadedModel:
+    """What :func:`load_model` returns: the model (eval mode), its kind, preprocessing, class names and metadata."""
+
+    model: torch.nn.Module
+    kind: str
+    preprocess: Preprocess
+    classes: list[str]
+    meta: dict
+
+
+def _build_detector(config: dict) -> torch.nn.Module:
+    return build_detector(DetectorConfig(**config))
+
+
+def _build_fpr(config: dict) -> torch.nn.Module:
+    return build_fpr(FPRConfig(**config))
+
+
+BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr}
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, preprocess: Preprocess,
+               classes: list[str] | tuple[str, ...], extra: dict | None = None, fp16: bool = True) -> Path:
+    """Write ``model`` (needs ``model.config.to_dict()``) as one self-describing file, atomically (temporary file in
+    the same folder, fsync, ``os.replace``), mode 0644. ``fp16`` stores floating-point tensors in float16 (half the
+    size; loading casts back to the model's float32)."""
+    from safetensors.torch import save
+
+    if kind not in BUILDERS:
+        raise ValueError(f"kind must be one of {sorted(BUILDERS)}, got {kind!r}")
+    if not isinstance(preprocess, Preprocess):
+        raise ValueError(f"preprocess must be a medetect.models.io.Preprocess, got {type(preprocess).__name__}")
     meta = {
-        "format": "medetect-detector-v1",
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
         "config": json.dumps(model.config.to_dict()),
-        "preprocess": json.dumps(dataclasses.asdict(preprocess)),
+        "preprocess": json.dumps(preprocess.to_dict()),
+        "classes": json.dumps([str(c) for c in classes]),
         "extra": json.dumps(extra or {}),
     }
-    # Shipped in float16 (half the size; detections agree with float32 to well below the score resolution that
-    # matters); loading casts back to float32.
-    save_weights(model, Path(path), metadata=meta, dtype=torch.float16)
-
-
-def load_model(path: str | Path, device=None) -> tuple[Detector, Preprocess]:
-    from safetensors import safe_open
-
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if fp16:
+        sd = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in sd.items()}
+    blob = save(sd, metadata=meta)
     path = Path(path)
-    if not path.is_file():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file, read by hand BEFORE safetensors opens it: anything that is not one
+    (a pickle ``.pt``, a renamed pickle, a text file, a truncated file) raises one friendly ``ValueError``."""
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "medetect-detector-v1":
-        raise ValueError(f"{path}: not a medetect detector (metadata format={meta.get('format')!r}); "
-                         "train checkpoints hold the config in the run folder's config.json")
-    cfg = DetectorConfig(**json.loads(meta["config"]))
-    model = build_detector(cfg)
-    load_weights(model, path)
+    bad = ValueError(f"{path}: not a safetensors model file: pickled checkpoints are never loaded")
+    if not path.is_file():
+        raise bad
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > min(_MAX_HEADER, size - 8):
+            raise bad
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's raw ``__metadata__`` (strings), after :func:`check_safetensors_file`."""
+    meta = check_safetensors_file(path).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _json(meta: Mapping[str, str], key: str, path: Path, default: Any = None) -> Any:
+    if key not in meta:
+        if default is not None:
+            return default
+        raise ValueError(f"{path}: model metadata has no {key!r} entry")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON ({e.msg})") from None
+
+
+def _detector_preprocess_v1(cfg: dict, pre: dict, extra: dict) -> Preprocess:
+    """First-release detector metadata -> :class:`Preprocess` (LUNA models carried the resampling in ``extra``)."""
+    luna = extra.get("luna")
+    if luna:
+        return Preprocess(ndim=3, channels=1, spacing=list(luna["spacing"]), window=[luna["hu_lo"], luna["hu_hi"]])
+    mv = float(pre.get("max_value", 255.0))
+    return Preprocess(ndim=int(cfg.get("ndim", 2)), channels=int(cfg.get("in_channels", 1)),
+                      scale=float(pre.get("scale", 1.0)), max_value=mv, mean=pre.get("mean", [0.5]),
+                      std=pre.get("std", [0.25]), bit_depth=8 if mv == 255.0 else None,
+                      value_range=[0.0, 255.0] if mv == 255.0 else None)
+
+
+def fpr_preprocess(cfg: dict) -> Preprocess:
+    """The FPR classifier extracts its own multi-scale cubes; the preprocess records the finest grid and the window."""
+    nd = int(cfg.get("ndim", 3))
+    return Preprocess(ndim=nd, channels=int(cfg.get("in_channels", 1)), spacing=[float(cfg.get("spacing_mm", 1.0))] * nd,
+                      window=list(cfg.get("hu_window", [-1000.0, 400.0])))
+
+
+def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Preprocess, list[str], dict]:
+    """Any supported metadata (current or first-release) -> (kind, config, preprocess, classes, extra)."""
+    if "format_version" in meta:
+        v = meta["format_version"]
+        if v != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: model format_version {v} is newer than this medetect understands ({FORMAT_VERSION}); upgrade medetect")
+        kind = meta.get("kind", "")
+        if kind not in BUILDERS:
+            raise ValueError(f"{path}: unknown model kind {kind!r}; this medetect knows {sorted(BUILDERS)}")
+        return (kind, _json(meta, "config", path), Preprocess.from_dict(_json(meta, "preprocess", path)),
+                list(_json(meta, "classes", path, [])), _json(meta, "extra", path, {}))
+    if meta.get("format") == "medetect-detector-v1":
+        cfg, extra = _json(meta, "config", path), _json(meta, "extra", path, {})
+        pre = _detector_preprocess_v1(cfg, _json(meta, "preprocess", path), extra)
+        classes = cfg.get("class_names") or [str(i) for i in range(int(cfg.get("num_classes", 1)))]
+        return "detector", cfg, pre, list(classes), extra
+    if "medetect_fpr_config" in meta:
+        cfg = _json(meta, "medetect_fpr_config", path)
+        return "fpr", cfg, fpr_preprocess(cfg), ["nodule"], {}
+    if "medetect_slices2d_config" in meta:
+        cfg = _json(meta, "medetect_slices2d_config", path)
+        # the slice model's input: CT slices (+ context slices as channels) in the lung window, no resampling
+        pre = Preprocess(ndim=2, channels=int(cfg.get("in_channels", 1)), window=[-1000.0, 400.0])
+        return "detector", cfg, pre, list(cfg.get("class_names") or ["nodule"]), {}
+    raise ValueError(f"{path}: not a medetect model file (its metadata names no model kind)")
+
+
+def _load_state(model: torch.nn.Module, weights: Path) -> None:
+    from safetensors.torch import load_file
+
+    check_safetensors_file(weights)
+    sd = load_file(str(weights))
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{weights}: tensor {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)  # copies cast float16 back to the model's dtype
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _run_dir_meta(run_dir: Path) -> tuple[dict[str, str], Path]:
+    """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights)."""
+    from ..engine.checkpoint import (
+        latest_checkpoint,  # the one place that knows the checkpoint layout
+    )
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint in this run folder")
+    weights = Path(ckpt) / "model.safetensors"
+    if (run_dir / "fpr_config.json").is_file():
+        cfg = json.loads((run_dir / "fpr_config.json").read_text())["model"]
+        kind, pre, classes = "fpr", fpr_preprocess(cfg), ["nodule"]
+    elif (run_dir / "config.json").is_file():
+        raw = json.loads((run_dir / "config.json").read_text())
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise ValueError(f"{run_dir / 'config.json'}: no 'model' section")
+        cfg = raw["model"]
+        kind = "detector"
+        if "preprocess" in raw:  # LUNA stage-one run: spacing + HU window
+            pre = _detector_preprocess_v1(cfg, {}, {"luna": raw["preprocess"]})
+        else:
+            data = raw.get("data") or {}
+            pre = _detector_preprocess_v1(cfg, {k: data[k] for k in ("scale", "max_value", "mean", "std") if k in data}, {})
+        classes = list(cfg.get("class_names") or [str(i) for i in range(int(cfg.get("num_classes", 1)))])
+    else:
+        raise FileNotFoundError(f"{run_dir}: a run folder needs config.json (detector) or fpr_config.json (fpr)")
+    state = {}
+    if (Path(ckpt) / "state.json").is_file():
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    extra = {"run": run_dir.name, "epoch": state.get("epoch"), "step": state.get("step")}
+    meta = {"format_version": str(FORMAT_VERSION), "kind": kind, "config": json.dumps(cfg),
+            "preprocess": json.dumps(pre.to_dict()), "classes": json.dumps(classes), "extra": json.dumps(extra)}
+    return meta, weights
+
+
+def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
+    """A model file (any supported format) or a training run folder (its newest checkpoint + config) -> a
+    :class:`LoadedModel` in eval mode on ``device`` (default CPU). The file is checked before safetensors opens it."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        meta, weights = _run_dir_meta(path)
+    else:
+        meta, weights = read_metadata(path), path
+    kind, cfg, pre, classes, extra = _normalise_meta(meta, path)
+    try:
+        model = BUILDERS[kind](cfg)
+    except TypeError as e:
+        raise ValueError(f"{path}: the stored {kind} config does not fit this medetect ({e})") from None
+    _load_state(model, weights)
     model.eval()
     if device is not None:
         model.to(device)
-    return model, Preprocess(**json.loads(meta["preprocess"]))
+    out_meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": cfg, "preprocess": pre.to_dict(),
+                "classes": classes, "extra": extra, "source_format": meta.get("format", meta.get("format_version", ""))}
+    return LoadedModel(model=model, kind=kind, preprocess=pre, classes=classes, meta=out_meta)
 
 
-def _image_files(paths: Sequence[str]) -> list[Path]:
-    exts = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".nii.gz", ".npz", ".dcm")
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir() and not any(q.suffix.lower() == ".dcm" for q in p.iterdir()):
-            out.extend(sorted(q for q in p.iterdir() if q.name.lower().endswith(exts)))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"input not found: {p}")
-    return out
+# Transitional re-exports for callers not yet rewired (medetect/cli.py, medetect/experiment.py, owned by others):
+# the application functions live in medetect.apps, the intensity normalisation in medetect.data.preprocess.
+# Resolved lazily so that importing this module never imports those layers. Remove once the callers import directly.
+_MOVED = {"predict_paths": "medetect.apps.predict", "evaluate_spec": "medetect.apps.evaluate",
+          "export_onnx": "medetect.apps.export", "export_from_run": "medetect.apps.export",
+          "normalize_intensity": "medetect.data.preprocess"}
 
 
-def predict_paths(weights, paths: Sequence[str], out_dir: Path, *, tile_size=None, overlap=0.25, device=None, score_thresh=0.05) -> list[Path]:
-    """Detect in every image/volume; writes ``<stem>.csv`` per input (boxes in input voxels, array order) and
-    ``predictions.json`` (all inputs)."""
-    from ..engine.predictor import Predictor
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-    model, pre = load_model(weights, device=device)
-    names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]
-    tile = None if tile_size is None else [int(round(t * pre.scale)) for t in tile_size]
-    predictor = Predictor(model, device=device, tile_size=tile, overlap=overlap)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, everything = [], {}
-    for f in _image_files(paths):
-        img = read_image(f)
-        if img.num_channels != model.config.in_channels:
-            raise ValueError(f"{f}: image has {img.num_channels} channels, the model expects {model.config.in_channels}")
-        det = predictor.predict(pre(img.array))
-        keep = det["scores"] >= score_thresh
-        boxes = (det["boxes"][keep] / pre.scale).numpy()
-        scores, labels = det["scores"][keep].numpy(), det["labels"][keep].numpy()
-        d = boxes.shape[1] // 2
-        axes = ("z", "y", "x")[-d:] if d <= 3 else tuple(f"a{i}" for i in range(d))
-        stem = f.name[: -len(".nii.gz")] if f.name.lower().endswith(".nii.gz") else (f.stem if f.is_file() else f.name)
-        path = out_dir / f"{stem}.csv"
-        n = 1
-        while path in written:  # two inputs with the same name (other folders): never overwrite a result
-            n += 1
-            path = out_dir / f"{stem}_{n}.csv"
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow([*(a + "0" for a in axes), *(a + "1" for a in axes), "label", "score"])
-            for b, lab, s in zip(boxes, labels, scores):
-                w.writerow([*(f"{v:.2f}" for v in b), names[int(lab)], f"{s:.4f}"])
-        everything[str(f)] = {"boxes": boxes.round(2).tolist(), "labels": [names[int(i)] for i in labels], "scores": scores.round(4).tolist()}
-        written.append(path)
-    (out_dir / "predictions.json").write_text(json.dumps(everything))
-    return written
-
-
-def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None) -> dict:
-    """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5."""
-    from ..data.annotations import read_voc_folder
-    from ..data.datasets import DetectionDataset
-    from ..evaluation.detection import evaluate_coco, evaluate_voc
-    from ..engine.predictor import Predictor
-
-    if ":" not in spec:
-        raise ValueError(f"--data must be FOLDER:SPLIT (e.g. ../shared/data/bccd:val), got {spec!r}")
-    folder, split = spec.rsplit(":", 1)
-    model, pre = load_model(weights, device=device)
-    names = list(model.config.class_names)
-    records, report = read_voc_folder(folder, split, classes=names)
-    ds = DetectionDataset(records=records, root=folder, classes=names)
-    if len(ds) == 0:
-        raise ValueError(f"{spec}: the split lists no images")
-    predictor = Predictor(model, device=device)
-    preds, gts = [], []
-    for i in range(len(ds)):
-        s = ds.raw_sample(i)
-        det = predictor.predict(pre(s["image"]))
-        det["boxes"] = det["boxes"] / pre.scale
-        preds.append(det)
-        gts.append({"boxes": s["boxes"], "labels": s["labels"]})
-    voc = evaluate_voc(preds, gts, class_names=names)
-    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
-    coco = evaluate_coco(preds, gts, class_names=names)
-    if plot_dir:
-        from ..evaluation.plots import pr_curve_png
-
-        Path(plot_dir).mkdir(parents=True, exist_ok=True)
-        pr_curve_png(voc, Path(plot_dir) / "pr_voc50.png", class_names=names)
-    return {
-        "images": len(ds), "boxes": int(sum(len(r) for r in records)), "skipped_zero_size": report.skipped_zero_size,
-        "map50": float(voc["map"]), "map50_07": float(voc07["map"]), "coco_map": float(coco["map"]),
-        "ap50_per_class": {k: float(v) for k, v in voc["per_class"].items()},
-    }
-
-
-class _DenseGraph(torch.nn.Module):
-    """The exportable part of a detector: backbone + FPN + the dense head (RPN or RetinaNet head) raw outputs."""
-
-    def __init__(self, model: Detector):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor):
-        feats = self.model.features(image)
-        if self.model.rpn is not None:
-            logits, deltas = self.model.rpn.head(feats)
-        else:
-            logits, deltas = self.model.heads.head(feats)
-            return (*feats, logits, deltas)
-        return (*feats, *logits, *deltas)
-
-
-def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
-    """Export the dense part of a shipped model (backbone, FPN and the RPN / RetinaNet head's raw outputs) to ONNX.
-
-    Proposal selection, RoI pooling of the selected proposals and NMS stay in medetect: their output sizes depend on
-    the data, which an ONNX graph cannot express exactly. Needs the ``onnx`` package (``pip install medetect[onnx]``).
-    """
-    try:
-        import onnx  # noqa: F401
-    except ImportError as e:
-        raise ImportError("ONNX export needs the onnx package: pip install 'medetect[onnx]'") from e
-    model, _ = load_model(weights)
-    if len(image_shape) != model.config.ndim:
-        raise ValueError(f"--onnx needs {model.config.ndim} sizes (the model is {model.config.ndim}D), got {list(image_shape)}")
-    dummy = torch.zeros(1, model.config.in_channels, *image_shape)
-    out = Path(out)
-    torch.onnx.export(_DenseGraph(model).eval(), (dummy,), str(out), input_names=["image"], opset_version=17, dynamo=False)
-    return out
-
-
-def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = None) -> Path:
-    """Turn a training run's last checkpoint (+ its config.json) into a shippable single-file model."""
-    from ..config import config_from_dict
-    from ..engine.checkpoint import latest_checkpoint
-
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (last.json) to export")
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = build_detector(cfg.model)
-    load_weights(model, ckpt / "model.safetensors")
-    pre = Preprocess(scale=cfg.data.scale, max_value=cfg.data.max_value, mean=list(cfg.data.mean), std=list(cfg.data.std))
-    state = json.loads((ckpt / "state.json").read_text())
-    info = {"run": run_dir.name, "epoch": state["epoch"], "step": state["step"], **(extra or {})}
-    save_model(model, out, pre, extra=info)
-    return Path(out)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,51 @@
+"""``medetect evaluate``: VOC / COCO mAP of a model on a Pascal VOC folder, through the one predict path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..convert import Geometry
+from ..data.annotations import read_voc_folder
+from ..data.datasets import DetectionDataset
+from ..data.image import MedicalImage
+from ..engine.predictor import Predictor
+from ..evaluation.detection import evaluate_coco, evaluate_voc
+from ..models.io import load_model
+
+__all__ = ["evaluate_spec"]
+
+
+def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False) -> dict:
+    """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5."""
+    if ":" not in spec:
+        raise ValueError(f"--data must be FOLDER:SPLIT (e.g. ../shared/data/bccd:val), got {spec!r}")
+    folder, split = spec.rsplit(":", 1)
+    loaded = load_model(weights, device=device)
+    if loaded.kind != "detector":
+        raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
+    names = list(loaded.classes)
+    records, report = read_voc_folder(folder, split, classes=names)
+    ds = DetectionDataset(records=records, root=folder, classes=names)
+    if len(ds) == 0:
+        raise ValueError(f"{spec}: the split lists no images")
+    predictor = Predictor(loaded.model, device=device)
+    preds, gts = [], []
+    for i in range(len(ds)):
+        s = ds.raw_sample(i, dtype=None)  # stored dtype: the range check sees what the file holds
+        img = MedicalImage(s["image"], Geometry.identity(s["image"].ndim - 1), path=str(ds.records[i].image))
+        det = predictor.predict_image(img, loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
+        preds.append({"boxes": det["boxes"].float(), "scores": det["scores"], "labels": det["labels"]})
+        gts.append({"boxes": s["boxes"], "labels": s["labels"]})
+    voc = evaluate_voc(preds, gts, class_names=names)
+    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
+    coco = evaluate_coco(preds, gts, class_names=names)
+    if plot_dir:
+        from ..evaluation.plots import pr_curve_png
+
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        pr_curve_png(voc, Path(plot_dir) / "pr_voc50.png", class_names=names)
+    return {
+        "images": len(ds), "boxes": int(sum(len(r) for r in records)), "skipped_zero_size": report.skipped_zero_size,
+        "map50": float(voc["map"]), "map50_07": float(voc07["map"]), "coco_map": float(coco["map"]),
+        "ap50_per_class": {k: float(v) for k, v in voc["per_class"].items()},
+    }

@@ -1,0 +1,78 @@
+"""``medetect export``: a training run folder -> one shippable model file (any kind, through the one writer
+:func:`medetect.models.io.save_model`), and the dense part of a detector -> ONNX."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..models.io import load_model, save_model
+
+__all__ = ["export_from_run", "export_onnx"]
+
+
+class _DenseGraph(torch.nn.Module):
+    """The exportable part of a detector: backbone + FPN + the dense head (RPN or RetinaNet head) raw outputs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        feats = self.model.features(image)
+        if self.model.rpn is not None:
+            logits, deltas = self.model.rpn.head(feats)
+        else:
+            logits, deltas = self.model.heads.head(feats)
+            return (*feats, logits, deltas)
+        return (*feats, *logits, *deltas)
+
+
+def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
+    """Export the dense part of a detector (backbone, FPN and the RPN / RetinaNet head's raw outputs) to ONNX; the
+    file is written atomically with mode 0644.
+
+    Proposal selection, RoI pooling of the selected proposals and NMS stay in medetect: their output sizes depend on
+    the data, which an ONNX graph cannot express exactly. Needs the ``onnx`` package (``pip install medetect[onnx]``).
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install 'medetect[onnx]'") from e
+    loaded = load_model(weights)
+    if loaded.kind != "detector":
+        raise ValueError(f"{weights}: ONNX export supports detectors, this model is a {loaded.kind!r}")
+    model = loaded.model
+    if len(image_shape) != model.config.ndim:
+        raise ValueError(f"--onnx needs {model.config.ndim} sizes (the model is {model.config.ndim}D), got {list(image_shape)}")
+    if not all(int(s) == s and s > 0 for s in image_shape):
+        raise ValueError(f"--onnx sizes must be positive whole numbers, got {list(image_shape)}")
+    dummy = torch.zeros(1, model.config.in_channels, *(int(s) for s in image_shape))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.onnx.export(_DenseGraph(model).eval(), (dummy,), tmp, input_names=["image"], opset_version=17, dynamo=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = None) -> Path:
+    """A training run folder (detector: ``config.json``; FPR: ``fpr_config.json``; + its newest checkpoint) -> one
+    self-describing model file (float16 detectors, float32 FPR classifiers, as shipped)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    m = load_model(run_dir)
+    info = {**m.meta.get("extra", {}), **(extra or {})}
+    return save_model(m.model, out, kind=m.kind, preprocess=m.preprocess, classes=m.classes, extra=info,
+                      fp16=m.kind == "detector")

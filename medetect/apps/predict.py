@@ -1,0 +1,181 @@
+"""``medetect predict``: run a shipped model (or a training run folder) on images and volumes.
+
+Every input goes through the model's stored preprocessing (:func:`medetect.data.preprocess.prepare`: the same
+resampling and HU window as ``medetect luna predict`` for a CT model, the same resize and normalisation as training
+for a 2D model) and :meth:`medetect.engine.predictor.Predictor.predict_image`; boxes come back on the INPUT grid.
+
+Output, in ``out_dir``:
+
+``<stem>.csv`` per input, one row per detection, sorted by score (descending)::
+
+    z0,y0,x0,z1,y1,x1   (volumes)  or  y0,x0,y1,x1  (2D)   box, voxels of the INPUT array, half-open edges
+                                                          (voxel i covers [i, i+1)), named per axis
+    label                                                 class name
+    score                                                 detection score in [0, 1]
+    centre_x_mm,centre_y_mm,centre_z_mm                   (volumes, and 2D images with a real geometry) world
+                                                          centre (x, y, z) in mm (the file's origin and direction)
+    extent_z_mm,extent_y_mm,extent_x_mm                   box size in mm per array axis; diameter_mm = their mean
+
+The box columns are written once and named, so every convention is a choice of columns: medetect / array order is
+``z0,y0,x0,z1,y1,x1``; torchvision / COCO-style ``xyxy`` is ``x0,y0,x1,y1``; MONAI ``xyzxyz`` is
+``x0,y0,z0,x1,y1,z1`` (same values, no conversion needed).
+
+``predictions.json``: ``{input path: {"boxes" (array order), "boxes_xyxy" (x, y[, z] lo then hi), "labels",
+"scores", and for geometry-bearing inputs "centres_mm" (x, y, z), "diameters_mm"}}``.
+
+``errors.csv`` (``input,error``) when ``skip_errors`` skipped inputs that could not be read or predicted.
+
+Caps and checks: at most ``max_detections`` per input (default: the model's ``detections_per_img``; tiles included),
+with a warning naming the input when reached. Inputs whose values lie outside the range the model was trained on
+(e.g. a 16-bit PNG given to an 8-bit model) get a warning, or a refusal when far outside (``allow_range_mismatch``
+overrides). A 2D model refuses a volume and vice versa.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..convert import Geometry
+from ..data.image import MedicalImageError
+from ..data.io import read_image
+from ..engine.predictor import Predictor
+from ..models.io import load_model
+
+__all__ = ["IMAGE_SUFFIXES", "check_tile_size", "image_files", "predict_paths"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".nii.gz", ".npz",
+                  ".dcm")
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (a folder of ``.dcm`` files is one DICOM series) into image files, in name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not any(q.suffix.lower() == ".dcm" for q in p.iterdir()):
+            out.extend(sorted(q for q in p.iterdir() if q.name.lower().endswith(IMAGE_SUFFIXES)))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return out
+
+
+def check_tile_size(tile_size, ndim: int) -> tuple[int, ...] | None:
+    """``--tile`` as the user gave it (input voxels, one per axis, or one for all): positive integers, else a
+    ``ValueError`` quoting the user's values."""
+    if tile_size is None:
+        return None
+    t = [tile_size] if isinstance(tile_size, (int, float)) else list(tile_size)
+    if not t or not all(isinstance(v, (int, float, np.integer)) and int(v) == v and v > 0 for v in t):
+        raise ValueError(f"--tile must be positive whole numbers of voxels, got {' '.join(str(v) for v in t)}")
+    if len(t) == 1:
+        t = t * ndim
+    if len(t) != ndim:
+        raise ValueError(f"--tile needs 1 or {ndim} sizes for this {ndim}D model, got {' '.join(str(v) for v in t)}")
+    return tuple(int(v) for v in t)
+
+
+def _has_geometry(g: Geometry) -> bool:
+    return g.ndim == 3 or any(s != 1.0 for s in g.spacing) or any(o != 0.0 for o in g.origin) or \
+        not np.allclose(np.asarray(g.direction, dtype=float).reshape(g.ndim, g.ndim), np.eye(g.ndim))
+
+
+def _stem(f: Path) -> str:
+    return f.name[: -len(".nii.gz")] if f.name.lower().endswith(".nii.gz") else (f.stem if f.is_file() else f.name)
+
+
+def _write_csv(path: Path, det: dict, names: list[str], with_mm: bool) -> dict:
+    boxes = det["boxes"].numpy()
+    d = boxes.shape[1] // 2
+    axes = ("z", "y", "x")[-d:]
+    labels = [names[int(i)] if int(i) < len(names) else str(int(i)) for i in det["labels"].tolist()]
+    scores = det["scores"].double().numpy()
+    header = [*(a + "0" for a in axes), *(a + "1" for a in axes), "label", "score"]
+    world = ("x", "y", "z")[:d]
+    if with_mm:
+        header += [f"centre_{a}_mm" for a in world] + [f"extent_{a}_mm" for a in axes] + ["diameter_mm"]
+    centres, extent, dia = det["centres_world"].numpy(), det["extent_mm"].numpy(), det["diameters_mm"].numpy()
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for i in range(len(scores)):  # rows of a file (I/O), not a computation over boxes
+            row = [*(f"{v:.3f}" for v in boxes[i]), labels[i], f"{scores[i]:.6f}"]
+            if with_mm:
+                row += [f"{v:.3f}" for v in (*centres[i], *extent[i], dia[i])]
+            w.writerow(row)
+    xyxy = np.concatenate([boxes[:, :d][:, ::-1], boxes[:, d:][:, ::-1]], 1) if len(boxes) else boxes
+    rec = {"boxes": boxes.round(3).tolist(), "boxes_xyxy": xyxy.round(3).tolist(), "labels": labels,
+           "scores": scores.round(6).tolist()}
+    if with_mm:
+        rec["centres_mm"] = centres.round(3).tolist()
+        rec["diameters_mm"] = dia.round(3).tolist()
+    return rec
+
+
+def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, tile_size=None, overlap: float = 0.25,
+                  device=None, score_thresh: float = 0.05, max_detections: int | None = None,
+                  skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True) -> list[Path]:
+    """Detect in every image/volume of ``paths`` (files or folders) with the model ``weights`` (a model file or a
+    run folder); writes one CSV per input, ``predictions.json`` and, with ``skip_errors``, ``errors.csv`` (module
+    docstring). ``tile_size`` is in INPUT voxels (``--tile``). Returns the CSV paths written."""
+    loaded = load_model(weights, device=device)
+    if loaded.kind != "detector":
+        raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r}")
+    pre, names = loaded.preprocess, loaded.classes
+    tile = check_tile_size(tile_size, pre.ndim)
+    if max_detections is not None and (isinstance(max_detections, bool) or int(max_detections) != max_detections
+                                       or max_detections < 1):
+        raise ValueError(f"--max-detections must be a positive integer, got {max_detections}")
+    predictor = Predictor(loaded.model, device=device, overlap=overlap, max_detections=max_detections,
+                          score_thresh=score_thresh)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = image_files(paths)
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        files = tqdm(files, desc="predict", unit="input")
+    written: list[Path] = []
+    everything, errors = {}, []
+    for f in files:
+        try:
+            img = read_image(f)
+            if tile is not None and img.geometry.ndim == pre.ndim:
+                zoom = [(o / s if pre.spacing else 1.0) * pre.scale
+                        for o, s in zip(img.geometry.spacing, pre.spacing or img.geometry.spacing)]
+                predictor.tile_size = tuple(max(1, int(round(t * z))) for t, z in zip(tile, zoom))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                det = predictor.predict_image(img, pre, allow_range_mismatch=allow_range_mismatch)
+        except (ValueError, FileNotFoundError, MedicalImageError, OSError, RuntimeError) as e:
+            if not skip_errors:
+                raise
+            errors.append((str(f), str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        for w in caught:
+            warnings.warn(f"{f}: {w.message}", w.category, stacklevel=2)
+        keep = det["scores"] >= score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        path = out_dir / f"{_stem(f)}.csv"
+        n = 1
+        while path in written:  # two inputs with the same name (other folders): never overwrite a result
+            n += 1
+            path = out_dir / f"{_stem(f)}_{n}.csv"
+        everything[str(f)] = _write_csv(path, det, names, _has_geometry(img.geometry))
+        written.append(path)
+    (out_dir / "predictions.json").write_text(json.dumps(everything))
+    if errors:
+        with open(out_dir / "errors.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["input", "error"])
+            w.writerows(errors)
+        warnings.warn(f"{len(errors)} of {len(errors) + len(written)} inputs failed; see {out_dir / 'errors.csv'}",
+                      stacklevel=2)
+    return written
