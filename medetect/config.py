@@ -53,6 +53,8 @@ class DataConfig:
     std: list[float] = option([0.25], doc="per-channel std divided by after subtracting the mean", gt=0)
     max_value: float = option(255.0, doc="pixel value that maps to 1.0", gt=0)
     cache: bool = option(True, doc="keep decoded images in memory")
+    clip_boxes: bool = option(False, doc="clip annotation boxes that reach outside their image (VOC folders) instead "
+                              "of stopping with an error naming the file and box")
 
     def validate(self, prefix: str = "data") -> None:
         check(self, prefix)

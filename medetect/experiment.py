@@ -17,7 +17,7 @@ from .engine.predictor import Predictor
 from .engine.trainer import Trainer, seed_everything
 from .evaluation.detection import evaluate_coco, evaluate_voc
 from .models.detector import Detector, build_detector
-from .models.io import normalize_intensity
+from .data.transforms import normalize_intensity
 
 __all__ = ["build_transform", "build_pre_transform", "build_dataset", "evaluate_model", "run_training",
            "predict_dataset"]
@@ -84,7 +84,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
         return mini_mias(cfg.root, split, transform=tf, cache=cfg.cache, pre_transform=pre)
     if not cfg.classes:
         raise ValueError("data.classes must list the class names for a VOC dataset")
-    records, report = read_voc_folder(cfg.root, split, classes=cfg.classes)
+    records, report = read_voc_folder(cfg.root, split, classes=cfg.classes, clip=cfg.clip_boxes)
     ds = DetectionDataset(records=records, root=cfg.root, classes=cfg.classes, transform=tf, cache=cfg.cache,
                           pre_transform=pre)
     ds.report = report

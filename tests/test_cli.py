@@ -24,7 +24,7 @@ def tiny_weights(tmp_path):
     cfg = DetectorConfig(arch="faster_rcnn", ndim=2, in_channels=3, num_classes=2, class_names=CLASSES, base_width=8,
                          fpn_channels=8, roi_hidden=16, levels=[2, 3], anchor_sizes=[[8], [16]], score_thresh=0.0)
     w = tmp_path / "tiny.safetensors"
-    save_model(build_detector(cfg), w, Preprocess(scale=0.5))
+    save_model(build_detector(cfg), w, kind="detector", preprocess=Preprocess(ndim=2, channels=3, scale=0.5), classes=CLASSES)
     return w
 
 

@@ -44,14 +44,11 @@ import numpy as np
 
 from ..convert import Geometry
 from ..data.image import MedicalImageError
-from ..data.io import read_image
+from ..data.io import READ_EXTENSIONS, read_image
 from ..engine.predictor import Predictor
 from ..models.io import load_model
 
-__all__ = ["IMAGE_SUFFIXES", "check_tile_size", "image_files", "predict_paths"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".bmp", ".mhd", ".mha", ".nii", ".nii.gz", ".npz",
-                  ".dcm")
+__all__ = ["check_tile_size", "image_files", "predict_paths"]
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -59,7 +56,7 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not any(q.suffix.lower() == ".dcm" for q in p.iterdir()):
-            out.extend(sorted(q for q in p.iterdir() if q.name.lower().endswith(IMAGE_SUFFIXES)))
+            out.extend(sorted(q for q in p.iterdir() if q.name.lower().endswith(tuple(READ_EXTENSIONS))))
         elif p.exists():
             out.append(p)
         else:
@@ -121,10 +118,12 @@ def _write_csv(path: Path, det: dict, names: list[str], with_mm: bool) -> dict:
 
 def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, tile_size=None, overlap: float = 0.25,
                   device=None, score_thresh: float = 0.05, max_detections: int | None = None,
-                  skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True) -> list[Path]:
+                  skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True,
+                  series_uid: str | None = None, allow_gaps: bool = False) -> list[Path]:
     """Detect in every image/volume of ``paths`` (files or folders) with the model ``weights`` (a model file or a
     run folder); writes one CSV per input, ``predictions.json`` and, with ``skip_errors``, ``errors.csv`` (module
-    docstring). ``tile_size`` is in INPUT voxels (``--tile``). Returns the CSV paths written."""
+    docstring). ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
+    reader for folder inputs (``--series-uid``, ``--allow-gaps``). Returns the CSV paths written."""
     loaded = load_model(weights, device=device)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r}")
@@ -146,7 +145,7 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
     everything, errors = {}, []
     for f in files:
         try:
-            img = read_image(f)
+            img = read_image(f, series_uid=series_uid, allow_gaps=allow_gaps) if f.is_dir() else read_image(f)
             if tile is not None and img.geometry.ndim == pre.ndim:
                 zoom = [(o / s if pre.spacing else 1.0) * pre.scale
                         for o, s in zip(img.geometry.spacing, pre.spacing or img.geometry.spacing)]

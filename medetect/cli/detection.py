@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..models.io import export_from_run, export_onnx
+    from ..apps.export import export_from_run, export_onnx
 
     check_out_file(args.out)
     if args.onnx:
@@ -37,23 +37,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ..models.io import predict_paths
+    from ..apps.predict import predict_paths
 
     apply_runtime(args)
     out = check_out_dir(args.out)
     written = predict_paths(args.weights, args.paths, out, tile_size=args.tile, overlap=args.overlap,
-                            device=args.device, score_thresh=args.score_thresh)
+                            device=args.device, score_thresh=args.score_thresh, max_detections=args.max_detections,
+                            skip_errors=args.skip_errors, allow_range_mismatch=args.allow_range_mismatch,
+                            progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps)
     print(f"wrote {len(written)} prediction files to {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from ..models.io import evaluate_spec
+    from ..apps.evaluate import evaluate_spec
 
     apply_runtime(args)
     if args.plots:
         check_out_dir(args.plots, "--plots")
-    res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots)
+    res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
+                        allow_range_mismatch=args.allow_range_mismatch)
     if args.json:
         print_json(res, indent=1)
         return 0
@@ -95,9 +98,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("paths", nargs="+", help="image files, volumes (NIfTI, MHD, NRRD), DICOM files or series folders, folders")
     pr.add_argument("--out", required=True, help="output folder (one CSV per input + predictions.json)")
     pr.add_argument("--tile", type=positive_int, nargs="+", default=None, metavar="SIZE",
-                    help="sliding-window tile size in input pixels/voxels (one per axis, or one for all)")
+                    help="sliding-window tile size in input pixels/voxels (one per axis, or one for all); default: "
+                         "the whole image in one pass")
     pr.add_argument("--overlap", type=fraction, default=0.25, help="tile overlap fraction in [0, 1) (default 0.25)")
     pr.add_argument("--score-thresh", type=probability, default=0.05, help="drop detections below this score (default 0.05)")
+    pr.add_argument("--max-detections", type=positive_int, default=None, metavar="N",
+                    help="most detections kept per input (default: the model's detections_per_img, tiles included); "
+                         "a warning says when an input reaches it")
+    pr.add_argument("--skip-errors", action="store_true",
+                    help="record inputs that fail in OUT/errors.csv and go on with the others")
+    pr.add_argument("--allow-range-mismatch", action="store_true",
+                    help="predict even when an input's values lie far outside the range the model was trained on "
+                         "(e.g. a 16-bit image for an 8-bit model)")
+    pr.add_argument("--series-uid", default=None, metavar="UID", help="for DICOM folders holding several series: the one to read")
+    pr.add_argument("--allow-gaps", action="store_true",
+                    help="for DICOM series with missing slices: stack anyway with the median slice step")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 
@@ -106,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, help="FOLDER:SPLIT, e.g. ../shared/data/bccd:val (a VOC folder)")
     ev.add_argument("--plots", default=None, help="folder for PR curves (PNG)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--allow-range-mismatch", action="store_true",
+                    help="evaluate even when images lie far outside the value range the model was trained on")
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 

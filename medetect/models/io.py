@@ -346,19 +346,3 @@ def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | 
     out_meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": cfg, "preprocess": pre.to_dict(),
                 "classes": classes, "extra": extra, "source_format": meta.get("format", meta.get("format_version", ""))}
     return LoadedModel(model=model, kind=kind, preprocess=pre, classes=classes, meta=out_meta)
-
-
-# Transitional re-exports for callers not yet rewired (medetect/cli.py, medetect/experiment.py, owned by others):
-# the application functions live in medetect.apps, the intensity normalisation in medetect.data.preprocess.
-# Resolved lazily so that importing this module never imports those layers. Remove once the callers import directly.
-_MOVED = {"predict_paths": "medetect.apps.predict", "evaluate_spec": "medetect.apps.evaluate",
-          "export_onnx": "medetect.apps.export", "export_from_run": "medetect.apps.export",
-          "normalize_intensity": "medetect.data.preprocess"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -268,7 +268,7 @@ def _finish_boxes(
                     file,
                     wheres[i],
                     f"box {boxes[i].tolist()} (array order {names}) lies outside the image of shape "
-                    f"{tuple(int(s) for s in lim[i])}; pass clip=True to clip it",
+                    f"{tuple(int(s) for s in lim[i])}; set data.clip_boxes: true in the config (Python: clip=True) to clip it",
                 )
             for i in np.flatnonzero(out):
                 before = boxes[i].tolist()

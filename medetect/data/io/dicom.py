@@ -279,8 +279,8 @@ def _stack_geometry(
         i = int(dup[0])
         raise MedicalImageError(
             f"{where}: duplicate slice position {d[i]:.4f} mm along the normal: {names[order[i]]!r} and "
-            f"{names[order[i + 1]]!r} (same image twice, or two series/acquisitions mixed: pass series_uid= or "
-            "separate the files)"
+            f"{names[order[i + 1]]!r} (same image twice, or two series/acquisitions mixed: pick one with --series-uid UID "
+            "(Python: series_uid=) or separate the files)"
         )
     step = float(np.median(steps))
     off = np.flatnonzero(np.abs(steps - step) > gap_tolerance * step)
@@ -294,7 +294,7 @@ def _stack_geometry(
             raise MedicalImageError(
                 f"{where}: non-uniform slice spacing (median step {step:.4g} mm, tolerance {gap_tolerance:.0%}): "
                 + "; ".join(desc) + ("; ..." if off.size > 5 else "")
-                + ". Missing slices? Pass allow_gaps=True to stack anyway with the median step."
+                + ". Missing slices? Pass --allow-gaps (Python: allow_gaps=True) to stack anyway with the median step."
             )
         notes["uniform_slices"] = False
         notes["gaps"] = desc

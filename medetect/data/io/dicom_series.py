@@ -121,7 +121,7 @@ def read_dicom_series(
         raise MedicalImageError(
             f"{where}: the files mix {len(groups)} series: "
             + "; ".join(f"{u} ({len(v)} files, e.g. {v[0][0].name!r})" for u, v in groups.items())
-            + ". Pass series_uid= to pick one."
+            + ". Pick one with --series-uid UID (Python: series_uid=)."
         )
     else:
         chosen = next(iter(groups.values()))
