@@ -154,10 +154,10 @@ def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("prod
 
     fpr = load_fpr(fpr_weights)
     scans = {u: layout.path(u) for u in uids}
-    scored = score_scans(fpr, scans, {u: (marks[u]["centers_xyz"], None) for u in uids})
+    scored = score_scans(fpr, scans, {u: (marks[u]["centres_xyz"], None) for u in uids})
     res = {}
     for mode in modes:
-        fused = {u: {"centers_xyz": marks[u]["centers_xyz"],
+        fused = {u: {"centres_xyz": marks[u]["centres_xyz"],
                      "probabilities": fuse(marks[u]["probabilities"], scored[u][1], mode)} for u in uids}
         sub = write_submission(out_dir / f"submission_two_stage_{mode}.csv", fused)
         res[mode] = _with_ci(evaluate_submission(layout, sub, uids, n_bootstrap=1000))
@@ -171,7 +171,7 @@ def per_nodule(layout: LunaLayout, marks: dict, p_fpr: dict, uids) -> list[dict]
     rows = []
     for u in uids:
         ctr, dia = layout.annotations.get(u, (np.zeros((0, 3)), np.zeros(0)))
-        c, p = np.asarray(marks[u]["centers_xyz"]).reshape(-1, 3), np.asarray(marks[u]["probabilities"])
+        c, p = np.asarray(marks[u]["centres_xyz"]).reshape(-1, 3), np.asarray(marks[u]["probabilities"])
         for a, d in zip(ctr, dia):
             hit = np.flatnonzero(((c - a) ** 2).sum(1) <= (d / 2) ** 2)
             k = hit[np.argmax(p[hit])] if len(hit) else None
@@ -224,7 +224,7 @@ def fpr_training_candidates(root: Path, weights: str | None) -> dict:
         t0 = time.perf_counter()
         marks = predict_layout(model, pre, layout, train)
         print(f"stage-one marks on {len(train)} training scans: {time.perf_counter() - t0:.0f} s")
-        cache.write_text(json.dumps({u: {"centers_xyz": m["centers_xyz"].tolist(),
+        cache.write_text(json.dumps({u: {"centres_xyz": m["centres_xyz"].tolist(),
                                          "probabilities": m["probabilities"].tolist()} for u, m in marks.items()}))
     from_marks = candidates_from_marks(marks, layout.annotations, top_k=FPR_TOP_K, excluded=_excluded_by_uid(layout))
     csv_c = {u: layout.candidates[u] for u in train if u in layout.candidates}

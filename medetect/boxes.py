@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "box_area",
-    "box_centers",
+    "box_centres",
     "box_sizes",
     "box_iou",
     "generalized_box_iou",
@@ -83,7 +83,7 @@ def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[..., d:] - boxes[..., :d]
 
 
-def box_centers(boxes: torch.Tensor) -> torch.Tensor:
+def box_centres(boxes: torch.Tensor) -> torch.Tensor:
     """``[..., 2d] -> [..., d]`` centres ``(lo + hi) / 2``."""
     d = check_boxes(boxes)
     return (boxes[..., d:] + boxes[..., :d]) * 0.5

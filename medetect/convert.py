@@ -213,15 +213,15 @@ def world_to_voxel(points, geometry: Geometry):
     return _back(itk.flip(-1) + 0.5, np_in)
 
 
-def luna_to_boxes(centers, diameters, geometry: Geometry):
+def luna_to_boxes(centres, diameters, geometry: Geometry):
     """LUNA16 nodules (world centre ``(x, y, z)`` mm ``[N, d]``, diameter mm ``[N]``) -> voxel boxes ``[N, 2d]``.
 
     The box is the cube (in mm) circumscribing the sphere: ``centre +- diameter / 2`` on every axis, expressed in
     voxels of each axis. Inverse: :func:`boxes_to_luna` (exact for such cubes).
     """
-    c, np_in = _as_tensor(centers, "centers")
+    c, np_in = _as_tensor(centres, "centres")
     dia, _ = _as_tensor(diameters, "diameters")
-    _check_last(c, "centers", geometry.ndim)
+    _check_last(c, "centres", geometry.ndim)
     if dia.shape != c.shape[:-1]:
         raise ValueError(f"diameters must have shape {tuple(c.shape[:-1])} (one per centre), got {tuple(dia.shape)}")
     ctr = world_to_voxel(c, geometry)  # [N, d] array order

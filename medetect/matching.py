@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .boxes import box_centers, box_iou, check_boxes
+from .boxes import box_centres, box_iou, check_boxes
 
 __all__ = [
     "NEGATIVE",
@@ -83,7 +83,7 @@ def match_atss(
     if gt.shape[0] == 0 or n == 0:
         return torch.full((n,), NEGATIVE, dtype=torch.long, device=anchors.device)
     iou = box_iou(gt, anchors)  # [G, N]
-    gc, ac = box_centers(gt), box_centers(anchors)  # [G, d], [N, d]
+    gc, ac = box_centres(gt), box_centres(anchors)  # [G, d], [N, d]
     dist = torch.cdist(gc, ac)  # [G, N]
     cand = []
     start = 0

@@ -20,7 +20,7 @@ from medetect.boxes import (
     BoxCoder,
     batched_nms,
     box_area,
-    box_centers,
+    box_centres,
     box_iou,
     box_sizes,
     clip_boxes,
@@ -151,10 +151,10 @@ def real_boxes(draw, d: int, max_n: int = 8, allow_empty: bool = True):
 
 
 @DIMS
-def test_area_sizes_centers_hand(d):
+def test_area_sizes_centres_hand(d):
     box = torch.tensor([[1.0, 2.0, 3.0][:d] + [2.0, 5.0, 7.0][:d]])  # extents 1, 3, 4
     assert box_sizes(box).tolist() == [[1.0, 3.0, 4.0][:d]]
-    assert box_centers(box).tolist() == [[1.5, 3.5, 5.0][:d]]
+    assert box_centres(box).tolist() == [[1.5, 3.5, 5.0][:d]]
     assert box_area(box).tolist() == [[3.0, 12.0][d - 2]]
     # leading batch dims are kept
     assert box_area(box.expand(2, 3, 2 * d)).shape == (2, 3)
@@ -535,7 +535,7 @@ def _bad_cases(d: int):
     coder = BoxCoder()
     shp = "2d]"
     cases = []
-    for fn in (box_area, box_sizes, box_centers):
+    for fn in (box_area, box_sizes, box_centres):
         cases += [
             (f"{fn.__name__}-odd", lambda fn=fn: fn(odd), ValueError, "boxes", shp),
             (f"{fn.__name__}-zero", lambda fn=fn: fn(zero), ValueError, "boxes", shp),
@@ -622,7 +622,7 @@ def test_empty_inputs(d, dtype):
 
     check(box_area(e), (0,), dtype)
     check(box_sizes(e), (0, d), dtype)
-    check(box_centers(e), (0, d), dtype)
+    check(box_centres(e), (0, d), dtype)
     check(box_iou(e, some), (0, 2), dtype)
     check(box_iou(some, e), (2, 0), dtype)
     check(box_iou(e, e), (0, 0), dtype)

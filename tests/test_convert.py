@@ -261,4 +261,4 @@ def test_convert_bad_input(d):
     assert_names(info, "diameters", "(3,)")
     with pytest.raises(ValueError) as info:
         luna_to_boxes(torch.zeros(3, d + 1), torch.zeros(3), g)
-    assert_names(info, "centers")
+    assert_names(info, "centres")

@@ -107,15 +107,15 @@ def test_world_centre_survives_resampling_and_prediction_mapping():
             return {"detections": [{"boxes": b, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}]}
 
     marks = predict_scan(Stub(), pre, vol, g, tile_size=512)
-    np.testing.assert_allclose(marks["centers_xyz"], centre, atol=1e-3)  # float32 detector boxes
+    np.testing.assert_allclose(marks["centres_xyz"], centre, atol=1e-3)  # float32 detector boxes
     np.testing.assert_allclose(marks["diameters_mm"], dia, atol=1e-3)
     np.testing.assert_allclose(marks["boxes"], box, atol=1e-4)
 
 
 def test_submission_format_and_cap(tmp_path):
     rng = np.random.default_rng(0)
-    marks = {"1.2.3": {"centers_xyz": rng.normal(size=(150, 3)), "probabilities": rng.uniform(size=150)},
-             "4.5.6": {"centers_xyz": rng.normal(size=(3, 3)), "probabilities": np.array([0.1, 0.9, 0.5])}}
+    marks = {"1.2.3": {"centres_xyz": rng.normal(size=(150, 3)), "probabilities": rng.uniform(size=150)},
+             "4.5.6": {"centres_xyz": rng.normal(size=(3, 3)), "probabilities": np.array([0.1, 0.9, 0.5])}}
     f = write_submission(tmp_path / "sub.csv", marks)
     rows = list(csv.reader(open(f)))
     assert rows[0] == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]

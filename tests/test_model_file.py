@@ -273,7 +273,7 @@ def test_shipped_weights_new_format_same_detections():
                     drop_padded=False)
     marks = predict_scan(model, pre, vol, geom, max_marks=ref["max_marks"], predictor=old)
     np.testing.assert_allclose(marks["probabilities"], ref["probabilities"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(marks["centers_xyz"], ref["centers_xyz"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(marks["centres_xyz"], ref["centres_xyz"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(marks["boxes"], ref["boxes"], atol=1e-4, rtol=0)
     new = predict_scan(model, pre, vol, geom, max_marks=ref["max_marks"])  # only marks in the padding differ
     z_size = ph["shape"][0]

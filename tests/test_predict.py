@@ -69,7 +69,7 @@ def test_anisotropic_rotated_nifti_same_marks_as_luna_predict(tmp_path):
     ref = predict_scan(model, pre, read_image(f), score_thresh=0.0)
     n = min(len(got), len(ref["probabilities"]))
     assert n > 0
-    np.testing.assert_allclose(got[:n], ref["centers_xyz"][:n], atol=1e-3)
+    np.testing.assert_allclose(got[:n], ref["centres_xyz"][:n], atol=1e-3)
     np.testing.assert_allclose([float(r["score"]) for r in rows[:n]], ref["probabilities"][:n], atol=1e-5)
     assert np.linalg.norm(got[0] - centre) < 5.0, (got[0], centre)  # the top mark is the sphere
     js = json.loads((tmp_path / "out" / "predictions.json").read_text())

@@ -134,7 +134,7 @@ def ct_section(out_dir, *, top_k: int = 8, max_panels: int = 8, fusion: str = FU
             scans[uid] = (vol, geom)
             if use_det:
                 m = predict_scan(model, pre, img)
-                centres = m["centers_xyz"]  # predict_scan's key (renamed with predict_scan at integration)
+                centres = m["centres_xyz"]
                 p_fpr = score_candidates(fpr, vol, geom, centres)
                 marks[uid] = {"centres_xyz": centres, "diameters_mm": m["diameters_mm"],
                               "p_det": m["probabilities"], "p_fpr": p_fpr,

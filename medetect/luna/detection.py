@@ -516,7 +516,7 @@ def predict_scan(
 
     ``pre``: a :class:`LunaPreprocess` or a stored :class:`medetect.models.io.Preprocess`. ``image``: a
     :class:`MedicalImage` (its geometry is used) or an HU array ``[Z, Y, X]`` / ``[1, Z, Y, X]`` with ``geometry``.
-    Returns ``centers_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted, descending,
+    Returns ``centres_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted, descending,
     ``M <= max_marks``) and ``boxes [M, 6]`` on the ORIGINAL voxel grid.
     """
     from ..engine.predictor import Predictor
@@ -544,7 +544,7 @@ def predict_scan(
     finally:
         predictor.max_detections, predictor.score_thresh = old_cap, old_thresh
     n = min(max_marks, len(det["scores"]))
-    return {"centers_xyz": det["centres_world"][:n].numpy().reshape(-1, 3),
+    return {"centres_xyz": det["centres_world"][:n].numpy().reshape(-1, 3),
             "diameters_mm": det["diameters_mm"][:n].numpy().reshape(-1),
             "probabilities": det["scores"][:n].double().numpy(), "boxes": det["boxes"][:n].numpy().reshape(-1, 6)}
 
@@ -619,8 +619,8 @@ def lung_pet_ct_smoke(model: Detector, pre: LunaPreprocess, root: str | os.PathL
         dt = time.perf_counter() - t0
         box = np.asarray(rec.boxes, dtype=np.float64)[0]
         centre = np.asarray(voxel_to_world((box[:3] + box[3:]) / 2, img.geometry))
-        d = np.linalg.norm(m["centers_xyz"] - centre, axis=1) if len(m["probabilities"]) else np.zeros(0)
-        vox = np.asarray(world_to_voxel(m["centers_xyz"], img.geometry)).reshape(-1, 3)
+        d = np.linalg.norm(m["centres_xyz"] - centre, axis=1) if len(m["probabilities"]) else np.zeros(0)
+        vox = np.asarray(world_to_voxel(m["centres_xyz"], img.geometry)).reshape(-1, 3)
         inside = ((vox >= box[:3]) & (vox <= box[3:])).all(1)
         out.append({
             "patient": rec.image, "shape": list(img.spatial_shape), "spacing": list(img.geometry.spacing),

@@ -96,7 +96,7 @@ def _offsets(size: int, d: int, dtype=torch.float64) -> torch.Tensor:
 def extract_cubes(
     volume,
     geometry: Geometry,
-    centers_world,
+    centres_world,
     *,
     size: int = 32,
     spacing_mm: float = 1.0,
@@ -112,7 +112,7 @@ def extract_cubes(
     Args:
         volume: ``[*S]`` array/tensor in HU (array order, e.g. ``[Z, Y, X]``) or a ``MedicalImage``; 2D or 3D.
         geometry: the volume's :class:`~medetect.convert.Geometry`.
-        centers_world: ``[N, d]`` world points ``(x, y, z)`` mm.
+        centres_world: ``[N, d]`` world points ``(x, y, z)`` mm.
         size: voxels per cube axis; spacing_mm: voxel size (mm) at scale 1; scales: fields of view as multiples
             (each scale becomes one channel).
         window: HU ``(lo, hi)`` mapped to ``[0, 1]`` with clipping, or None to return HU.
@@ -125,7 +125,7 @@ def extract_cubes(
     d = geometry.ndim
     if vol.ndim != d or d not in (2, 3):
         raise ValueError(f"volume must be [*S] with {d} spatial axes (2D or 3D), got shape {tuple(vol.shape)}")
-    ctr = torch.as_tensor(world_to_voxel(np.asarray(centers_world, dtype=np.float64).reshape(-1, d), geometry))
+    ctr = torch.as_tensor(world_to_voxel(np.asarray(centres_world, dtype=np.float64).reshape(-1, d), geometry))
     n = ctr.shape[0]
     ns = len(scales)
     out = vol.new_empty((n, ns, *([size] * d)))
@@ -251,9 +251,7 @@ def _mark_arrays(m) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(m, WorldPoints):
         c, p = m.centres, None if np.isnan(m.scores).all() else m.scores
     elif isinstance(m, Mapping):
-        # TRANSITION: stage one's ``predict_scan`` still names the key ``centers_xyz``; drop that fallback once it
-        # returns ``centres_xyz`` (or a WorldPoints).
-        c, p = m["centres_xyz"] if "centres_xyz" in m else m["centers_xyz"], m.get("probabilities")
+        c, p = m["centres_xyz"], m.get("probabilities")  # predict_scan's marks
     else:
         c, p = m[0], m[1] if len(m) > 1 else None
     c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
@@ -347,7 +345,7 @@ class CandidateCubes(Dataset):
 
     Args:
         scans: ``{uid: path}`` or ``{uid: (volume, geometry)}``; only candidates of these scans are used.
-        candidates: ``{uid: (centers_xyz [N, 3], labels [N])}`` (``read_luna_csv`` of ``candidates.csv``).
+        candidates: ``{uid: (centres_xyz [N, 3], labels [N])}`` (``read_luna_csv`` of ``candidates.csv``).
         config: the classifier's :class:`FPRConfig` (cube size, spacing, scales, window).
         augment: random flips / 90-degree rotations / scale / translation (:func:`random_augmentation`).
         pos_fraction: share of positives per epoch (None: natural frequencies).
@@ -370,7 +368,7 @@ class CandidateCubes(Dataset):
             ctrs.append(c)
             labels.append(np.asarray(y).reshape(-1))
         self.scan_idx = np.concatenate(scan_idx) if scan_idx else np.zeros(0, dtype=np.int64)
-        self.centers = np.concatenate(ctrs) if ctrs else np.zeros((0, 3))
+        self.centres = np.concatenate(ctrs) if ctrs else np.zeros((0, 3))
         self.labels = (np.concatenate(labels) if labels else np.zeros(0)).astype(np.int64)
         self.pos_fraction, self.seed = pos_fraction, seed
         self.index = balanced_indices(self.labels, pos_fraction, seed=seed) if pos_fraction else np.arange(len(self.labels))
@@ -400,7 +398,7 @@ class CandidateCubes(Dataset):
         mats = shifts = None
         if self.augment:
             mats, shifts = random_augmentation(1, 3, scale=self.aug_scale, shift_mm=self.aug_shift_mm)
-        cube = extract_cubes(vol, geom, self.centers[j:j + 1], size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
+        cube = extract_cubes(vol, geom, self.centres[j:j + 1], size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
                              scales=cfg.scales, window=cfg.hu_window, matrices=mats, shifts_mm=shifts)
         return {"image": cube[0], "label": torch.tensor(int(self.labels[j]))}
 
@@ -508,7 +506,7 @@ def train_fpr(
 
 
 @torch.no_grad()
-def score_candidates(model: FPRClassifier, volume, geometry: Geometry, centers_world, *, batch_size: int = 64,
+def score_candidates(model: FPRClassifier, volume, geometry: Geometry, centres_world, *, batch_size: int = 64,
                      tta: bool = False) -> np.ndarray:
     """Stage-two probabilities ``[N]`` of candidates (world ``(x, y, z)`` mm) of one scan.
 
@@ -516,7 +514,7 @@ def score_candidates(model: FPRClassifier, volume, geometry: Geometry, centers_w
     cfg = model.config
     model.eval()
     dev = next(model.parameters()).device
-    cubes = extract_cubes(volume, geometry, centers_world, size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
+    cubes = extract_cubes(volume, geometry, centres_world, size=cfg.cube_size, spacing_mm=cfg.spacing_mm,
                           scales=cfg.scales, window=cfg.hu_window)
     probs = []
     for a in range(0, len(cubes), batch_size):
@@ -532,7 +530,7 @@ def score_candidates(model: FPRClassifier, volume, geometry: Geometry, centers_w
 
 
 def score_scans(model: FPRClassifier, scans: Mapping, candidates: Mapping, **kw) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{uid: (centers, fpr probabilities)}`` for every scan in both ``scans`` (``{uid: path}``) and ``candidates``."""
+    """``{uid: (centres, fpr probabilities)}`` for every scan in both ``scans`` (``{uid: path}``) and ``candidates``."""
     out = {}
     for uid, src in scans.items():  # loop over scans (each scored in batched calls)
         if uid not in candidates:
