@@ -207,6 +207,7 @@ def _fake_run(run_dir: Path, model, config_name: str, config: dict, epoch=3):
 
 
 def test_run_folders_load_and_export_for_every_kind(tmp_path):
+    from medetect.apps import load_model as load_any  # model files and run folders
     from medetect.apps.export import export_from_run
 
     det, fpr = _tiny_detector(2), _tiny_fpr()
@@ -214,7 +215,9 @@ def test_run_folders_load_and_export_for_every_kind(tmp_path):
               {"model": det.config.to_dict(), "train": {}, "data": {"scale": 0.5, "max_value": 255.0, "mean": [0.4],
                                                                        "std": [0.2]}})
     _fake_run(tmp_path / "fpr", fpr, "fpr_config.json", {"model": fpr.config.to_dict(), "train": {}})
-    m = load_model(tmp_path / "det")
+    with pytest.raises(ValueError, match="is a folder, not a model file"):
+        load_model(tmp_path / "det")  # the model-file layer reads files only
+    m = load_any(tmp_path / "det")
     assert m.kind == "detector" and m.preprocess.scale == 0.5 and m.preprocess.mean == [0.4]
     _same_weights(det, m.model)
     for name, ref, kind in (("det", det, "detector"), ("fpr", fpr, "fpr")):
@@ -225,7 +228,7 @@ def test_run_folders_load_and_export_for_every_kind(tmp_path):
         _same_weights(ref, m.model, atol=1e-2)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         (tmp_path / "empty").mkdir()
-        load_model(tmp_path / "empty")
+        load_any(tmp_path / "empty")
 
 
 # ------------------------------------------------------------------------------------------------ layering

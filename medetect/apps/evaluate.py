@@ -10,7 +10,7 @@ from ..data.datasets import DetectionDataset
 from ..data.image import MedicalImage
 from ..engine.predictor import Predictor
 from ..evaluation.detection import evaluate_coco, evaluate_voc
-from ..models.io import load_model
+from .models import load_model
 
 __all__ = ["evaluate_spec"]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.io import load_model, save_model
+from ..models.io import save_model
+from .models import load_model
 
 __all__ = ["export_from_run", "export_onnx"]
 

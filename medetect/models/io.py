@@ -290,55 +290,26 @@ def _load_state(model: torch.nn.Module, weights: Path) -> None:
         raise ValueError(f"{weights}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _run_dir_meta(run_dir: Path) -> tuple[dict[str, str], Path]:
-    """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights)."""
-    from ..engine.checkpoint import (
-        latest_checkpoint,  # the one place that knows the checkpoint layout
-    )
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint in this run folder")
-    weights = Path(ckpt) / "model.safetensors"
-    if (run_dir / "fpr_config.json").is_file():
-        cfg = json.loads((run_dir / "fpr_config.json").read_text())["model"]
-        kind, pre, classes = "fpr", fpr_preprocess(cfg), ["nodule"]
-    elif (run_dir / "config.json").is_file():
-        raw = json.loads((run_dir / "config.json").read_text())
-        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-            raise ValueError(f"{run_dir / 'config.json'}: no 'model' section")
-        cfg = raw["model"]
-        kind = "detector"
-        if "preprocess" in raw:  # LUNA stage-one run: spacing + HU window
-            pre = _detector_preprocess_v1(cfg, {}, {"luna": raw["preprocess"]})
-        else:
-            data = raw.get("data") or {}
-            pre = _detector_preprocess_v1(cfg, {k: data[k] for k in ("scale", "max_value", "mean", "std") if k in data}, {})
-        classes = list(cfg.get("class_names") or [str(i) for i in range(int(cfg.get("num_classes", 1)))])
-    else:
-        raise FileNotFoundError(f"{run_dir}: a run folder needs config.json (detector) or fpr_config.json (fpr)")
-    state = {}
-    if (Path(ckpt) / "state.json").is_file():
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-    extra = {"run": run_dir.name, "epoch": state.get("epoch"), "step": state.get("step")}
-    meta = {"format_version": str(FORMAT_VERSION), "kind": kind, "config": json.dumps(cfg),
-            "preprocess": json.dumps(pre.to_dict()), "classes": json.dumps(classes), "extra": json.dumps(extra)}
-    return meta, weights
-
-
-def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
-    """A model file (any supported format) or a training run folder (its newest checkpoint + config) -> a
-    :class:`LoadedModel` in eval mode on ``device`` (default CPU). The file is checked before safetensors opens it."""
-    path = Path(path_or_run_dir)
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
+    """A model file (any supported format) -> a :class:`LoadedModel` in eval mode on ``device`` (default CPU). The
+    file is checked before safetensors opens it. A training run folder loads with :func:`medetect.apps.load_model`
+    (which knows the checkpoint layout, a layer above this one)."""
+    path = Path(path)
     if path.is_dir():
-        meta, weights = _run_dir_meta(path)
-    else:
-        meta, weights = read_metadata(path), path
-    kind, cfg, pre, classes, extra = _normalise_meta(meta, path)
+        raise ValueError(f"{path} is a folder, not a model file (a training run folder loads with "
+                         "medetect.apps.load_model; the command line accepts both)")
+    return load_from_metadata(read_metadata(path), path, path, device=device)
+
+
+def load_from_metadata(meta: Mapping[str, str], weights: Path, source: Path,
+                       device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model that ``meta`` (file metadata, any supported format) describes and load ``weights`` into it.
+    ``source`` names the file or folder in messages."""
+    kind, cfg, pre, classes, extra = _normalise_meta(meta, source)
     try:
         model = BUILDERS[kind](cfg)
     except TypeError as e:
-        raise ValueError(f"{path}: the stored {kind} config does not fit this medetect ({e})") from None
+        raise ValueError(f"{source}: the stored {kind} config does not fit this medetect ({e})") from None
     _load_state(model, weights)
     model.eval()
     if device is not None:

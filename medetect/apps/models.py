@@ -1,0 +1,61 @@
+"""One loader for model files and training run folders: :func:`load_model` (the model-file layer,
+:mod:`medetect.models.io`, reads files; a run folder's newest intact checkpoint and its config are resolved here,
+because the checkpoint layout belongs to :mod:`medetect.engine`, a layer above the models)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..engine.checkpoint import latest_checkpoint  # the one place that knows the checkpoint layout
+from ..models.io import (FORMAT_VERSION, LoadedModel, _detector_preprocess_v1, fpr_preprocess, load_from_metadata,
+                         load_model as load_model_file)
+
+__all__ = ["load_model", "run_metadata"]
+
+
+def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
+    """A model file (any supported format) or a training run folder (its newest intact checkpoint + config) -> a
+    :class:`~medetect.models.io.LoadedModel` in eval mode on ``device`` (default CPU)."""
+    path = Path(path_or_run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file or run folder")
+    if path.is_dir():
+        meta, weights = run_metadata(path)
+        return load_from_metadata(meta, weights, path, device=device)
+    return load_model_file(path, device=device)
+
+
+def run_metadata(run_dir: Path) -> tuple[dict[str, str], Path]:
+    """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint in this run folder")
+    weights = Path(ckpt) / "model.safetensors"
+    if (run_dir / "fpr_config.json").is_file():
+        cfg = json.loads((run_dir / "fpr_config.json").read_text())["model"]
+        kind, pre, classes = "fpr", fpr_preprocess(cfg), ["nodule"]
+    elif (run_dir / "config.json").is_file():
+        raw = json.loads((run_dir / "config.json").read_text())
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise ValueError(f"{run_dir / 'config.json'}: no 'model' section")
+        cfg = raw["model"]
+        kind = "detector"
+        if "preprocess" in raw:  # LUNA stage-one run: spacing + HU window
+            pre = _detector_preprocess_v1(cfg, {}, {"luna": raw["preprocess"]})
+        else:
+            data = raw.get("data") or {}
+            pre = _detector_preprocess_v1(cfg, {k: data[k] for k in ("scale", "max_value", "mean", "std") if k in data}, {})
+        classes = list(cfg.get("class_names") or [str(i) for i in range(int(cfg.get("num_classes", 1)))])
+    else:
+        raise FileNotFoundError(f"{run_dir}: a run folder needs config.json (detector) or fpr_config.json (fpr)")
+    state = {}
+    if (Path(ckpt) / "state.json").is_file():
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    extra = {"run": run_dir.name, "epoch": state.get("epoch"), "step": state.get("step")}
+    meta = {"format_version": str(FORMAT_VERSION), "kind": kind, "config": json.dumps(cfg),
+            "preprocess": json.dumps(pre.to_dict()), "classes": json.dumps(classes), "extra": json.dumps(extra)}
+    return meta, weights
