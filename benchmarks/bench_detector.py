@@ -228,7 +228,7 @@ def bench_2d(device, *, amp, batch, steps, warmup, latency_repeats, norm, lr=1e-
         detections=int(res["ours"][1][0]["boxes"].shape[0]),
         ref_detections=int(res["ref"][1][0]["boxes"].shape[0]) if ref is not None else None,
     ))
-    del ours, ref, opt, fns, res
+    ours = ref = opt = fns = res = None  # free the models before the next benchmark
     _free(device)
     return out
 
@@ -341,7 +341,7 @@ def bench_3d(device, *, amp, batch, patch_zyx, volume_zyx, tile_zyx, steps, warm
         per_item=batch, ref_impl=ref_impl, ref_ms=res["ref"][0] if ref is not None else None,
         losses=res["ours"][1], ref_losses=res["ref"][1] if ref is not None else None, **common,
     )]
-    del res, fns, opt, patches, targets
+    res = fns = opt = patches = targets = None  # free the training state before the inference benchmark
     _free(device)
 
     # whole-scan inference: one volume, the same windows on both sides
@@ -374,7 +374,7 @@ def bench_3d(device, *, amp, batch, patch_zyx, volume_zyx, tile_zyx, steps, warm
         detections=int(res["ours"][1]["boxes"].shape[0]),
         ref_detections=int(res["ref"][1][0][ref.target_box_key].shape[0]) if ref is not None else None,
     ))
-    del ours, ref, pred, fns, res
+    ours = ref = pred = fns = res = None  # free the models before the next benchmark
     _free(device)
     return out
 

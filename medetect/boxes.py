@@ -272,7 +272,7 @@ def _banded_edges(
         p1 = min(n, p0 + rows)
         w_idx = w_all[:w]
 
-        def band(col: torch.Tensor) -> torch.Tensor:  # [p1 - p0, w] view: col[p + 1 + j]
+        def band(col: torch.Tensor, p0=p0, p1=p1, w=w) -> torch.Tensor:  # [p1 - p0, w] view: col[p + 1 + j]
             return col.as_strided((p1 - p0, w), (1, 1), p0 + 1)
 
         # Screen: IoU > t needs, on the screening axis, an overlap above t x the extent of each box.

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medetect.convert import Geometry, voxel_to_world, world_to_voxel
 from medetect.data import MedicalImage, MedicalImageError, read_image, write_image
-from medetect.data.io import read_dicom, read_dicom_series
+from medetect.data.io import read_dicom_series
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402

@@ -131,7 +131,7 @@ import csv
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 

@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..boxes import clip_boxes
-from ..convert import Geometry, boxes_to_luna, luna_to_boxes, voxel_to_world, world_to_voxel
+from ..convert import Geometry, luna_to_boxes, voxel_to_world, world_to_voxel
 from ..data.annotations import WorldPoints, read_world_points, write_world_points
 from ..data.image import MedicalImage
 from ..data.io import read_image
-from ..data.transforms import Compose, HUWindow, RandomFlip, RandomRot90, resample
+from ..data.transforms import Compose, HUWindow, RandomFlip, RandomRot90
 from ..models.detector import Detector, DetectorConfig, build_detector
 
 __all__ = [

@@ -38,7 +38,6 @@ CLI (wired by the lead as ``medetect luna-fpr``)::
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Mapping, Sequence

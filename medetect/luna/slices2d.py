@@ -19,7 +19,6 @@ larger and slower but work the same way).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
