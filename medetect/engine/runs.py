@@ -9,7 +9,8 @@ Every training entry point calls :func:`prepare_run_dir` once, before building i
 * ``resume`` with a config that differs from the run's: refused, naming the first differing keys as dotted paths
   (``train.lr: 0.01 -> 0.02``), unless ``allow_config_change``, which appends the change to
   ``RUN/config_changes.jsonl`` (time, resumed epoch, the diff) and then replaces the config file;
-* ``resume`` of a folder without a checkpoint starts at epoch 0 and says so.
+* ``resume`` of a folder without a checkpoint starts at epoch 0 and says so; one whose checkpoints are all damaged is
+  refused before anything changes (:func:`~medetect.engine.checkpoint.latest_checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .checkpoint import CheckpointWarning, atomic_write_text, latest_checkpoint
 
 __all__ = ["prepare_run_dir", "config_diff"]
 
@@ -67,14 +69,6 @@ def _describe(run_dir: Path, config_name: str) -> str:
         return f"a training run ({', '.join(parts)})"
     names = sorted(p.name for p in run_dir.iterdir())
     return f"{len(names)} other file(s) (e.g. {names[0]})"
-
-
-def _pointer_epoch(run_dir: Path) -> int:
-    """The epoch ``last.json`` names (0 without one); the checkpoint itself is validated later by the resume."""
-    try:
-        return int(json.loads((run_dir / "last.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _move_aside(run_dir: Path) -> Path:
@@ -125,8 +119,11 @@ def prepare_run_dir(
     text = json.dumps(config, indent=1)
     cfg_path = run_dir / config_name
     if resume:
-        epoch = _pointer_epoch(run_dir)
-        if not (run_dir / "last.json").is_file():
+        with warnings.catch_warnings():  # the trainer's resume warns about damaged checkpoints; once is enough
+            warnings.simplefilter("ignore", CheckpointWarning)
+            ckpt = latest_checkpoint(run_dir)  # a run without any intact checkpoint fails here, before any change
+        epoch = int(json.loads((ckpt / "state.json").read_text())["epoch"]) if ckpt is not None else 0
+        if ckpt is None:
             logger.warning("%s holds no checkpoint yet: --resume starts this run at epoch 0", run_dir)
         if cfg_path.is_file():
             try:
