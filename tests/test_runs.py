@@ -156,6 +156,16 @@ def test_resume_without_checkpoint_starts_at_zero_and_says_so(tmp_path, caplog):
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == CONFIG
 
 
+def test_only_rank_zero_prepares_the_folder(tmp_path, monkeypatch):
+    """Under torchrun every rank runs the entry point: the others must neither refuse nor move rank 0's run."""
+    run = tmp_path / "run"
+    _saved_run(run, epochs=1)
+    before = _tree(run)
+    monkeypatch.setenv("RANK", "1")
+    assert prepare_run_dir(run, {"other": 1}, resume=False, overwrite=True) is None
+    assert _tree(run) == before and not list(tmp_path.glob("run.old-*"))
+
+
 def test_config_diff_dotted_paths():
     assert config_diff({"a": {"b": 1, "c": [1]}}, {"a": {"b": 1, "c": (1,)}}) == []
     assert config_diff({"a": {"b": 1}}, {"a": {"b": 2}, "d": {}}) == [("a.b", 1, 2), ("d", "<absent>", {})]
@@ -205,6 +215,19 @@ def test_loading_a_damaged_file_directly_names_it(tmp_path):
     os.truncate(f, f.stat().st_size - 3)
     with pytest.raises(ValueError, match=rf"{f} is truncated or corrupt"):
         load_checkpoint(run / "epoch_0001", model=torch.nn.Linear(3, 2))
+
+
+def test_saving_after_a_fallback_prunes_the_damaged_folder_first(tmp_path):
+    run = tmp_path / "run"
+    model = _saved_run(run, epochs=2, keep=2)
+    os.truncate(run / "epoch_0002" / "model.safetensors", 100)
+    with pytest.warns(CheckpointWarning):
+        assert latest_checkpoint(run) == run / "epoch_0001"
+    # epoch 2 trained again: written beside the damaged folder that last.json still names; the intact epoch 1 stays
+    new = save_checkpoint(run, epoch=2, step=20, model=model, keep=2)
+    assert new.name == "epoch_0002_00000020"
+    assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0001", "epoch_0002_00000020"]
+    assert latest_checkpoint(run) == new
 
 
 def test_missing_pointer_uses_the_newest_intact_folder(tmp_path):

@@ -58,9 +58,8 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
 
 
 def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> dict[str, str]:
-    """Load safetensors weights into ``model``; returns the file's metadata. Shape mismatches name the tensor."""
-    from safetensors import safe_open
-
+    """Load safetensors weights into ``model``; returns the file's metadata. Shape mismatches name the tensor; a
+    truncated or corrupt file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -145,7 +144,8 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
         shutil.rmtree(final)  # a stale folder nothing points at (e.g. from a crash before last.json moved)
     os.replace(tmp, final)
     atomic_write_text(run_dir / "last.json", json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
-    old = sorted(p for p in run_dir.glob("epoch_[0-9][0-9][0-9][0-9]*") if p.is_dir() and p != final and not p.name.endswith(".tmp"))
+    # Damaged folders (e.g. the truncated checkpoint a resume skipped) are pruned before intact ones, oldest first.
+    old = sorted((p for p in _checkpoint_dirs(run_dir) if p != final), key=lambda p: (checkpoint_problem(p) is None, p.name))
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final

@@ -95,13 +95,18 @@ def prepare_run_dir(
     ``run_dir/config_name``; see the module docstring for the rules. Returns the folder an existing run was moved to
     (``overwrite``), else None.
 
+    Under torchrun only rank 0 (``RANK``) acts; the other ranks return None at once.
+
     Raises ``ValueError`` (one sentence naming the folder and the option to pass) when the folder already holds
     something and neither ``resume`` nor ``overwrite`` is given, when both are given, or when a resumed run's config
     differs and ``allow_config_change`` is not given.
     """
     run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None  # under torchrun only rank 0 checks and writes the folder (the other ranks never write to it)
     if resume and overwrite:
-        raise ValueError("resume and overwrite contradict each other: pass --resume to continue a run or --overwrite to start afresh, not both")
+        raise ValueError("resume and overwrite contradict each other: pass --resume to continue a run or --overwrite to "
+                         "start afresh, not both")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} is a file, not a run folder: pass another --run-dir")
     moved = None
@@ -114,7 +119,6 @@ def prepare_run_dir(
             )
         moved = _move_aside(run_dir)
         logger.warning("moved the existing run folder %s to %s; starting a fresh run", run_dir, moved)
-        occupied = False
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=1)
     cfg_path = run_dir / config_name
