@@ -226,7 +226,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     candidates = folders
     if target is not None:
         first = run_dir / target
-        # only folders older than the pointed-at one: a newer folder nothing points at is an unfinished save
+        # only folders older than the pointed-at one: a newer one nothing points at is a save interrupted before last.json moved
         candidates = [first] + [p for p in folders if p.name < target]
     elif not ptr.is_file():
         problems.append(f"{ptr} is missing")
