@@ -3,7 +3,6 @@ model from its config, evaluation on a validation split, and the trainer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -12,10 +11,10 @@ from .config import DataConfig, ExperimentConfig
 from .data import transforms as T
 from .data.datasets import DetectionDataset, bccd, dsb2018, mini_mias
 from .data.annotations import read_voc_folder
-from .engine.checkpoint import atomic_write_text
 from .engine.predictor import Predictor
+from .engine.runs import prepare_run_dir
 from .engine.trainer import Trainer, seed_everything
-from .evaluation.detection import evaluate_coco, evaluate_voc
+from .evaluation.detection import evaluate_detections
 from .models.detector import Detector, build_detector
 from .data.transforms import normalize_intensity
 
@@ -102,33 +101,38 @@ def predict_dataset(model: Detector, data: Iterable, *, device=None) -> tuple[li
 
 
 def evaluate_model(model: Detector, data: DetectionDataset, *, device=None) -> dict[str, float]:
-    """VOC mAP@0.5 (all-point and 11-point) and COCO mAP@[.5:.95] with per-class VOC AP."""
+    """Validation metrics for the training log: :func:`~medetect.evaluation.detection.evaluate_detections` with every
+    key prefixed ``val_`` and the per-class dict flattened, i.e. ``val_images``, ``val_boxes``, ``val_map50``,
+    ``val_map50_07``, ``val_coco_map`` and ``val_ap50_<class>`` per class. These are the column names of
+    ``metrics.csv`` and the keys of the training history (one rule, no other names)."""
     was_training = model.training
     preds, gts = predict_dataset(model, data, device=device)
     model.train(was_training)
-    names = list(data.classes)
-    voc = evaluate_voc(preds, gts, class_names=names)
-    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
-    coco = evaluate_coco(preds, gts, class_names=names)
-    out = {"val_map50": float(voc["map"]), "val_map50_07": float(voc07["map"]), "val_coco_map": float(coco["map"])}
-    out.update({f"val_ap50_{k}": float(v) for k, v in voc["per_class"].items()})
+    res = evaluate_detections(preds, gts, class_names=list(data.classes))
+    per_class = res.pop("ap50_per_class")
+    out = {f"val_{k}": v for k, v in res.items()}
+    out.update({f"val_ap50_{k}": v for k, v in per_class.items()})
     return out
 
 
-def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, device=None) -> list[dict]:
+def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False, device=None) -> list[dict]:
+    """Train ``cfg`` in ``run_dir``; returns the history (one dict per epoch). The run folder rules
+    (:func:`~medetect.engine.runs.prepare_run_dir`): a folder that already holds a run needs ``resume`` (continue it;
+    a changed config needs ``allow_config_change``) or ``overwrite`` (move it aside to ``RUN.old-<UTC time>``).
+    Data errors are raised before the run folder is touched."""
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    if cfg.data.cache and cfg.train.num_workers > 0:
-        train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
     val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.data.val_split else None
     if not cfg.model.class_names:
         cfg.model.class_names = list(train_ds.classes)
     if cfg.model.num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {len(train_ds.classes)} classes {list(train_ds.classes)}")
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+    if cfg.data.cache and cfg.train.num_workers > 0:
+        train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
     seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg.model)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,

@@ -1,11 +1,19 @@
-"""Training, checkpoints and inference."""
+"""Training, run folders, checkpoints and inference."""
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from .checkpoint import (
+    CheckpointWarning, checkpoint_problem, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights,
+)
 from .predictor import Predictor, tile_origins
-from .trainer import TrainConfig, Trainer, TrainingDiverged, TrainingOutOfMemory, detection_collate, seed_everything
+from .runs import config_diff, prepare_run_dir
+from .trainer import (
+    TrainConfig, Trainer, TrainingDiverged, TrainingOutOfMemory, detection_collate, json_safe, seed_everything, truncate_metrics,
+)
 
 __all__ = [
     "Trainer", "TrainConfig", "TrainingDiverged", "TrainingOutOfMemory", "detection_collate", "seed_everything",
+    "json_safe", "truncate_metrics",
+    "prepare_run_dir", "config_diff",
     "Predictor", "tile_origins",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_weights", "load_weights",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "CheckpointWarning",
+    "save_weights", "load_weights",
 ]

@@ -4,14 +4,21 @@ A checkpoint is a folder ``epoch_NNNN/`` holding ``model.safetensors``, ``optimi
 tensors, keyed ``state.<param>.<name>``) and ``state.json`` (epoch, step, optimizer scalars and param groups,
 scheduler state, RNG states, metrics, config). It is written as ``epoch_NNNN.tmp/`` and renamed into place (atomic on
 POSIX), then ``last.json`` is replaced atomically to point at it. A run killed at any moment leaves the previous
-checkpoint intact and loadable; at most the current epoch is lost.
+checkpoint intact and loadable; at most the current epoch is lost. A write that fails (e.g. a full disk) removes its
+temporary folder and raises one ``OSError`` sentence saying that the previous checkpoint is intact.
+
+Damage done later (a truncated copy, a full disk under another program) is caught when reading:
+:func:`latest_checkpoint` validates each candidate (:func:`checkpoint_problem`: ``state.json`` parses, each
+safetensors header agrees with its file's size), warns naming each damaged file and returns the newest intact one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "save_weights", "atomic_write_text"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "load_weights", "save_weights",
+           "atomic_write_text", "CheckpointWarning"]
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint (or pointer) was skipped in favour of an older intact one."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -46,17 +58,14 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
 
 
 def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> dict[str, str]:
-    """Load safetensors weights into ``model``; returns the file's metadata. Shape mismatches name the tensor."""
-    from safetensors import safe_open
-
+    """Load safetensors weights into ``model``; returns the file's metadata. Shape mismatches name the tensor; a
+    truncated or corrupt file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights must be a .safetensors file (pickled checkpoints are never loaded)")
-    sd = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    sd, meta = _read_safetensors(path)
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
@@ -65,6 +74,19 @@ def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> dic
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a damaged file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        sd = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e})") from e
+    return sd, meta
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -85,28 +107,36 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
     tmp = run_dir / f"epoch_{epoch:04d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
-    state: dict[str, Any] = {"epoch": epoch, "step": step, "metrics": metrics or {}, "config": config or {}}
-    opt_tensors: dict[str, torch.Tensor] = {}
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for pid, st in osd["state"].items():
-            for name, val in st.items():
-                if isinstance(val, torch.Tensor):
-                    opt_tensors[f"state.{pid}.{name}"] = val.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(str(pid), {})[name] = val
-        state["optimizer"] = {"param_groups": osd["param_groups"], "scalars": scalars}
-    if scheduler is not None:
-        state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if not callable(v) and k != "lr_lambdas"}
-    rng_t, rng_js = _rng_state()
-    opt_tensors.update(rng_t)
-    state["rng"] = rng_js
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=float))
     current = _pointer_target(run_dir)
+    try:
+        tmp.mkdir()
+        save_weights(model, tmp / "model.safetensors")
+        state: dict[str, Any] = {"epoch": epoch, "step": step, "metrics": metrics or {}, "config": config or {}}
+        opt_tensors: dict[str, torch.Tensor] = {}
+        if optimizer is not None:
+            osd = optimizer.state_dict()
+            scalars: dict[str, dict[str, Any]] = {}
+            for pid, st in osd["state"].items():
+                for name, val in st.items():
+                    if isinstance(val, torch.Tensor):
+                        opt_tensors[f"state.{pid}.{name}"] = val.detach().cpu().contiguous()
+                    else:
+                        scalars.setdefault(str(pid), {})[name] = val
+            state["optimizer"] = {"param_groups": osd["param_groups"], "scalars": scalars}
+        if scheduler is not None:
+            state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if not callable(v) and k != "lr_lambdas"}
+        rng_t, rng_js = _rng_state()
+        opt_tensors.update(rng_t)
+        state["rng"] = rng_js
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=float))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took
+        kept = f"the previous checkpoint {current} is intact" if current else "there is no previous checkpoint"
+        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
+        err = OSError(f"could not write checkpoint epoch {epoch} to {run_dir} ({what}); {kept}")
+        err.errno = e.errno  # callers may still test for ENOSPC; str(err) stays one sentence
+        raise err from e
     if final.exists() and final.name == current:
         # Re-saving the epoch that last.json points at: write beside it so that a crash now still leaves it loadable.
         final = run_dir / f"{final.name}_{step:08d}"
@@ -114,7 +144,8 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
         shutil.rmtree(final)  # a stale folder nothing points at (e.g. from a crash before last.json moved)
     os.replace(tmp, final)
     atomic_write_text(run_dir / "last.json", json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
-    old = sorted(p for p in run_dir.glob("epoch_[0-9][0-9][0-9][0-9]*") if p.is_dir() and p != final and not p.name.endswith(".tmp"))
+    # Damaged folders (e.g. the truncated checkpoint a resume skipped) are pruned before intact ones, oldest first.
+    old = sorted((p for p in _checkpoint_dirs(run_dir) if p != final), key=lambda p: (checkpoint_problem(p) is None, p.name))
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
@@ -122,32 +153,102 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
 
 def _pointer_target(run_dir: Path) -> str | None:
     try:
-        return json.loads((Path(run_dir) / "last.json").read_text())["checkpoint"]
-    except (OSError, json.JSONDecodeError, KeyError):
+        name = json.loads((Path(run_dir) / "last.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return name if isinstance(name, str) and name and "/" not in name and name not in (".", "..") else None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (missing, header unreadable, size disagreeing with the
+    header's data offsets), or None. Reads only the header, so it is cheap for large files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "is truncated or corrupt"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "is truncated or corrupt"
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is truncated or corrupt"
+    if 8 + n + max(ends, default=0) != size:
+        return "is truncated or corrupt"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, as ``"<file> is truncated or corrupt"``, or None
+    when it is intact: ``state.json`` parses and names its epoch and step, and both safetensors files are complete."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["epoch"]), int(state["step"])
+    except FileNotFoundError:
+        return f"{path / 'state.json'} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / 'state.json'} is truncated or corrupt"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        why = _safetensors_problem(path / name)
+        if why:
+            return f"{path / name} {why}"
+    return None
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first (``epoch_0004_00000020`` is a re-save after ``epoch_0004``)."""
+    return sorted((p for p in run_dir.glob("epoch_[0-9][0-9][0-9][0-9]*") if p.is_dir() and not p.name.endswith(".tmp")),
+                  key=lambda p: p.name, reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder ``last.json`` points at, or None when the run has no complete checkpoint."""
-    ptr = Path(run_dir) / "last.json"
-    if not ptr.is_file():
+    """The newest INTACT checkpoint folder of ``run_dir`` (see :func:`checkpoint_problem`), or None when the run has
+    none yet (no ``last.json`` and no checkpoint folder).
+
+    The folder ``last.json`` points at comes first; when it (or the pointer) is damaged, e.g. a truncated
+    ``model.safetensors``, a warning names the bad file and the next older intact folder is used. With checkpoints
+    but none intact: ``ValueError`` naming the run folder.
+    """
+    run_dir = Path(run_dir)
+    ptr = run_dir / "last.json"
+    folders = _checkpoint_dirs(run_dir)
+    if not ptr.is_file() and not folders:
         return None
-    try:
-        name = json.loads(ptr.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{ptr}: corrupt checkpoint pointer ({e}); delete it to start over") from e
-    path = Path(run_dir) / name
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{ptr} points at {path}, which has no state.json")
-    return path
+    problems = []
+    target = _pointer_target(run_dir)
+    if ptr.is_file() and target is None:
+        problems.append(f"{ptr} is corrupt")
+    candidates = folders
+    if target is not None:
+        first = run_dir / target
+        # only folders older than the pointed-at one: a newer one nothing points at is a save interrupted before last.json moved
+        candidates = [first] + [p for p in folders if p.name < target]
+    elif not ptr.is_file():
+        problems.append(f"{ptr} is missing")
+    for cand in candidates:
+        why = checkpoint_problem(cand) if cand.is_dir() else f"{cand} is missing"
+        if why is None:
+            for p in problems:
+                warnings.warn(f"{p}; resuming from {cand.name}", CheckpointWarning, stacklevel=2)
+            return cand
+        problems.append(why)
+    raise ValueError(f"{run_dir} holds no intact checkpoint ({'; '.join(problems)}): start the run afresh with --overwrite")
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state (epoch, step, metrics, config)."""
     path = Path(path)
     load_weights(model, path / "model.safetensors")
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / 'state.json'} is truncated or corrupt ({e})") from e
+    tensors, _ = _read_safetensors(path / "optimizer.safetensors")
     if optimizer is not None and "optimizer" in state:
         opt_state: dict[int, dict[str, Any]] = {}
         for key, val in tensors.items():

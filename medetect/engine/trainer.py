@@ -8,6 +8,7 @@ optimizer, scheduler and RNG states are restored from the last complete checkpoi
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import random
@@ -22,9 +23,57 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..schema import check, option
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate",
+           "json_safe", "truncate_metrics"]
+
+
+def json_safe(obj):
+    """``obj`` with every NaN / inf float replaced by None (recursively through dicts, lists and tuples; numpy and
+    0-d torch scalars become Python numbers), so that ``json.dumps(json_safe(x), allow_nan=False)`` is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        obj = obj.tolist()  # a Python number, or nested lists of them
+        if isinstance(obj, list):
+            return json_safe(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the rows of the CSV ``path`` logged at or before global ``step`` (the step of the checkpoint a run
+    resumes from), rewriting the file atomically; returns how many rows were dropped. A killed run's partial epoch
+    logged rows after its last checkpoint: without this they would appear twice once the epoch is trained again.
+    Rows without a readable step are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    if not header:
+        return 0
+
+    def keep(row: dict) -> bool:
+        try:
+            return int(float(row.get("step") or "")) <= step
+        except ValueError:
+            return True
+
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows):
+        return 0
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, restval="", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(kept)
+    atomic_write_text(path, buf.getvalue())
+    return len(rows) - len(kept)
 
 
 class TrainingDiverged(RuntimeError):
@@ -190,14 +239,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- state
     def resume(self) -> bool:
-        """Continue from the last complete checkpoint in ``run_dir``; False when there is none."""
+        """Continue from the newest intact checkpoint in ``run_dir`` (a damaged newer one is skipped with a warning
+        naming it); False when there is none (training starts at epoch 0). ``metrics.csv`` keeps only the rows up to
+        the resumed step, so the rows of an interrupted epoch never appear twice."""
         ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return False
-        state = load_checkpoint(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched)
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history = state.get("metrics", {}).get("history", [])
-        return True
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched)
+            self.epoch, self.step = state["epoch"], state["step"]
+            self.history = state.get("metrics", {}).get("history", [])
+        if self.rank == 0:
+            truncate_metrics(self.run_dir / "metrics.csv", self.step)
+        return ckpt is not None
 
     def _save(self) -> None:
         if self.rank != 0:
@@ -221,10 +273,11 @@ class Trainer:
                 with open(path, newline="") as f:
                     rows = list(csv.DictReader(f))
                 keys = header + sorted(set(keys) - set(header))
-                with open(path, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=keys)
-                    w.writeheader()
-                    w.writerows(rows)
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+                atomic_write_text(path, buf.getvalue())  # a kill during the rewrite leaves the old file whole
             else:
                 keys = header
         with open(path, "a", newline="") as f:

@@ -74,6 +74,7 @@ __all__ = [
     "COCO_RECALL_THRESHOLDS",
     "evaluate_voc",
     "evaluate_coco",
+    "evaluate_detections",
     "DetectionEvaluator",
 ]
 
@@ -525,6 +526,33 @@ def evaluate_coco(
         "class_names": names,
     })
     return out
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def evaluate_detections(preds: Sequence[Mapping], gts: Sequence[Mapping], class_names: Sequence[str]) -> dict[str, Any]:
+    """The one summary of a detector on a labelled set, with one set of keys used everywhere (``evaluate``, validation
+    during training, reports):
+
+    ``{"images": int, "boxes": int (ground-truth boxes), "map50": VOC all-point mAP@0.5, "map50_07": VOC2007
+    11-point mAP@0.5, "coco_map": COCO mAP@[.5:.95], "ap50_per_class": {name: VOC all-point AP@0.5}}``.
+
+    Built on :func:`evaluate_voc` and :func:`evaluate_coco` (inputs as described there). A class without ground truth
+    has AP ``nan`` and is left out of the means; a mean over no class is ``nan``.
+    """
+    names = [str(n) for n in class_names]
+    voc = evaluate_voc(preds, gts, class_names=names)
+    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
+    coco = evaluate_coco(preds, gts, class_names=names)
+    return {
+        "images": len(gts),
+        "boxes": int(sum(len(g["boxes"]) for g in gts)),
+        "map50": float(voc["map"]),
+        "map50_07": float(voc07["map"]),
+        "coco_map": float(coco["map"]),
+        "ap50_per_class": {k: float(v) for k, v in voc["per_class"].items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- accumulator
