@@ -216,9 +216,11 @@ def test_save_model_load_model_round_trip(tmp_path, d):
     torch.manual_seed(0)
     cfg = tiny_detector_config(d, class_names=["a", "b"], score_thresh=0.0, stem_stride=[1, 2, 2] if d == 3 else 2)
     model = build_detector(cfg).eval()
-    pre = Preprocess(scale=0.5, max_value=1000.0, mean=[0.1], std=[0.2])
-    save_model(model, tmp_path / "m.safetensors", pre, extra={"note": "x"})
-    model2, pre2 = load_model(tmp_path / "m.safetensors")
+    pre = Preprocess(ndim=d, channels=1, scale=0.5, max_value=1000.0, mean=[0.1], std=[0.2])
+    save_model(model, tmp_path / "m.safetensors", kind="detector", preprocess=pre, classes=["a", "b"],
+               extra={"note": "x"})
+    loaded = load_model(tmp_path / "m.safetensors")
+    model2, pre2 = loaded.model, loaded.preprocess
     assert not model2.training
     assert model2.config == cfg and pre2 == pre
     # Shipped models hold float16 weights; loading gives them back as float32.
@@ -240,10 +242,10 @@ def test_save_model_load_model_round_trip(tmp_path, d):
 
 def test_load_model_refuses_other_safetensors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="not a medetect detector"):
+    with pytest.raises(ValueError, match="not a medetect model file"):
         load_model(tmp_path / "foreign.safetensors")
     save_weights(build_detector(tiny_detector_config()), tmp_path / "plain.safetensors")  # weights without a config
-    with pytest.raises(ValueError, match="not a medetect detector"):
+    with pytest.raises(ValueError, match="not a medetect model file"):
         load_model(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "absent.safetensors")
@@ -488,7 +490,6 @@ class BlobDetector(nn.Module):
 def _blob_image(shape, sizes, seed, forced):
     """Non-touching boxes (gap >= 2) of the given side lengths, plus ``forced`` ``(lo, side)`` ones placed first;
     returns the image ``[1, *shape]`` and the boxes."""
-    d = len(shape)
     g = torch.Generator().manual_seed(seed)
     img = torch.zeros(1, *shape)
     boxes = []

@@ -416,7 +416,7 @@ def _experiment(root: Path, **train):
 
 def test_run_training_refuses_resumes_and_falls_back(tmp_path, capsys):
     """Problems 1-4 end to end through ``run_training``, the function behind ``medetect train``."""
-    from medetect.models.io import export_from_run
+    from medetect.apps.export import export_from_run
 
     _voc(tmp_path / "voc")
     run = tmp_path / "run"

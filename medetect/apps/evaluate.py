@@ -9,7 +9,7 @@ from ..data.annotations import read_voc_folder
 from ..data.datasets import DetectionDataset
 from ..data.image import MedicalImage
 from ..engine.predictor import Predictor
-from ..evaluation.detection import evaluate_coco, evaluate_voc
+from ..evaluation.detection import evaluate_detections, evaluate_voc
 from .models import load_model
 
 __all__ = ["evaluate_spec"]
@@ -36,16 +36,10 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
         det = predictor.predict_image(img, loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
         preds.append({"boxes": det["boxes"].float(), "scores": det["scores"], "labels": det["labels"]})
         gts.append({"boxes": s["boxes"], "labels": s["labels"]})
-    voc = evaluate_voc(preds, gts, class_names=names)
-    voc07 = evaluate_voc(preds, gts, class_names=names, use_07_metric=True)
-    coco = evaluate_coco(preds, gts, class_names=names)
+    res = evaluate_detections(preds, gts, class_names=names)  # the one set of metric keys (validation: val_ + key)
     if plot_dir:
         from ..evaluation.plots import pr_curve_png
 
         Path(plot_dir).mkdir(parents=True, exist_ok=True)
-        pr_curve_png(voc, Path(plot_dir) / "pr_voc50.png", class_names=names)
-    return {
-        "images": len(ds), "boxes": int(sum(len(r) for r in records)), "skipped_zero_size": report.skipped_zero_size,
-        "map50": float(voc["map"]), "map50_07": float(voc07["map"]), "coco_map": float(coco["map"]),
-        "ap50_per_class": {k: float(v) for k, v in voc["per_class"].items()},
-    }
+        pr_curve_png(evaluate_voc(preds, gts, class_names=names), Path(plot_dir) / "pr_voc50.png", class_names=names)
+    return {**res, "skipped_zero_size": report.skipped_zero_size}

@@ -91,14 +91,6 @@ def check_out_file(path: str | Path, arg: str = "--out") -> Path:
 
 def print_json(obj, **kw) -> None:
     """Strict JSON on stdout: NaN and infinities become null (other tools' parsers reject NaN)."""
+    from ..engine.trainer import json_safe
 
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    print(json.dumps(clean(obj), allow_nan=False, **kw), flush=True)
+    print(json.dumps(json_safe(obj), allow_nan=False, **kw), flush=True)

@@ -7,22 +7,45 @@ from pathlib import Path
 
 from .common import (add_runtime, apply_runtime, check_out_dir, check_out_file, fraction, positive_int,
                      print_json, probability)
+from .errors import UsageError
 
 __all__ = ["register"]
 
 
+def add_run_flags(t: argparse.ArgumentParser) -> None:
+    """The run-folder flags of every training command (rules: :func:`medetect.engine.runs.prepare_run_dir`)."""
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest intact checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh although --run-dir holds a run: the old run is moved aside to RUN.old-<time>, "
+                        "never deleted")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the run's (the change is recorded in "
+                        "RUN/config_changes.jsonl)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted, value in YAML), e.g. --set train.lr=0.005; repeatable")
+
+
+def run_train(cfg, args, run_dir: Path) -> int:
+    """Train ``cfg`` into ``run_dir`` with the run flags of ``args``; prints the summary as strict JSON."""
+    from ..apps.train import train
+
+    if args.allow_config_change and not args.resume:
+        raise UsageError("--allow-config-change goes with --resume (a fresh run has no config to change)")
+    summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change, device=args.device)
+    print_json(summary)
+    return 0
+
+
 def cmd_train(args) -> int:
     from ..config import load_config
-    from ..experiment import run_training
 
     apply_runtime(args)
-    cfg = load_config(args.config)
-    if args.epochs:
-        cfg.train.epochs = args.epochs
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    history = run_training(cfg, run_dir, resume=args.resume, device=args.device)
-    print_json(history[-1] if history else {})
-    return 0
+    sets = list(args.sets) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    cfg = load_config(args.config, sets)
+    return run_train(cfg, args, Path(args.run_dir or Path("runs") / Path(args.config).stem))
 
 
 def cmd_export(args) -> int:
@@ -78,11 +101,13 @@ def cmd_demo(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a model from a YAML config (checkpoints every epoch, exact resume)")
-    t.add_argument("config", help="YAML config (see docs/config-reference.md)")
+    t = sub.add_parser("train", help="train a model from a YAML config (task: detection, luna-detection or luna-fpr)",
+                       description="Train what a YAML config describes; its task: key picks the pipeline. A checkpoint "
+                                   "per epoch (atomic); a used run folder is refused unless --resume or --overwrite.")
+    t.add_argument("config", help="YAML config (keys: docs/config-reference.md)")
     t.add_argument("--run-dir", default=None, help="checkpoints and metrics (default runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest intact checkpoint")
-    t.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
+    add_run_flags(t)
+    t.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set train.epochs=N")
     add_runtime(t)
     t.set_defaults(fn=cmd_train)
 

@@ -7,46 +7,48 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .common import add_runtime, apply_runtime, check_out_file, fraction, positive_float, positive_int, print_json
+from .common import add_runtime, apply_runtime, check_out_file, positive_int, print_json
+from .detection import add_run_flags
 from .errors import UsageError
 
 __all__ = ["register"]
 
 
 def _subset_name(s: str) -> str:
-    return s if s.startswith("subset") else f"subset{int(s)}" if s.isdigit() else s
+    if s.startswith("subset"):
+        return s
+    if not s.isdigit():
+        raise UsageError(f"subset {s!r} is neither a number nor subsetN")
+    return f"subset{int(s)}"
+
+
+def _luna_config(args, task: str, shortcuts: list[str]):
+    """The stage's typed config: ``--config`` (default: the built-in defaults, those of ``configs/``), then the
+    command's shortcut flags, then ``--set`` (the last word wins)."""
+    from ..config import config_from_dict, load_config
+
+    sets = shortcuts + list(args.sets)
+    if args.config:
+        cfg = load_config(args.config, sets)
+        if cfg.task != task:
+            raise UsageError(f"--config {args.config} is a task: {cfg.task} config; this command needs task: {task}")
+        return cfg
+    return config_from_dict({"task": task}, base_dir=Path.cwd(), overrides=sets)
 
 
 def _luna_train(args) -> int:
-    from ..engine.trainer import TrainConfig
-    from ..luna.detection import (LunaLayout, LunaPreprocess, _froc_summary, default_detector_config,
-                                  evaluate_submission, load_luna_model, predict_layout, train_detector,
-                                  write_submission)
+    from .detection import run_train
 
-    layout = LunaLayout(args.root, allow_missing_scans=args.allow_missing_scans)
+    sc = []
+    if args.root:
+        sc.append(f"data.root={Path(args.root).resolve()}")
     if args.subsets:
-        uids = layout.uids_in(args.subsets)
-    else:
-        test = _subset_name(args.test_subset) if args.test_subset else None
-        uids = [u for u, s in layout.subset_of.items() if s != test]
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", warmup_iters=50,
-                     num_workers=0, max_steps_per_epoch=args.steps_per_epoch, log_every=10)
-    extra = {}
-    if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
-        if args.arch != "faster_rcnn":
-            raise UsageError("--hard-negatives needs --arch faster_rcnn (RetinaNet's focal loss already covers all anchors)")
-        extra = {"rpn_objectness_loss": "bce", "rpn_negative_sampling": "hard"}
-    mc = default_detector_config(arch=args.arch, base_width=args.base_width, fpn_channels=args.fpn_channels, **extra)
-    w = train_detector(layout, args.run_dir, uids=uids, pre=LunaPreprocess(spacing=args.spacing), model_config=mc,
-                       train_config=tc, patch_size=args.patch, patches_per_volume=args.patches_per_volume,
-                       pos_prob=args.pos_prob, cache_dir=args.cache_dir, resume=args.resume, device=args.device or "cpu")
-    print(f"weights: {w}")
+        sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")
     if args.test_subset:
-        model, pre = load_luna_model(w)
-        test = layout.uids_in([args.test_subset])
-        sub = write_submission(Path(args.run_dir) / "submission.csv", predict_layout(model, pre, layout, test))
-        print_json(_froc_summary(evaluate_submission(layout, sub, test)))
-    return 0
+        sc.append(f"data.test_subset={_subset_name(args.test_subset)}")
+    if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
+        sc += ["model.arch=faster_rcnn", "model.rpn_objectness_loss=bce", "model.rpn_negative_sampling=hard"]
+    return run_train(_luna_config(args, "luna-detection", sc), args, Path(args.run_dir))
 
 
 def _luna_predict(args) -> int:
@@ -120,17 +122,16 @@ def _run_luna(args) -> int:
 
 
 def _fpr_train(args) -> int:
-    from ..engine.trainer import TrainConfig
-    from ..luna.fpr import FPRConfig, train_fpr
+    from .detection import run_train
 
-    cfg = FPRConfig(cube_size=args.cube, spacing_mm=args.spacing, scales=list(args.scales), in_channels=len(args.scales),
-                    widths=list(args.widths))
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", warmup_iters=50,
-                       num_workers=0, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch, weight_decay=1e-4)
-    _, hist = train_fpr(args.root, args.candidates, args.run_dir, config=cfg, train=tcfg, subsets=args.subsets,
-                        pos_fraction=args.pos_fraction, device=args.device)
-    print_json(hist[-1] if hist else {})
-    return 0
+    sc = []
+    if args.root:
+        sc.append(f"data.root={Path(args.root).resolve()}")
+    if args.candidates:
+        sc.append(f"data.candidates={Path(args.candidates).resolve()}")
+    if args.subsets:
+        sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")
+    return run_train(_luna_config(args, "luna-fpr", sc), args, Path(args.run_dir))
 
 
 def _fpr_score(args) -> int:
@@ -160,28 +161,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp = sub.add_parser("luna", help="LUNA16 stage one: the 3D nodule detector (train, predict, phantom demo, smoke test, timing)",
                         description="LUNA16-style lung nodule detection (3D detector stage).")
     ls = lp.add_subparsers(dest="sub", required=True, metavar="STEP")
-    t = ls.add_parser("train", help="LUNA16 folder -> run folder (checkpoints, model.safetensors)")
-    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd, annotations.csv)")
+    t = ls.add_parser("train", help="LUNA16 folder -> run folder (checkpoints, model.safetensors); a task: "
+                      "luna-detection config (configs/luna_detection.yaml)")
+    t.add_argument("root", nargs="?", help="LUNA16 folder (subsetN/<seriesuid>.mhd, annotations.csv); shortcut for "
+                   "--set data.root=ROOT")
+    t.add_argument("--config", help="YAML config (default: the built-in defaults = configs/luna_detection.yaml)")
     t.add_argument("--run-dir", required=True)
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    t.add_argument("--subsets", nargs="*", help="training subsets (default: all but --test-subset)")
-    t.add_argument("--test-subset", help="held-out subset, predicted and scored after training")
-    t.add_argument("--spacing", type=positive_float, default=1.5, help="resampling in mm (default 1.5)")
-    t.add_argument("--patch", type=positive_int, default=64)
-    t.add_argument("--patches-per-volume", type=positive_int, default=8)
-    t.add_argument("--pos-prob", type=fraction, default=0.7)
-    t.add_argument("--epochs", type=positive_int, default=10)
-    t.add_argument("--steps-per-epoch", type=int, default=0)
-    t.add_argument("--batch-size", type=positive_int, default=4)
-    t.add_argument("--lr", type=positive_float, default=1e-3)
-    t.add_argument("--arch", default="retinanet", choices=("retinanet", "faster_rcnn"))
+    t.add_argument("--subsets", nargs="+", help="training subsets (default: all but --test-subset); shortcut for data.subsets")
+    t.add_argument("--test-subset", help="held-out subset, predicted and scored after training; shortcut for data.test_subset")
     t.add_argument("--hard-negatives", action="store_true",
-                   help="with --arch faster_rcnn: RPN minibatches of positives + the highest-loss negatives "
-                        "(explicit hard negative mining) instead of the focal loss over all anchors")
-    t.add_argument("--base-width", type=positive_int, default=8)
-    t.add_argument("--fpn-channels", type=positive_int, default=16)
-    t.add_argument("--cache-dir")
-    t.add_argument("--allow-missing-scans", action="store_true")
+                   help="Faster R-CNN whose RPN minibatches take the positives plus the highest-loss negatives "
+                        "(explicit hard negative mining; sets model.arch, rpn_objectness_loss, rpn_negative_sampling)")
+    add_run_flags(t)
     add_runtime(t)
     t.set_defaults(luna_fn=_luna_train)
     pr = ls.add_parser("predict", help="weights + LUNA16 folder or scan files -> submission CSV")
@@ -218,22 +209,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     fp = sub.add_parser("luna-fpr", help="LUNA16 stage two: false-positive reduction of candidates (train, score)",
                         description="LUNA16 stage two: false-positive reduction of candidates.")
     fs = fp.add_subparsers(dest="sub", required=True, metavar="STEP")
-    t = fs.add_parser("train", help="train the cube classifier: LUNA16 folder + candidates.csv -> run folder")
-    t.add_argument("root", help="LUNA16 folder (subsetN/<seriesuid>.mhd)")
-    t.add_argument("--candidates", required=True, help="candidates.csv (seriesuid,coordX,coordY,coordZ,class)")
+    t = fs.add_parser("train", help="train the cube classifier: LUNA16 folder + candidates.csv -> run folder; a task: "
+                      "luna-fpr config (configs/luna_fpr.yaml)")
+    t.add_argument("root", nargs="?", help="LUNA16 folder (subsetN/<seriesuid>.mhd); shortcut for data.root")
+    t.add_argument("--candidates", help="candidates.csv (seriesuid,coordX,coordY,coordZ,class); shortcut for data.candidates")
+    t.add_argument("--config", help="YAML config (default: the built-in defaults = configs/luna_fpr.yaml)")
     t.add_argument("--run-dir", required=True)
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    t.add_argument("--subsets", nargs="*", default=None, help="train only on these subset folders, e.g. subset0")
-    t.add_argument("--cube", type=positive_int, default=32, help="voxels per cube axis (default 32)")
-    t.add_argument("--spacing", type=positive_float, default=1.0, help="cube voxel size in mm (default 1)")
-    t.add_argument("--scales", type=positive_float, nargs="+", default=[1.0], help="fields of view (channels), default 1")
-    t.add_argument("--widths", type=positive_int, nargs="+", default=[16, 32, 64])
-    t.add_argument("--epochs", type=positive_int, default=10)
-    t.add_argument("--batch-size", type=positive_int, default=16)
-    t.add_argument("--lr", type=positive_float, default=1e-3)
-    t.add_argument("--max-steps-per-epoch", type=int, default=0)
-    t.add_argument("--pos-fraction", type=fraction, default=0.5)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--subsets", nargs="+", default=None, help="train only on these subset folders, e.g. subset0")
+    add_run_flags(t)
     add_runtime(t)
     t.set_defaults(luna_fn=_fpr_train)
     from ..luna.fpr import FUSION_MODES

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -411,6 +410,8 @@ def train_detector(
     pos_prob: float | None = None,
     cache_dir: str | os.PathLike | None = None,
     resume: bool = True,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
@@ -423,6 +424,7 @@ def train_detector(
     keyword arguments given explicitly win over the config: ``uids`` (else ``subsets``, else ``config.data.subsets``,
     else every scan outside ``config.data.test_subset``), ``pre``, ``model_config``, ``train_config``, ``patch_size``,
     ``patches_per_volume``, ``pos_prob``, ``cache_dir`` (else ``config.data.cache_dir``, else ``run_dir/cache``)."""
+    from ..engine.runs import prepare_run_dir
     from ..engine.trainer import Trainer, seed_everything
     from .config import LunaDetectionConfig
 
@@ -454,6 +456,12 @@ def train_detector(
     patches_per_volume = patches_per_volume if patches_per_volume is not None else dc.patches_per_volume
     pos_prob = pos_prob if pos_prob is not None else dc.pos_prob
     run_dir = Path(run_dir)
+    run_config = {"task": "luna16-detection", "model": cfg.to_dict(), "train": dataclasses.asdict(tc),
+                  "preprocess": pre.to_dict(), "patch_size": patch_size, "patches_per_volume": patches_per_volume,
+                  "pos_prob": pos_prob, "train_uids": list(uids), "root": str(layout.root)}
+    # The run folder rules of every training entry point (refuse / move aside / resume / record config changes),
+    # applied before anything (the scan cache included) is written into the folder.
+    prepare_run_dir(run_dir, run_config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if cache_dir is None:
         cache_dir = dc.cache_dir if dc.cache_dir is not None else run_dir / "cache"
     base = LunaVolumes(layout, uids, pre, cache_dir)
@@ -462,15 +470,10 @@ def train_detector(
                         patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed)
     seed_everything(tc.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
-    run_config = {"task": "luna16-detection", "model": cfg.to_dict(), "train": dataclasses.asdict(tc),
-                  "preprocess": pre.to_dict(), "patch_size": patch_size, "patches_per_volume": patches_per_volume,
-                  "pos_prob": pos_prob, "train_uids": list(uids), "root": str(layout.root)}
     trainer = Trainer(model=model, train_data=data, config=tc, run_dir=run_dir, run_config=run_config, device=device,
                       progress=progress)
     if resume and trainer.resume():
         log.info("resumed from epoch %d", trainer.epoch)
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(run_config, indent=1))
     trainer.fit()
     out = run_dir / "model.safetensors"
     save_luna_model(trainer.model, out, pre, extra={"epochs": tc.epochs, "train_uids": len(uids)})

@@ -38,7 +38,6 @@ CLI (wired by the lead as ``medetect luna-fpr``)::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -443,6 +442,8 @@ def train_fpr(
     subsets: Sequence[str] | None = None,
     pos_fraction: float | None | str = "config",
     resume: bool = True,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
     device=None,
     progress: bool = True,
 ) -> tuple[FPRClassifier, list[dict]]:
@@ -457,6 +458,7 @@ def train_fpr(
     """
     import dataclasses
 
+    from ..engine.runs import prepare_run_dir
     from ..engine.trainer import Trainer, seed_everything
     from .config import LunaFPRConfig
 
@@ -490,9 +492,10 @@ def train_fpr(
         scans = {u: p for u, p in scans.items() if u in keep}
     data = CandidateCubes(scans, cands, cfg, augment=True, pos_fraction=pos_fraction, seed=tcfg.seed)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "fpr_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.__dict__,
-                                                         "scans": data.uids, "pos_fraction": pos_fraction}, indent=1))
+    # The run folder rules of every training entry point (refuse / move aside / resume / record config changes).
+    prepare_run_dir(run_dir, {"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "scans": list(data.uids),
+                              "pos_fraction": pos_fraction}, resume=resume, overwrite=overwrite,
+                    allow_config_change=allow_config_change, config_name="fpr_config.json")
     seed_everything(tcfg.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_fpr(cfg)
     trainer = Trainer(model=model, train_data=data, config=tcfg, run_dir=run_dir, collate=cube_collate,
