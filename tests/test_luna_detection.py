@@ -170,8 +170,8 @@ def test_train_resume_predict_submit_froc_cli(luna_dir, tmp_path):
     kw = dict(subsets=[0], pre=pre, model_config=cfg, patch_size=32, patches_per_volume=1, progress=False)
     w = train_detector(lay, run, train_config=tc, **kw)
     assert (run / "cache").is_dir() and w.is_file()
-    tc.epochs = 2  # resume continues from the epoch-1 checkpoint
-    train_detector(lay, run, train_config=tc, **kw)
+    tc.epochs = 2  # resume continues from the epoch-1 checkpoint (a recorded config change)
+    train_detector(lay, run, train_config=tc, allow_config_change=True, **kw)
     hist = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train_loss")]
     assert [int(r["epoch"]) for r in hist] == [1, 2]
 

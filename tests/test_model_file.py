@@ -201,6 +201,7 @@ def _fake_run(run_dir: Path, model, config_name: str, config: dict, epoch=3):
     ck = run_dir / f"epoch_{epoch:04d}"
     ck.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck / "model.safetensors"))
+    save_file({"state.0.step": torch.zeros(1)}, str(ck / "optimizer.safetensors"))  # what a checkpoint also holds
     (ck / "state.json").write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
     (run_dir / "last.json").write_text(json.dumps({"checkpoint": ck.name}))
     (run_dir / config_name).write_text(json.dumps(config))
