@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..models.io import save_model
+from ..models.io import save_model, write_atomically
 from .models import load_model
 
 __all__ = ["export_from_run", "export_onnx"]
@@ -53,18 +51,8 @@ def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
     if not all(int(s) == s and s > 0 for s in image_shape):
         raise ValueError(f"--onnx sizes must be positive whole numbers, got {list(image_shape)}")
     dummy = torch.zeros(1, model.config.in_channels, *(int(s) for s in image_shape))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.onnx.export(_DenseGraph(model).eval(), (dummy,), tmp, input_names=["image"], opset_version=17, dynamo=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomically(out, lambda tmp: torch.onnx.export(_DenseGraph(model).eval(), (dummy,), str(tmp),
+                                                              input_names=["image"], opset_version=17, dynamo=False))
 
 
 def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = None) -> Path:

@@ -36,14 +36,19 @@ def _luna_config(args, task: str, shortcuts: list[str]):
     return config_from_dict({"task": task}, base_dir=Path.cwd(), overrides=sets)
 
 
+def _data_shortcuts(args, paths: tuple[str, ...]) -> list[str]:
+    """``--set`` overrides from a training command's shortcut flags: ``paths`` (ROOT, --candidates) resolved against
+    the current folder, and ``--subsets``."""
+    sc = [f"data.{k}={Path(getattr(args, k)).resolve()}" for k in paths if getattr(args, k)]
+    if args.subsets:
+        sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")
+    return sc
+
+
 def _luna_train(args) -> int:
     from .detection import run_train
 
-    sc = []
-    if args.root:
-        sc.append(f"data.root={Path(args.root).resolve()}")
-    if args.subsets:
-        sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")
+    sc = _data_shortcuts(args, ("root",))
     if args.test_subset:
         sc.append(f"data.test_subset={_subset_name(args.test_subset)}")
     if args.hard_negatives:  # Faster R-CNN: sampled BCE objectness with the highest-loss negatives
@@ -124,14 +129,8 @@ def _run_luna(args) -> int:
 def _fpr_train(args) -> int:
     from .detection import run_train
 
-    sc = []
-    if args.root:
-        sc.append(f"data.root={Path(args.root).resolve()}")
-    if args.candidates:
-        sc.append(f"data.candidates={Path(args.candidates).resolve()}")
-    if args.subsets:
-        sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")
-    return run_train(_luna_config(args, "luna-fpr", sc), args, Path(args.run_dir))
+    return run_train(_luna_config(args, "luna-fpr", _data_shortcuts(args, ("root", "candidates"))), args,
+                     Path(args.run_dir))
 
 
 def _fpr_score(args) -> int:
