@@ -73,6 +73,11 @@ class ExperimentConfig:
 
     def validate(self, prefix: str = "") -> None:
         check(self, prefix)
+        c = self.model.in_channels
+        for key in ("mean", "std"):  # one value for all channels, or one per channel
+            n = len(getattr(self.data, key))
+            if n not in (1, c):
+                raise ValueError(f"data.{key} has {n} values but model.in_channels is {c}: give 1 or {c}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

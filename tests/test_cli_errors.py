@@ -149,3 +149,59 @@ def test_froc_into_a_closed_pipe_has_no_traceback(tmp_path):
                           timeout=120)
     assert "Traceback" not in proc.stderr
     assert proc.returncode in (0, 2)
+
+
+def test_outputs_are_never_replaced_silently(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    img = tmp_path / "im.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
+    w = str(SHIPPED / "bccd_faster_rcnn.safetensors")
+    out = tmp_path / "o"
+    assert main(["predict", "--weights", w, str(img), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = (out / "im.csv").read_bytes()
+    assert main(["predict", "--weights", w, str(img), "--out", str(out)]) == 2
+    _one_sentence(capsys, "--force")
+    assert (out / "im.csv").read_bytes() == before
+    assert main(["predict", "--weights", w, str(img), "--out", str(out), "--force"]) == 0
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    assert main(["luna", "predict", str(img), "--weights", str(SHIPPED / "nodule_phantom_det3d.safetensors"),
+                 "--out", str(keep)]) == 2
+    _one_sentence(capsys, "--force")
+    assert keep.read_text() == "mine"
+    ann = tmp_path / "a.csv"
+    ann.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nS,0,0,0,10\n")
+    pred = tmp_path / "p.csv"
+    pred.write_text("seriesuid,coordX,coordY,coordZ,probability\nS,0,0,0,0.5\n")
+    assert main(["froc", str(ann), str(pred), "--bootstrap", "0", "--plot", str(tmp_path / "plot")]) == 2
+    _one_sentence(capsys, ".png")
+    assert main(["froc", str(ann), str(pred), "--bootstrap", "0", "--plot", str(keep)]) == 2
+    assert keep.read_text() == "mine"
+
+
+def test_tiles_below_the_models_smallest_input_are_refused(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    img = tmp_path / "im.png"
+    Image.fromarray(np.zeros((200, 240, 3), np.uint8)).save(img)
+    w = str(SHIPPED / "bccd_faster_rcnn.safetensors")
+    assert main(["predict", "--weights", w, str(img), "--out", str(tmp_path / "o"), "--tile", "8"]) == 2
+    _one_sentence(capsys, "--tile 8", "--tile 128")  # the model halves images: 64 model pixels = 128 input
+
+
+def test_grey_image_for_a_colour_model_warns_in_one_line(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    img = tmp_path / "g.png"
+    Image.fromarray((np.arange(64 * 64) % 256).reshape(64, 64).astype(np.uint8)).save(img)
+    w = str(SHIPPED / "bccd_faster_rcnn.safetensors")
+    with pytest.warns(UserWarning, match="one-channel image, repeated across the model's 3 channels"):
+        assert main(["predict", "--weights", w, str(img), "--out", str(tmp_path / "o")]) == 0
+    from medetect.cli import _format_warning
+
+    assert _format_warning("x: y", UserWarning, "f.py", 1) == "medetect: warning: x: y\n"

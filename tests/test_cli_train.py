@@ -79,6 +79,7 @@ def test_resume_with_changed_config_needs_allow_config_change(tiny_cfg, tmp_path
 @pytest.mark.parametrize("override, key", [
     ("data.scale=-1", "data.scale"), ("data.std=[0]", "data.std[0]"), ("train.grad_clip=-5", "train.grad_clip"),
     ("train.epochs=0", "train.epochs"), ("model.nms_thresh=1.5", "model.nms_thresh"), ("train.nope=1", "train.nope"),
+    ("data.mean=[0.5, 0.5]", "data.mean"),
 ])
 def test_bad_config_values_fail_before_the_run_folder_exists(tiny_cfg, tmp_path, capsys, override, key):
     run = tmp_path / "run"

@@ -193,7 +193,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_intact_one(tmp_path,
         got = latest_checkpoint(run)
     assert got == run / "epoch_0002"
     msgs = [str(w.message) for w in rec]
-    assert msgs == [f"{last / target} is truncated or corrupt; resuming from epoch_0002"]
+    assert msgs == [f"{last / target} is truncated or corrupt; using the newest intact checkpoint, epoch_0002"]
     state = load_checkpoint(got, model=torch.nn.Linear(3, 2))
     assert state["epoch"] == 2
 
@@ -234,7 +234,7 @@ def test_missing_pointer_uses_the_newest_intact_folder(tmp_path):
     run = tmp_path / "run"
     _saved_run(run, epochs=2)
     (run / "last.json").unlink()
-    with pytest.warns(CheckpointWarning, match=r"last\.json is missing; resuming from epoch_0002"):
+    with pytest.warns(CheckpointWarning, match=r"last\.json is missing; using the newest intact checkpoint, epoch_0002"):
         assert latest_checkpoint(run) == run / "epoch_0002"
 
 
@@ -431,9 +431,9 @@ def test_run_training_refuses_resumes_and_falls_back(tmp_path, capsys):
     assert _tree(run) == before
     # a truncated last checkpoint: export and resume both fall back to epoch 1 and say which file was bad
     os.truncate(run / "epoch_0002" / "model.safetensors", 1000)
-    with pytest.warns(CheckpointWarning, match=r"epoch_0002/model\.safetensors is truncated or corrupt; resuming from epoch_0001"):
+    with pytest.warns(CheckpointWarning, match=r"epoch_0002/model\.safetensors is truncated or corrupt; using the newest intact checkpoint, epoch_0001"):
         export_from_run(run, tmp_path / "model.safetensors")
-    with pytest.warns(CheckpointWarning, match="resuming from epoch_0001"):
+    with pytest.warns(CheckpointWarning, match="newest intact checkpoint, epoch_0001"):
         history = run_training(_experiment(tmp_path / "voc", epochs=3), run, resume=True, allow_config_change=True, device="cpu")
     assert "resumed from epoch 1 (step 1)" in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [1, 2, 3]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -150,6 +151,12 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                 zoom = [(o / s if pre.spacing else 1.0) * pre.scale
                         for o, s in zip(img.geometry.spacing, pre.spacing or img.geometry.spacing)]
                 predictor.tile_size = tuple(max(1, int(round(t * z))) for t, z in zip(tile, zoom))
+                if min(predictor.tile_size) < predictor.min_size:  # smaller tiles are padded: many, slow, useless
+                    need = [math.ceil(predictor.min_size / z) for z in zoom]
+                    raise ValueError(
+                        f"--tile {' '.join(str(t) for t in tile)} gives tiles of {list(predictor.tile_size)} voxels on "
+                        f"the model's grid, below its smallest input of {predictor.min_size}; use --tile "
+                        f"{' '.join(str(n) for n in need)} or more for {f.name}")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 det = predictor.predict_image(img, pre, allow_range_mismatch=allow_range_mismatch)
@@ -159,7 +166,8 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
             errors.append((str(f), str(e).splitlines()[0] if str(e) else type(e).__name__))
             continue
         for w in caught:
-            warnings.warn(f"{f}: {w.message}", w.category, stacklevel=2)
+            msg = str(w.message)
+            warnings.warn(msg if str(f) in msg else f"{f}: {msg}", w.category, stacklevel=2)
         keep = det["scores"] >= score_thresh
         det = {k: v[keep] for k, v in det.items()}
         path = out_dir / f"{_stem(f)}.csv"

@@ -73,20 +73,32 @@ def apply_runtime(args) -> None:
         raise UsageError(f"--device {dev}: only cpu, cuda and mps are supported")
 
 
-def check_out_dir(path: str | Path, arg: str = "--out") -> Path:
-    """An output folder: may exist (as a folder), must not be a file."""
+def check_out_dir(path: str | Path, arg: str = "--out", *, force: bool | None = None) -> Path:
+    """An output folder: may exist (as a folder), must not be a file. With ``force`` given (the command has a
+    ``--force`` flag), a folder that already holds files is refused unless ``force`` is true: results are never
+    replaced silently."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{arg} {p} is an existing file; give a folder (it is created if missing)")
+    if force is False and p.is_dir() and any(p.iterdir()):
+        raise UsageError(f"{arg} {p} already holds files (an earlier result?); choose a new folder, or pass --force "
+                         "to write into it (files of the same name are replaced)")
     return p
 
 
-def check_out_file(path: str | Path, arg: str = "--out") -> Path:
-    """An output file: must not be an existing folder; its parent folder is created."""
+def check_out_file(path: str | Path, arg: str = "--out", *, force: bool | None = None) -> Path:
+    """An output file: must not be an existing folder; an existing file is replaced only with ``force`` (when the
+    command has a ``--force`` flag)."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{arg} {p} is a folder; give a file name")
+    if force is False and p.exists():
+        raise UsageError(f"{arg} {p} already exists; choose another name, or pass --force to replace it")
     return p
+
+
+def add_force(sp: argparse.ArgumentParser, what: str = "the output") -> None:
+    sp.add_argument("--force", action="store_true", help=f"replace {what} if it exists (default: refuse)")
 
 
 def print_json(obj, **kw) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_runtime, apply_runtime, check_out_dir, check_out_file, fraction, positive_int,
+from .common import (add_force, add_runtime, apply_runtime, check_out_dir, check_out_file, fraction, positive_int,
                      print_json, probability)
 from .errors import UsageError
 
@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from ..apps.export import export_from_run, export_onnx
 
-    check_out_file(args.out)
+    check_out_file(args.out, force=args.force)
     if args.onnx:
         print(export_onnx(args.run_dir, args.out, args.onnx))
     else:
@@ -63,7 +63,7 @@ def cmd_predict(args) -> int:
     from ..apps.predict import predict_paths
 
     apply_runtime(args)
-    out = check_out_dir(args.out)
+    out = check_out_dir(args.out, force=args.force)
     written = predict_paths(args.weights, args.paths, out, tile_size=args.tile, overlap=args.overlap,
                             device=args.device, score_thresh=args.score_thresh, max_detections=args.max_detections,
                             skip_errors=args.skip_errors, allow_range_mismatch=args.allow_range_mismatch,
@@ -116,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--onnx", type=positive_int, nargs="+", default=None, metavar="SIZE",
                     help="export the dense part (backbone, FPN, dense head) to ONNX for this input size")
+    add_force(ex, "the --out file")
     ex.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("predict", help="detect objects in images and volumes with a model file")
@@ -139,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--allow-gaps", action="store_true",
                     help="for DICOM series with missing slices: stack anyway with the median slice step")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
+    add_force(pr, "files in a non-empty --out folder")
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .common import add_runtime, apply_runtime, check_out_file, positive_int, print_json
+from .common import add_force, add_runtime, apply_runtime, check_out_file, positive_int, print_json
 from .detection import add_run_flags
 from .errors import UsageError
 
@@ -61,7 +61,7 @@ def _luna_predict(args) -> int:
     from ..luna.detection import (LunaLayout, _froc_summary, evaluate_submission, load_luna_model, predict_layout,
                                   predict_scan, write_submission)
 
-    out = check_out_file(args.out)
+    out = check_out_file(args.out, force=args.force)
     model, pre = load_luna_model(args.weights)
     ins = [Path(i) for i in args.inputs]
     if len(ins) == 1 and ins[0].is_dir():
@@ -133,14 +133,27 @@ def _fpr_train(args) -> int:
                      Path(args.run_dir))
 
 
+def _fpr_weights(args) -> str:
+    """``luna-fpr score W ROOT`` or ``luna-fpr score --weights W ROOT``."""
+    if args.weights_opt:
+        if args.root is not None:
+            raise UsageError("give the weights either as the first argument or as --weights, not both")
+        args.root, args.weights = args.weights, args.weights_opt
+    if not args.weights or not args.root:
+        raise UsageError("luna-fpr score needs the weights (W or --weights W) and the LUNA16 folder ROOT")
+    return args.weights
+
+
 def _fpr_score(args) -> int:
     import csv
 
     from ..data.annotations import write_luna_submission
     from ..luna.fpr import find_scans, fuse, load_fpr, read_candidates, score_scans
 
-    out = check_out_file(args.out)
-    model = load_fpr(args.weights, device=args.device)
+    out = check_out_file(args.out, force=args.force)
+    model = load_fpr(_fpr_weights(args), device=args.device)
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root}: no such folder (the LUNA16 folder with subsetN/)")
     cands = read_candidates(args.candidates)
     scans = find_scans(args.root)
     if args.subsets:
@@ -181,6 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--subsets", nargs="*")
     pr.add_argument("--tile", type=positive_int, default=256)
     pr.add_argument("--froc", action="store_true", help="score against the folder's annotations.csv")
+    add_force(pr, "the --out file")
     add_runtime(pr)
     pr.set_defaults(luna_fn=_luna_predict)
     d = ls.add_parser("phantom-demo", help="synthetic phantoms -> train briefly (or --weights) -> predict -> CPM")
@@ -221,14 +235,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..luna.fpr import FUSION_MODES
 
     s = fs.add_parser("score", help="score candidates: weights + folder + candidates -> LUNA16 submission CSV")
-    s.add_argument("weights", help="model.safetensors written by train (or the run folder: its newest checkpoint)")
-    s.add_argument("root")
+    s.add_argument("weights", nargs="?", help="model.safetensors written by train (or the run folder: its newest "
+                   "checkpoint); or give it as --weights")
+    s.add_argument("root", nargs="?", help="LUNA16 folder (subsetN/<seriesuid>.mhd)")
+    s.add_argument("--weights", dest="weights_opt", metavar="W", help="the same as the first positional argument")
     s.add_argument("--candidates", required=True,
                    help="candidates.csv, or a stage-one submission (probability column, then fused with --fuse)")
     s.add_argument("--out", required=True, help="submission CSV (seriesuid,coordX,coordY,coordZ,probability)")
     s.add_argument("--fuse", choices=FUSION_MODES, default="product", help="with a stage-one submission (default product)")
     s.add_argument("--subsets", nargs="*", default=None)
     s.add_argument("--tta", action="store_true", help="average over the cube's axis flips")
+    add_force(s, "the --out file")
     add_runtime(s)
     s.set_defaults(luna_fn=_fpr_score)
     fp.set_defaults(fn=_run_luna)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import check_out_dir, nonneg_int, positive_float, positive_int, print_json
+from pathlib import Path
+
+from .common import add_force, check_out_dir, check_out_file, nonneg_int, positive_float, positive_int, print_json
 from .errors import UsageError
 
 __all__ = ["register"]
@@ -13,6 +15,10 @@ __all__ = ["register"]
 def cmd_froc(args) -> int:
     from ..evaluation.froc import MAX_MARKS_PER_SCAN, froc, plot_froc
 
+    if args.plot:
+        if Path(args.plot).suffix.lower() != ".png":
+            raise UsageError(f"--plot {args.plot}: give a .png file name")
+        check_out_file(args.plot, "--plot", force=args.force)
     max_marks = MAX_MARKS_PER_SCAN if args.max_marks is None else (args.max_marks or None)  # 0 = all
     result = froc(args.annotations, args.predictions, excluded=args.excluded, seriesuids=args.seriesuids,
                   n_bootstrap=args.bootstrap, seed=args.seed, max_marks_per_scan=max_marks)
@@ -71,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--json", action="store_true", help="print the result as JSON")
     f.add_argument("--curve", action="store_true", help="with --json: include the full curve")
     f.add_argument("--plot", metavar="OUT.png", help="write the FROC plot to this PNG file")
+    add_force(f, "the --plot file")
     f.set_defaults(fn=cmd_froc)
 
     p = sub.add_parser("phantoms", help="synthetic chest-CT phantoms as a LUNA16-format dataset (MHD/RAW + CSVs)")

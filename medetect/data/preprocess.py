@@ -62,9 +62,17 @@ def check_input(image: MedicalImage, pre: Preprocess, *, allow_range_mismatch: b
     if d != pre.ndim:
         kind = {2: "a 2D image", 3: "a 3D volume"}.get(d, f"a {d}D image")
         raise ValueError(f"{where}: the model takes {pre.ndim}D inputs but this is {kind}; use a {d}D model for it")
+    _check_range(image, pre, allow_range_mismatch)
     c = image.array.shape[0]
-    if c != pre.channels:
+    if c == 1 and pre.channels > 1:
+        warnings.warn(f"{where}: a one-channel image, repeated across the model's {pre.channels} channels", stacklevel=2)
+    elif c != pre.channels:
         raise ValueError(f"{where}: image has {c} channels, the model expects {pre.channels}")
+
+
+def _check_range(image: MedicalImage, pre: Preprocess, allow_range_mismatch: bool) -> None:
+    """Values far outside the training range: refused; outside it: a warning (see :func:`check_input`)."""
+    where = _what(image)
     if pre.value_range is None or allow_range_mismatch:
         return
     lo, hi = pre.value_range
@@ -84,6 +92,8 @@ def prepare(image: MedicalImage, pre: Preprocess, *, allow_range_mismatch: bool 
     """``image`` -> :class:`Prepared` (checks with :func:`check_input`, then intensity, resampling, resize)."""
     check_input(image, pre, allow_range_mismatch=allow_range_mismatch)
     arr = image.array if image.array.flags.writeable else image.array.copy()  # torch cannot wrap read-only arrays
+    if arr.shape[0] == 1 and pre.channels > 1:  # a grey image for a colour model (check_input warned)
+        arr = np.repeat(arr, pre.channels, axis=0)
     t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype not in (np.uint16, np.uint32, np.uint64) else \
         torch.from_numpy(arr.astype(np.float32))
     if pre.window is not None:

@@ -234,7 +234,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         why = checkpoint_problem(cand) if cand.is_dir() else f"{cand} is missing"
         if why is None:
             for p in problems:
-                warnings.warn(f"{p}; resuming from {cand.name}", CheckpointWarning, stacklevel=2)
+                warnings.warn(f"{p}; using the newest intact checkpoint, {cand.name}", CheckpointWarning, stacklevel=2)
             return cand
         problems.append(why)
     raise ValueError(f"{run_dir} holds no intact checkpoint ({'; '.join(problems)}): start the run afresh with --overwrite")
