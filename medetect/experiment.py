@@ -138,5 +138,6 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,
     )
     if resume and trainer.resume():
-        print(f"resumed from epoch {trainer.epoch} (step {trainer.step}) in {run_dir}", flush=True)
+        print(f"resumed {run_dir} after epoch {trainer.epoch} (step {trainer.step}); continuing with epoch "
+              f"{trainer.epoch + 1}", flush=True)
     return trainer.fit()

@@ -23,6 +23,9 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
     loaded = load_model(weights, device=device)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
+    if loaded.preprocess.ndim != 2:
+        raise ValueError(f"{weights}: a {loaded.preprocess.ndim}D model; a VOC folder holds 2D images (use a 2D model, "
+                         "or medetect froc for LUNA16-style marks)")
     names = list(loaded.classes)
     records, report = read_voc_folder(folder, split, classes=names)
     ds = DetectionDataset(records=records, root=folder, classes=names)

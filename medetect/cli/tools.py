@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scans", type=positive_int, default=10, help="number of scans (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--subsets", type=positive_int, default=1, help="spread scans over subset0..subsetK-1 (default 1)")
-    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=(128, 256, 256))
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=(128, 256, 256),
+                   help="voxels per array axis (default 128 256 256)")
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("SZ", "SY", "SX"), default=None,
                    help="mm per array axis; default: drawn per scan like LUNA16's")
     p.add_argument("--nodules", type=nonneg_int, nargs=2, metavar=("LO", "HI"), default=(0, 4),

@@ -338,9 +338,11 @@ class Trainer:
                     raise self._oom(images) from e
                 total = sum(vals.values())
                 if not math.isfinite(total):
+                    kept = (f"the last good checkpoint in {self.run_dir} is kept" if self.epoch > 0 else
+                            "no checkpoint was written (it diverged in the first epoch)")
                     raise TrainingDiverged(
-                        f"loss became {total} at epoch {self.epoch + 1}, step {self.step} ({vals}); the last good "
-                        f"checkpoint in {self.run_dir} is kept. Lower train.lr or raise train.warmup_iters."
+                        f"loss became {total} at epoch {self.epoch + 1}, step {self.step} ({vals}); {kept}. Lower "
+                        "train.lr or raise train.warmup_iters."
                     )
                 self.opt.zero_grad(set_to_none=True)
                 try:

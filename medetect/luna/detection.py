@@ -473,7 +473,7 @@ def train_detector(
     trainer = Trainer(model=model, train_data=data, config=tc, run_dir=run_dir, run_config=run_config, device=device,
                       progress=progress)
     if resume and trainer.resume():
-        log.info("resumed from epoch %d", trainer.epoch)
+        log.info("resumed after epoch %d; continuing with epoch %d", trainer.epoch, trainer.epoch + 1)
     trainer.fit()
     out = run_dir / "model.safetensors"
     save_luna_model(trainer.model, out, pre, extra={"epochs": tc.epochs, "train_uids": len(uids)})
