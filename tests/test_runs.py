@@ -435,7 +435,7 @@ def test_run_training_refuses_resumes_and_falls_back(tmp_path, capsys):
         export_from_run(run, tmp_path / "model.safetensors")
     with pytest.warns(CheckpointWarning, match="newest intact checkpoint, epoch_0001"):
         history = run_training(_experiment(tmp_path / "voc", epochs=3), run, resume=True, allow_config_change=True, device="cpu")
-    assert "resumed from epoch 1 (step 1)" in capsys.readouterr().out
+    assert "after epoch 1 (step 1); continuing with epoch 2" in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [1, 2, 3]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3]
