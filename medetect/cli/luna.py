@@ -39,6 +39,9 @@ def _luna_config(args, task: str, shortcuts: list[str]):
 def _data_shortcuts(args, paths: tuple[str, ...]) -> list[str]:
     """``--set`` overrides from a training command's shortcut flags: ``paths`` (ROOT, --candidates) resolved against
     the current folder, and ``--subsets``."""
+    for k in paths:
+        if getattr(args, k) and not Path(getattr(args, k)).exists():
+            raise FileNotFoundError(f"{getattr(args, k)}: no such {'folder' if k == 'root' else 'file'}")
     sc = [f"data.{k}={Path(getattr(args, k)).resolve()}" for k in paths if getattr(args, k)]
     if args.subsets:
         sc.append(f"data.subsets=[{', '.join(_subset_name(s) for s in args.subsets)}]")

@@ -54,6 +54,7 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; checkpoints are as readable as the run's other files
     os.replace(tmp, path)
 
 
@@ -129,6 +130,7 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
         opt_tensors.update(rng_t)
         state["rng"] = rng_js
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        os.chmod(tmp / "optimizer.safetensors", 0o644)
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=float))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took
