@@ -131,3 +131,7 @@ __all__ = [
     "read_lung_pet_ct_boxes",
     "read_luna16_patches",
 ]
+
+from .lidc import LidcGeometry, LidcMark, LidcNodule, LidcReport, LidcRoi, cluster_lidc_marks, read_lidc_xml  # noqa: E402
+
+__all__ += ["LidcGeometry", "LidcMark", "LidcNodule", "LidcReport", "LidcRoi", "cluster_lidc_marks", "read_lidc_xml"]
