@@ -103,6 +103,14 @@ def _luna_phantom_demo(args) -> int:
     return 0
 
 
+def _luna_mosaics(args) -> int:
+    from ..luna.mosaics import build_mosaics
+
+    res = build_mosaics(args.src, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed)
+    print_json({k: v for k, v in res.items() if k != "mosaics"})
+    return 0
+
+
 def _luna_lung_pet_ct(args) -> int:
     from ..luna.detection import load_luna_model, lung_pet_ct_smoke
 
@@ -211,6 +219,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=1000)
     add_runtime(d, device=False)
     d.set_defaults(luna_fn=_luna_phantom_demo)
+    mo = ls.add_parser("mosaics", help="real nodule cubes (luna16-node21-patches layout) -> 2x2 mosaics in LUNA16 "
+                       "layout, split by scan: the real-CT validation protocol")
+    mo.add_argument("src", help="folder with patches.csv and patches/<patch_id>.npz")
+    mo.add_argument("out", help="output LUNA16 folder (new or empty)")
+    mo.add_argument("--split", choices=("val", "train", "all"), default="val")
+    mo.add_argument("--val-fraction", type=float, default=0.25, help="share of scans in val (default 0.25)")
+    mo.add_argument("--seed", type=int, default=0, help="cube order and flips (default 0)")
+    mo.set_defaults(luna_fn=_luna_mosaics)
     s = ls.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
     s.add_argument("--weights", required=True)
     s.add_argument("--root", required=True, help="the Lung-PET-CT-Dx sample folder (e.g. ../shared/data/lung-pet-ct-dx-sample)")
