@@ -106,7 +106,8 @@ def _luna_phantom_demo(args) -> int:
 def _luna_mosaics(args) -> int:
     from ..luna.mosaics import build_mosaics
 
-    res = build_mosaics(args.src, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed)
+    res = build_mosaics(args.src, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                        offset=args.offset)
     print_json({k: v for k, v in res.items() if k != "mosaics"})
     return 0
 
@@ -226,6 +227,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mo.add_argument("--split", choices=("val", "train", "all"), default="val")
     mo.add_argument("--val-fraction", type=float, default=0.25, help="share of scans in val (default 0.25)")
     mo.add_argument("--seed", type=int, default=0, help="cube order and flips (default 0)")
+    mo.add_argument("--offset", type=int, default=0, help="voxels of air before y and x: moves every cube (default 0)")
     mo.set_defaults(luna_fn=_luna_mosaics)
     s = ls.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
     s.add_argument("--weights", required=True)

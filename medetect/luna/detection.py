@@ -47,6 +47,7 @@ from ..data.image import MedicalImage
 from ..data.io import read_image
 from ..data.transforms import Compose, HUWindow, RandomFlip, RandomRot90
 from ..models.detector import Detector, DetectorConfig, build_detector
+from ..models.io import CT_VALUE_RANGE  # raw HU the CT models accept (outside-FOV padding included)
 
 __all__ = [
     "LunaLayout",
@@ -70,7 +71,6 @@ log = logging.getLogger(__name__)
 MAX_MARKS_PER_SCAN = 100
 MIN_INPUT = 64  # smallest input side given to the detector at inference (zero = air padding at the high end)
 CLASS_NAME = "nodule"
-CT_VALUE_RANGE = (-3024.0, 4095.0)  # raw HU the CT models accept without a warning (outside-FOV padding included)
 
 
 # ============================================================================================ layout

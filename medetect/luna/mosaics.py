@@ -82,9 +82,10 @@ def _components(label: np.ndarray) -> list[tuple[int, np.ndarray, float]]:
 
 
 def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_fraction: float = 0.25,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, offset: int = 0) -> dict:
     """Write the ``split`` cubes of ``root`` as 2 x 2 mosaics in LUNA16 layout under ``out`` (module docstring).
-    Returns a summary (scans, nodules, excluded findings, the cubes of each mosaic)."""
+    ``offset`` > 0 pads every mosaic with that many voxels of air before y and x (a check that a detector does not
+    rely on where the cubes sit). Returns a summary (scans, nodules, excluded findings, the cubes of each mosaic)."""
     import SimpleITK as sitk
 
     from ..data.annotations import WorldPoints, write_world_points
@@ -99,12 +100,14 @@ def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; mosaics are written into a new or empty folder")
     (out / "subset0").mkdir(parents=True, exist_ok=True)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0 voxels, got {offset}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(chosen))
     ann, exc, uids, layout = [], [], [], {}
     for m in range(0, len(order), 4):
         uid = f"1.3.6.1.4.1.99999.{seed}.{m // 4 + 1}"
-        vol = np.full((CUBE, 2 * CUBE, 2 * CUBE), AIR_HU, dtype=np.int16)
+        vol = np.full((CUBE, 2 * CUBE + offset, 2 * CUBE + offset), AIR_HU, dtype=np.int16)
         layout[uid] = []
         for slot, j in enumerate(order[m:m + 4]):
             cube = chosen[int(j)]
@@ -113,7 +116,7 @@ def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_
             flips = [ax for ax in (1, 2) if rng.random() < 0.5]
             if flips:
                 img, lab = np.flip(img, flips), np.flip(lab, flips)
-            oy, ox = CUBE * (slot // 2), CUBE * (slot % 2)
+            oy, ox = CUBE * (slot // 2) + offset, CUBE * (slot % 2) + offset
             z, y, x = (min(CUBE, s) for s in img.shape)
             vol[:z, oy:oy + y, ox:ox + x] = img[:z, :y, :x]
             for cid, ctr, dia in _components(np.ascontiguousarray(lab[:z, :y, :x])):
@@ -135,7 +138,7 @@ def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_
     write_world_points(out / "annotations.csv", points(ann, "annotations"), "annotations")
     write_world_points(out / "annotations_excluded.csv", points(exc, "excluded"), "excluded")
     (out / "seriesuids.csv").write_text("".join(f"{u}\n" for u in uids))
-    summary = {"split": split, "val_fraction": val_fraction, "seed": seed, "cubes": len(chosen), "scans": len(uids),
+    summary = {"split": split, "val_fraction": val_fraction, "seed": seed, "offset": offset, "cubes": len(chosen), "scans": len(uids),
                "nodules": len(ann), "excluded_findings": len(exc), "mosaics": layout}
     (out / "mosaics.json").write_text(json.dumps(summary, indent=1))
     return summary

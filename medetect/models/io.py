@@ -241,11 +241,15 @@ def _json(meta: Mapping[str, str], key: str, path: Path, default: Any = None) ->
         raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON ({e.msg})") from None
 
 
+CT_VALUE_RANGE = (-3024.0, 4095.0)  # HU a CT model accepts without a warning (12-bit CT with the usual rescale)
+
+
 def _detector_preprocess_v1(cfg: dict, pre: dict, extra: dict) -> Preprocess:
     """First-release detector metadata -> :class:`Preprocess` (LUNA models carried the resampling in ``extra``)."""
     luna = extra.get("luna")
     if luna:
-        return Preprocess(ndim=3, channels=1, spacing=list(luna["spacing"]), window=[luna["hu_lo"], luna["hu_hi"]])
+        return Preprocess(ndim=3, channels=1, spacing=list(luna["spacing"]), window=[luna["hu_lo"], luna["hu_hi"]],
+                          value_range=list(CT_VALUE_RANGE))
     mv = float(pre.get("max_value", 255.0))
     return Preprocess(ndim=int(cfg.get("ndim", 2)), channels=int(cfg.get("in_channels", 1)),
                       scale=float(pre.get("scale", 1.0)), max_value=mv, mean=pre.get("mean", [0.5]),

@@ -1,0 +1,85 @@
+"""LUNA16 stage one trained on REAL nodules: the luna16-node21-patches cubes (issue 11).
+
+Data: the cubes' scans are split by scan (``medetect.luna.mosaics.split_by_scan``, every 4th scan -> val). Training
+scans are the train cubes laid out 2 x 2 four times with different seeds (so every nodule appears in four positions
+and flips), as subset0..3 of one LUNA16-layout folder; validation is ``medetect luna mosaics SRC VAL`` (seed 0).
+Training is the ordinary ``medetect train`` route with ``configs/luna_real_cubes.yaml``. Run from the repository root::
+
+    python experiments/real_cubes_stage1.py data  --src ../shared/data/luna16-node21-patches --root /tmp/real_cubes
+    medetect train configs/luna_real_cubes.yaml --run-dir /tmp/real_cubes/run --set data.root=/tmp/real_cubes/train --threads 1
+    python experiments/real_cubes_stage1.py evaluate --root /tmp/real_cubes --weights /tmp/real_cubes/run
+
+``evaluate`` predicts the val mosaics with the weights (a model file or a run folder's newest checkpoint) and prints
+the exact LUNA16 FROC (CPM with a 95% bootstrap interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medetect.luna.mosaics import build_mosaics  # noqa: E402
+
+
+def cmd_data(src: Path, root: Path, seeds: int = 4) -> None:
+    train = root / "train"
+    if train.exists():
+        raise SystemExit(f"{train} exists: remove it or choose another --root")
+    parts = []
+    for s in range(seeds):
+        part = root / f"train_seed{s}"
+        build_mosaics(src, part, split="train", seed=100 + s)
+        parts.append(part)
+    train.mkdir(parents=True)
+    for name in ("annotations.csv", "annotations_excluded.csv"):
+        lines = []
+        for k, part in enumerate(parts):
+            rows = (part / name).read_text().splitlines()
+            lines += rows[1:] if k else rows
+        (train / name).write_text("\n".join(lines) + "\n")
+    uids = []
+    for k, part in enumerate(parts):
+        shutil.move(str(part / "subset0"), str(train / f"subset{k}"))
+        uids += (part / "seriesuids.csv").read_text().split()
+        shutil.rmtree(part)
+    (train / "seriesuids.csv").write_text("".join(f"{u}\n" for u in uids))
+    print(json.dumps({"train_scans": len(uids)}))
+    print(json.dumps({k: v for k, v in build_mosaics(src, root / "val", split="val", seed=0).items() if k != "mosaics"}))
+
+
+def cmd_evaluate(root: Path, weights: str, threads: int) -> None:
+    from medetect.cli import main as cli
+
+    sub = root / "val_submission.csv"
+    args = ["--threads", str(threads)] if threads else []
+    rc = cli(["luna", "predict", str(root / "val"), "--weights", weights, "--out", str(sub), "--force", *args])
+    if rc:
+        raise SystemExit(rc)
+    rc = cli(["froc", str(root / "val" / "annotations.csv"), str(sub), "--excluded",
+              str(root / "val" / "annotations_excluded.csv"), "--seriesuids", str(root / "val" / "seriesuids.csv")])
+    raise SystemExit(rc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=("data", "evaluate"))
+    p.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "luna16-node21-patches"))
+    p.add_argument("--root", default="/tmp/real_cubes", help="work folder, outside the repository")
+    p.add_argument("--weights", help="evaluate: a model file or a run folder")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.stage == "data":
+        cmd_data(Path(a.src), Path(a.root))
+    else:
+        cmd_evaluate(Path(a.root), a.weights, a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
