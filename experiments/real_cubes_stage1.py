@@ -11,6 +11,16 @@ Training is the ordinary ``medetect train`` route with ``configs/luna_real_cubes
 
 ``evaluate`` predicts the val mosaics with the weights (a model file or a run folder's newest checkpoint) and prints
 the exact LUNA16 FROC (CPM with a 95% bootstrap interval).
+
+Stage two (false-positive reduction) on real candidates: the stage-one detector's 100 most probable marks on the
+training mosaics, labelled by the strict LUNA16 hit rule (marks on excluded findings dropped), plus every training
+nodule's centre as a positive::
+
+    python experiments/real_cubes_stage1.py fpr-data --root /tmp/real_cubes --weights medetect/weights/nodule_ct_det3d.safetensors
+    medetect train configs/luna_fpr_real_cubes.yaml --run-dir /tmp/real_cubes/run_fpr --threads 1
+    python experiments/real_cubes_stage1.py evaluate --root /tmp/real_cubes --weights medetect/weights/nodule_ct_det3d.safetensors --fpr /tmp/real_cubes/run_fpr/model.safetensors
+
+With ``--fpr``, ``evaluate`` also rescores the val marks with stage two and prints the fused FROC (``product``).
 """
 
 from __future__ import annotations
@@ -53,31 +63,66 @@ def cmd_data(src: Path, root: Path, seeds: int = 4) -> None:
     print(json.dumps({k: v for k, v in build_mosaics(src, root / "val", split="val", seed=0).items() if k != "mosaics"}))
 
 
-def cmd_evaluate(root: Path, weights: str, threads: int) -> None:
+def cmd_fpr_data(root: Path, weights: str, threads: int) -> None:
+    import numpy as np
+
+    from medetect.cli import main as cli
+    from medetect.data.annotations import WorldPoints, read_world_points, write_world_points
+    from medetect.luna.fpr import candidates_from_marks, merge_candidates
+
+    train = root / "train"
+    sub = root / "train_marks.csv"
+    args = ["--threads", str(threads)] if threads else []
+    if cli(["luna", "predict", str(train), "--weights", weights, "--out", str(sub), "--force", *args]):
+        raise SystemExit(2)
+    ann = read_world_points(train / "annotations.csv", "annotations")
+    exc = read_world_points(train / "annotations_excluded.csv", "excluded")
+    from_marks = candidates_from_marks(read_world_points(sub, "marks"), ann, top_k=100, excluded=exc)
+    positives = {u: (p.centres, np.ones(len(p), dtype=np.int64)) for u, p in ann.by_uid().items()}
+    cands = merge_candidates(from_marks, positives)
+    uids = [u for u, (c, _) in cands.items() for _ in range(len(c))]
+    centres = np.concatenate([c for c, _ in cands.values()])
+    labels = np.concatenate([np.asarray(y) for _, y in cands.values()])
+    write_world_points(root / "fpr_candidates.csv",
+                       WorldPoints.from_arrays(uids, centres, labels=labels, source="fpr candidates"), "candidates")
+    n_marks = sum(len(y) for _, y in from_marks.values())
+    print(json.dumps({"marks": n_marks, "marks_positive": int(sum(np.sum(y) for _, y in from_marks.values())),
+                      "candidates": int(len(labels)), "positives": int(labels.sum())}))
+
+
+def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None) -> None:
     from medetect.cli import main as cli
 
+    val = root / "val"
     sub = root / "val_submission.csv"
     args = ["--threads", str(threads)] if threads else []
-    rc = cli(["luna", "predict", str(root / "val"), "--weights", weights, "--out", str(sub), "--force", *args])
-    if rc:
-        raise SystemExit(rc)
-    rc = cli(["froc", str(root / "val" / "annotations.csv"), str(sub), "--excluded",
-              str(root / "val" / "annotations_excluded.csv"), "--seriesuids", str(root / "val" / "seriesuids.csv")])
+    rc = cli(["luna", "predict", str(val), "--weights", weights, "--out", str(sub), "--force", *args])
+    froc = ["--excluded", str(val / "annotations_excluded.csv"), "--seriesuids", str(val / "seriesuids.csv")]
+    rc = rc or cli(["froc", str(val / "annotations.csv"), str(sub), *froc])
+    if fpr and not rc:
+        fused = root / "val_submission_fused.csv"
+        rc = cli(["luna-fpr", "score", "--weights", fpr, str(val), "--candidates", str(sub), "--out", str(fused),
+                  "--fuse", "product", "--force", *args])
+        print("stage one + stage two, fused (product):")
+        rc = rc or cli(["froc", str(val / "annotations.csv"), str(fused), *froc])
     raise SystemExit(rc)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("data", "evaluate"))
+    p.add_argument("stage", choices=("data", "fpr-data", "evaluate"))
     p.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "luna16-node21-patches"))
     p.add_argument("--root", default="/tmp/real_cubes", help="work folder, outside the repository")
     p.add_argument("--weights", help="evaluate: a model file or a run folder")
+    p.add_argument("--fpr", help="evaluate: also fuse with this stage-two model (file or run folder)")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.stage == "data":
         cmd_data(Path(a.src), Path(a.root))
+    elif a.stage == "fpr-data":
+        cmd_fpr_data(Path(a.root), a.weights, a.threads)
     else:
-        cmd_evaluate(Path(a.root), a.weights, a.threads)
+        cmd_evaluate(Path(a.root), a.weights, a.threads, a.fpr)
     return 0
 
 
