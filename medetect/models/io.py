@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .attention import AttentionConfig, build_attention
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
 
@@ -138,7 +139,12 @@ def _build_fpr(config: dict) -> torch.nn.Module:
     return build_fpr(FPRConfig(**config))
 
 
-BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr}
+def _build_attention(config: dict) -> torch.nn.Module:
+    return build_attention(AttentionConfig(**config))
+
+
+BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr,
+                                                          "attention": _build_attention}
 
 
 # ------------------------------------------------------------------------------------------------ writing
