@@ -39,7 +39,7 @@ def image_auc(scores, labels) -> float:
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels).astype(int)
-    if y.min(initial=0) == y.max(initial=0):
+    if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
 
