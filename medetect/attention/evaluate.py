@@ -15,6 +15,8 @@ def evaluate_attention(loaded, folder, split: str, *, method: str | None = None,
     """Image AUC (abnormal, malignant), pointing game, attention in lesion, attention FROC, with ``_ci`` (bootstrap
     by patient) -- :mod:`medetect.evaluation.attention`. ``method``: ``attention`` or ``gradcam``; default the
     model's own (``gradcam`` for ``attention: none``)."""
+    if n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0, got {n_boot}")
     model = loaded.model
     if method is None:
         method = "gradcam" if model.config.attention == "none" else "attention"

@@ -79,7 +79,8 @@ def cmd_evaluate(args) -> int:
     if args.plots:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
-                        allow_range_mismatch=args.allow_range_mismatch, saliency=args.saliency)
+                        allow_range_mismatch=args.allow_range_mismatch, saliency=args.saliency,
+                        n_boot=args.n_boot)
     if args.json:
         print_json(res, indent=1)
         return 0
@@ -158,6 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="evaluate even when images lie far outside the value range the model was trained on")
     ev.add_argument("--saliency", choices=("attention", "gradcam"), default=None,
                     help="attention models: the map scored (default: the model's own; gradcam for attention none)")
+    ev.add_argument("--n-boot", type=int, default=1000,
+                    help="attention models: bootstrap draws (by patient) of the 95%% intervals (_ci)")
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 
