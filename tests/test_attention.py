@@ -233,3 +233,13 @@ def test_train_evaluate_predict_through_the_cli(tmp_path, capsys):
     (rec,) = pred.values()
     assert set(rec["scores"]) == {"abnormal", "malignant"}
     assert (out / "scores.csv").read_text().splitlines()[0] == "input,abnormal,malignant"
+
+
+def test_overlay_of_a_volume_shows_three_mid_slices():
+    from medetect.attention.predict import _panels, overlay_rgb
+
+    rgb = overlay_rgb(np.zeros((6, 8)), np.ones((6, 8)))
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    vol = np.random.default_rng(0).random((4, 6, 8))
+    out = _panels(vol, vol)
+    assert out.shape == (6, 8 + 2 + 8 + 2 + 6 + 2, 3)  # axial [6, 8], coronal [4, 8], sagittal [4, 6], 2-px gaps
