@@ -144,15 +144,16 @@ def main() -> None:
     ap.add_argument("--margin", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lam", type=float, default=1.0, help="attention_weight (0: unsupervised attention)")
+    ap.add_argument("--no-stem-pool", action="store_true", help="finer attention map (stride 2 at c2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     patches = load_patches(Path(args.data))
     train_p, val_p = split(patches)
-    run = Path(args.out) / f"lam{args.lam:g}"
+    run = Path(args.out) / f"lam{args.lam:g}_e{args.epochs}{'_nopool' if args.no_stem_pool else ''}"
     mcfg = AttentionConfig(ndim=3, num_classes=1, base_width=8, feature_level=2, attention_weight=args.lam,
-                           dropout=0.2)
+                           dropout=0.2, stem_pool=not args.no_stem_pool)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=8, lr=1e-3, optimizer="adamw", warmup_iters=20, num_workers=0,
                        seed=0, log_every=20)
     prepare_run_dir(run, {"model": mcfg.to_dict(), "train": vars(args)}, resume=False, overwrite=args.overwrite,

@@ -243,3 +243,22 @@ def test_overlay_of_a_volume_shows_three_mid_slices():
     vol = np.random.default_rng(0).random((4, 6, 8))
     out = _panels(vol, vol)
     assert out.shape == (6, 8 + 2 + 8 + 2 + 6 + 2, 3)  # axial [6, 8], coronal [4, 8], sagittal [4, 6], 2-px gaps
+
+
+def test_shipped_mias_model_loads_and_points_at_val_lesions(shared_data):
+    from pathlib import Path
+
+    from medetect.apps import load_model
+    from medetect.attention.data import LesionImages, read_lesion_folder
+    from medetect.attention.train import score_dataset
+    from medetect.models.io import check_safetensors_file
+
+    w = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "mammo_mias_attention.safetensors"
+    check_safetensors_file(w)
+    loaded = load_model(w)
+    assert loaded.kind == "attention" and loaded.classes == ["abnormal", "malignant"]
+    recs = [r for r in read_lesion_folder(shared_data / "mini-mias", "val") if len(r.radii)][:4]
+    r = score_dataset(loaded.model, LesionImages(recs, loaded.preprocess), method="attention")
+    hits = [image_localisation(s, c, rad, spacing=r["spacings"][0])["pointing"]
+            for s, c, rad in zip(r["saliencies"], r["centres"], r["radii"])]
+    assert [x.image_id for x in recs] == ["mdb005", "mdb010", "mdb032", "mdb063"] and hits == [True] * 4

@@ -55,7 +55,9 @@ class AttentionConfig:
     num_classes: int = option(2, doc="independent sigmoid outputs (e.g. abnormal, malignant)", ge=1)
     depth: int = option(18, doc="ResNet depth of the backbone", choices=tuple(RESNET_DEPTHS))
     base_width: int = option(16, doc="channels of the ResNet stem (x2 per stage)", ge=1)
-    feature_level: int = option(4, doc="feature map used (c3: stride 8, c4: stride 16, c5: stride 32)", ge=2, le=5)
+    feature_level: int = option(4, doc="feature map used (c2: stride 4, c3: stride 8, c4: stride 16, c5: stride 32; "
+                                "halved without stem_pool)", ge=2, le=5)
+    stem_pool: bool = option(True, doc="max-pool after the stem (false: every stride halved, a finer attention map)")
     norm: str = option("group", doc="normalisation layer (see medetect.layers.nd.norm)", choices=NORM_KINDS)
     attention: str = option("softmax", doc="softmax (a distribution over the grid), sigmoid (per-voxel gate) or "
                             "none (plain classifier, global average pooling; saliency by Grad-CAM)",
@@ -102,7 +104,7 @@ class AttentionClassifier(nn.Module):
         cfg.validate()
         self.config = cfg
         self.backbone = ResNet(depth=cfg.depth, ndim=cfg.ndim, in_channels=cfg.in_channels, base_width=cfg.base_width,
-                               norm_kind=cfg.norm)
+                               norm_kind=cfg.norm, stem_pool=cfg.stem_pool)
         c = self.backbone.out_channels[cfg.feature_level - 2]
         self.attn = conv(cfg.ndim)(c, 1, 1)
         nn.init.zeros_(self.attn.weight)  # uniform attention at the start: training begins as global average pooling
