@@ -79,6 +79,12 @@ def test_heatmap_shape_must_match_the_feature_map():
 
 
 def test_config_errors():
+    from medetect.config import config_from_dict
+
+    with pytest.raises(ValueError, match="model.ndim must be 2 and model.in_channels 1 for a mini-MIAS-layout folder"):
+        config_from_dict({"task": "attention", "model": {"ndim": 3}})
+    with pytest.raises(ValueError, match="model.attention must be one of"):
+        config_from_dict({"task": "attention", "model": {"attention": "max"}})
     with pytest.raises(ValueError, match="attention_weight must be 0 when model.attention is none"):
         AttentionConfig(attention="none", attention_weight=1.0).validate()
     with pytest.raises(ValueError, match="pos_weight must have 2 values"):

@@ -42,6 +42,11 @@ class AttentionTaskConfig:
 
     def validate(self, prefix: str = "") -> None:
         check(self, prefix)
+        if self.model.ndim != 2 or self.model.in_channels != 1:
+            p = f"{prefix}.model" if prefix else "model"
+            raise ValueError(f"{p}.ndim must be 2 and {p}.in_channels 1 for a mini-MIAS-layout folder (2D grey images "
+                             f"with lesion circles), got ndim {self.model.ndim} and in_channels "
+                             f"{self.model.in_channels}; 3D cubes: experiments/attention_luna_cubes.py")
 
     def to_dict(self) -> dict:
         return asdict(self)
