@@ -62,7 +62,8 @@ def _grid_shape(shape: Sequence[int], d: int) -> tuple[int, ...]:
 def gaussian_heatmap(centres: torch.Tensor, sigmas: torch.Tensor, shape: Sequence[int], *,
                      normalise: str = "peak") -> torch.Tensor:
     """Max-combination of axis-aligned Gaussians ``[N, d]`` centres / ``[N, d]`` sigmas (voxels) on the grid
-    ``shape`` -> ``[*S]`` float32 (module docstring for the grid and ``normalise``)."""
+    ``shape`` -> ``[*S]`` float32 (module docstring for the grid and ``normalise``). Centres may lie outside the grid
+    (the callers decide: :func:`box_heatmap` needs overlap, :func:`circle_heatmap` a centre inside)."""
     if normalise not in NORMALISE:
         raise ValueError(f"normalise must be one of {list(NORMALISE)}, got {normalise!r}")
     centres = torch.as_tensor(centres, dtype=torch.float32)
@@ -80,11 +81,6 @@ def gaussian_heatmap(centres: torch.Tensor, sigmas: torch.Tensor, shape: Sequenc
     if bool(bad.any()):
         raise ValueError(f"lesion {int(bad.nonzero()[0])} has zero size (sigma 0): a zero-size box or a radius of 0 "
                          "has no heatmap")
-    hi = torch.tensor(shape, dtype=torch.float32, device=centres.device)
-    bad = ~((centres >= 0) & (centres <= hi)).all(1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"lesion {i} centre {centres[i].tolist()} lies outside the grid {list(shape)}")
     g = None
     for a, n in enumerate(shape):  # loop over the d axes (separable Gaussian), never over lesions
         x = torch.arange(n, dtype=torch.float32, device=centres.device) + 0.5  # [S_a] voxel centres
@@ -121,9 +117,7 @@ def box_heatmap(boxes: torch.Tensor, shape: Sequence[int], *, sigma_factor: floa
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise ValueError(f"box {i} {boxes[i].tolist()} lies outside the grid {list(shape)}")
-    centres = ((lo + hi) / 2).clamp(min=torch.zeros(d, device=boxes.device),
-                                    max=torch.tensor(shape, dtype=torch.float32, device=boxes.device))
-    return gaussian_heatmap(centres, sigma_factor * (hi - lo), shape, normalise=normalise)
+    return gaussian_heatmap((lo + hi) / 2, sigma_factor * (hi - lo), shape, normalise=normalise)
 
 
 def circle_heatmap(centres: torch.Tensor, radii: torch.Tensor, shape: Sequence[int], *, spacing=None,
@@ -141,6 +135,11 @@ def circle_heatmap(centres: torch.Tensor, radii: torch.Tensor, shape: Sequence[i
         i = int(bad.nonzero()[0])
         raise ValueError(f"lesion {i} has radius {float(radii[i]):g}: a radius must be > 0 for a heatmap")
     sp = _spacing(spacing, centres.shape[1], torch.float32, centres.device)
+    hi = torch.tensor(_grid_shape(shape, centres.shape[1]), dtype=torch.float32, device=centres.device)
+    bad = ~((centres >= 0) & (centres <= hi)).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"lesion {i} centre {centres[i].tolist()} lies outside the grid {list(hi.int().tolist())}")
     return gaussian_heatmap(centres, sigma_factor * 2 * radii[:, None] / sp, shape, normalise=normalise)
 
 

@@ -66,9 +66,9 @@ def test_bad_lesions_are_errors_naming_the_lesion():
         box_heatmap(torch.tensor([[0.0, 0, 4, 4]]), (8, 8, 8))
     with pytest.raises(ValueError, match="normalise"):
         box_heatmap(torch.tensor([[0.0, 0, 4, 4]]), (8, 8), normalise="max")
-    # a box partly outside is cut by the border, not an error
-    h = box_heatmap(torch.tensor([[-2.0, -2, 4, 4]]), (8, 8))
-    assert float(h.max()) == pytest.approx(1.0)
+    # a box partly outside is cut by the border, not an error; its Gaussian keeps its true centre
+    h = box_heatmap(torch.tensor([[-6.0, -6, 4, 4]]), (8, 8), normalise="none")
+    assert float(h[0, 0]) == pytest.approx(math.exp(-0.5 * 2 * (1.5 / 2.5) ** 2), rel=1e-5)
 
 
 @pytest.mark.parametrize("d", [2, 3])
