@@ -5,6 +5,7 @@ Metadata (every value a JSON string, as safetensors requires)::
 
     format_version  "2"
     kind            "detector" (2D/3D detectors, the LUNA stage one, the 2D slice model) | "fpr" (stage-two classifier)
+                    | "attention" (attention classifier, medetect.models.attention)
     config          the model's config dict (DetectorConfig / FPRConfig)
     preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
     classes         class names, in label order
