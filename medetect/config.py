@@ -84,12 +84,14 @@ class ExperimentConfig:
 
 
 def _tasks() -> dict[str, type]:
+    from .attention.config import AttentionTaskConfig
     from .luna.config import LunaDetectionConfig, LunaFPRConfig  # applications sit above this module's imports
 
-    return {"detection": ExperimentConfig, "luna-detection": LunaDetectionConfig, "luna-fpr": LunaFPRConfig}
+    return {"detection": ExperimentConfig, "luna-detection": LunaDetectionConfig, "luna-fpr": LunaFPRConfig,
+            "attention": AttentionTaskConfig}
 
 
-TASKS = ("detection", "luna-detection", "luna-fpr")
+TASKS = ("detection", "luna-detection", "luna-fpr", "attention")
 
 
 def _schema(raw: dict) -> type:

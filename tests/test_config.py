@@ -168,6 +168,11 @@ def test_round_trip_through_to_dict(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load_and_build(path):
     cfg = load_config(path)
+    if cfg.task == "attention":
+        from medetect.models.attention import build_attention
+
+        assert build_attention(cfg.model).config is cfg.model and Path(cfg.data.root).is_absolute()
+        return
     assert isinstance(cfg, (ExperimentConfig, LunaDetectionConfig, LunaFPRConfig))
     if isinstance(cfg, LunaFPRConfig):
         from medetect.models.fp_reduction import build_fpr
@@ -221,7 +226,7 @@ def test_there_are_shipped_configs():
         ("task: luna-fpr\nscore:\n  fuse: max\n", r"score\.fuse must be one of \['product'"),
         ("task: luna-fpr\ndata:\n  pos_fraction: 0\n", r"data\.pos_fraction must be in \(0, 1\), got 0"),
         ("task: luna-fpr\nmodel:\n  scales: [1, 2]\n  in_channels: 1\n", r"model\.in_channels \(1\) must equal"),
-        ("task: detect\n", r"task must be one of \['detection', 'luna-detection', 'luna-fpr'\], got 'detect'"),
+        ("task: detect\n", r"task must be one of \['detection', 'luna-detection', 'luna-fpr', 'attention'\], got 'detect'"),
     ],
 )
 def test_bad_values_fail_at_load_naming_file_and_key(tmp_path, text, message):

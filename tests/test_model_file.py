@@ -90,15 +90,15 @@ def test_fpr_round_trip_float32(tmp_path):
 def test_builders_is_a_plain_dict_and_unknown_kind_refused(tmp_path):
     assert set(BUILDERS) >= {"detector", "fpr"}
     with pytest.raises(ValueError, match="kind must be one of"):
-        save_model(_tiny_fpr(), tmp_path / "x.safetensors", kind="attention", preprocess=Preprocess(), classes=[])
+        save_model(_tiny_fpr(), tmp_path / "x.safetensors", kind="no-such-kind", preprocess=Preprocess(), classes=[])
     path = save_model(_tiny_fpr(), tmp_path / "x.safetensors", kind="fpr", preprocess=Preprocess(ndim=3), classes=[])
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
-    save_file(load_file(str(path)), str(path), metadata={**meta, "kind": "attention"})
-    with pytest.raises(ValueError, match="unknown model kind 'attention'"):
+    save_file(load_file(str(path)), str(path), metadata={**meta, "kind": "no-such-kind"})
+    with pytest.raises(ValueError, match="unknown model kind 'no-such-kind'"):
         load_model(path)
 
 

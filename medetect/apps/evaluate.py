@@ -15,12 +15,19 @@ from .models import load_model
 __all__ = ["evaluate_spec"]
 
 
-def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False) -> dict:
-    """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5."""
+def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False,
+                  saliency: str | None = None, n_boot: int = 1000) -> dict:
+    """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5. An
+    ``attention`` model is scored on a mini-MIAS-layout folder instead (:mod:`medetect.attention.evaluate`;
+    ``saliency``: ``attention`` or ``gradcam``, default the model's own; ``n_boot`` bootstrap draws)."""
     if ":" not in spec:
         raise ValueError(f"--data must be FOLDER:SPLIT (e.g. ../shared/data/bccd:val), got {spec!r}")
     folder, split = spec.rsplit(":", 1)
     loaded = load_model(weights, device=device)
+    if loaded.kind == "attention":  # image labels + lesion circles (a mini-MIAS-layout folder)
+        from ..attention.evaluate import evaluate_attention
+
+        return evaluate_attention(loaded, folder, split, method=saliency, n_boot=n_boot)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
     if loaded.preprocess.ndim != 2:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..engine.checkpoint import latest_checkpoint  # the one place that knows the checkpoint layout
-from ..models.io import (FORMAT_VERSION, LoadedModel, _detector_preprocess_v1, fpr_preprocess, load_from_metadata,
-                         load_model as load_model_file)
+from ..models.io import (FORMAT_VERSION, LoadedModel, Preprocess, _detector_preprocess_v1, fpr_preprocess,
+                         load_from_metadata, load_model as load_model_file)
 
 __all__ = ["load_model", "run_metadata"]
 
@@ -35,7 +35,11 @@ def run_metadata(run_dir: Path) -> tuple[dict[str, str], Path]:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint in this run folder")
     weights = Path(ckpt) / "model.safetensors"
-    if (run_dir / "fpr_config.json").is_file():
+    if (run_dir / "attention_config.json").is_file():  # the attention task stores its preprocess and classes
+        raw = json.loads((run_dir / "attention_config.json").read_text())
+        cfg, kind = raw["model"], "attention"
+        pre, classes = Preprocess.from_dict(raw["preprocess"]), list(raw["classes"])
+    elif (run_dir / "fpr_config.json").is_file():
         cfg = json.loads((run_dir / "fpr_config.json").read_text())["model"]
         kind, pre, classes = "fpr", fpr_preprocess(cfg), ["nodule"]
     elif (run_dir / "config.json").is_file():

@@ -126,6 +126,11 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
     docstring). ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
     reader for folder inputs (``--series-uid``, ``--allow-gaps``). Returns the CSV paths written."""
     loaded = load_model(weights, device=device)
+    if loaded.kind == "attention":  # image scores + attention overlay PNGs (medetect.attention.predict)
+        from ..attention.predict import predict_attention
+
+        return predict_attention(loaded, image_files(paths), Path(out_dir), device=device,
+                                 allow_range_mismatch=allow_range_mismatch)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r}")
     pre, names = loaded.preprocess, loaded.classes

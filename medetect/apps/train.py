@@ -46,10 +46,17 @@ def _luna_fpr(cfg, run_dir: Path, **kw) -> dict:
     return {**(history[-1] if history else {}), "weights": str(Path(run_dir) / "model.safetensors")}
 
 
+def _attention(cfg, run_dir: Path, **kw) -> dict:
+    from ..attention.train import train_attention
+
+    return train_attention(cfg, run_dir, **kw)
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
     "detection": _detection,
     "luna-detection": _luna_detection,
     "luna-fpr": _luna_fpr,
+    "attention": _attention,
 }
 
 

@@ -79,9 +79,17 @@ def cmd_evaluate(args) -> int:
     if args.plots:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
-                        allow_range_mismatch=args.allow_range_mismatch)
+                        allow_range_mismatch=args.allow_range_mismatch, saliency=args.saliency,
+                        n_boot=args.n_boot)
     if args.json:
         print_json(res, indent=1)
+        return 0
+    if "pointing_game" in res:  # an attention model (medetect.attention.evaluate)
+        for k in ("image_auc_abnormal", "image_auc_malignant", "pointing_game", "attention_in_lesion",
+                  "attention_froc_mean"):
+            lo, hi = res[f"{k}_ci"]
+            ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
+            print(f"{k:>22s}: {res[k]:.4f} {ci}")
         return 0
     print(f"images: {res['images']}  boxes: {res['boxes']}")
     print(f"VOC mAP@0.5 (all-point): {res['map50']:.4f}   VOC07 11-point: {res['map50_07']:.4f}   "
@@ -151,6 +159,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--allow-range-mismatch", action="store_true",
                     help="evaluate even when images lie far outside the value range the model was trained on")
+    ev.add_argument("--saliency", choices=("attention", "gradcam"), default=None,
+                    help="attention models: the map scored (default: the model's own; gradcam for attention none)")
+    ev.add_argument("--n-boot", type=int, default=1000,
+                    help="attention models: bootstrap draws (by patient) of the 95%% intervals (_ci)")
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -5,6 +5,7 @@ Metadata (every value a JSON string, as safetensors requires)::
 
     format_version  "2"
     kind            "detector" (2D/3D detectors, the LUNA stage one, the 2D slice model) | "fpr" (stage-two classifier)
+                    | "attention" (attention classifier, medetect.models.attention)
     config          the model's config dict (DetectorConfig / FPRConfig)
     preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
     classes         class names, in label order
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .attention import AttentionConfig, build_attention
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
 
@@ -138,7 +140,12 @@ def _build_fpr(config: dict) -> torch.nn.Module:
     return build_fpr(FPRConfig(**config))
 
 
-BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr}
+def _build_attention(config: dict) -> torch.nn.Module:
+    return build_attention(AttentionConfig(**config))
+
+
+BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr,
+                                                          "attention": _build_attention}
 
 
 # ------------------------------------------------------------------------------------------------ writing
