@@ -21,6 +21,8 @@ nodule's centre as a positive::
     python experiments/real_cubes_stage1.py evaluate --root /tmp/real_cubes --weights medetect/weights/nodule_ct_det3d.safetensors --fpr /tmp/real_cubes/run_fpr/model.safetensors
 
 With ``--fpr``, ``evaluate`` also rescores the val marks with stage two and prints the fused FROC (``product``).
+``lidc --weights W`` runs stage one on the two real LIDC-IDRI slabs and scores its marks against the readers'
+consensus nodules (``medetect.data.annotations.lidc``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,38 @@ def cmd_fpr_data(root: Path, weights: str, threads: int) -> None:
                       "candidates": int(len(labels)), "positives": int(labels.sum())}))
 
 
+def cmd_lidc(lidc: Path, weights: str) -> None:
+    """The stage-one detector on the two real LIDC-IDRI slabs: per consensus nodule (>= 3 mm, clustered from the four
+    readers' XML), the rank of the first mark within the nodule's radius and the distance of the nearest mark."""
+    import numpy as np
+
+    from medetect.convert import Geometry
+    from medetect.data.annotations.lidc import LidcGeometry, cluster_lidc_marks, read_lidc_xml
+    from medetect.data.image import MedicalImage
+    from medetect.luna.detection import load_luna_model, predict_scan
+
+    model, pre = load_luna_model(weights)
+    vol = json.loads((lidc / "volumes.json").read_text())
+    for pid, v in vol.items():
+        d = np.load(lidc / "volumes" / f"{pid}.npz")
+        img = MedicalImage(d["image"][None], Geometry(tuple(float(x) for x in d["spacing_zyx"]),
+                                                       tuple(float(x) for x in d["origin_xyz"]),
+                                                       (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), path=pid)
+        marks = predict_scan(model, pre, img)
+        g = LidcGeometry(tuple(v["origin_xyz"][:2]), tuple(v["spacing_zyx"][1:]), tuple(v["z_positions"]))
+        xml_marks, _, _ = read_lidc_xml(lidc / "xml" / Path(v["xml_file"]).name)
+        for n in cluster_lidc_marks(xml_marks, g, prefix=f"{pid}_N"):
+            box = g.box_mm(n.union_box_px, n.union_z_mm)
+            radius = float(np.max(box[3:] - box[:3])) / 2
+            dist = np.linalg.norm(marks["centres_xyz"] - np.asarray(n.centre_mm), axis=1)
+            hit = np.flatnonzero(dist < radius)
+            print(json.dumps({"nodule": n.cluster_id, "readers": n.n_readers, "in_slab": n.slab_box(g)[0] is not None,
+                              "truncated_by_slab": n.slab_box(g)[1], "radius_mm": round(radius, 1),
+                              "rank_of_first_mark_within_radius": int(hit[0]) + 1 if len(hit) else None,
+                              "nearest_mark_mm": round(float(dist.min()), 1) if len(dist) else None,
+                              "top_mark_prob": round(float(marks["probabilities"][0]), 3) if len(dist) else None}))
+
+
 def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None) -> None:
     from medetect.cli import main as cli
 
@@ -110,7 +144,8 @@ def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("data", "fpr-data", "evaluate"))
+    p.add_argument("stage", choices=("data", "fpr-data", "evaluate", "lidc"))
+    p.add_argument("--lidc", default=str(REPO.parent / "shared" / "data" / "lidc-idri-slabs"))
     p.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "luna16-node21-patches"))
     p.add_argument("--root", default="/tmp/real_cubes", help="work folder, outside the repository")
     p.add_argument("--weights", help="evaluate: a model file or a run folder")
@@ -119,6 +154,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.stage == "data":
         cmd_data(Path(a.src), Path(a.root))
+    elif a.stage == "lidc":
+        cmd_lidc(Path(a.lidc), a.weights)
     elif a.stage == "fpr-data":
         cmd_fpr_data(Path(a.root), a.weights, a.threads)
     else:
