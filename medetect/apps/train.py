@@ -46,10 +46,18 @@ def _luna_fpr(cfg, run_dir: Path, **kw) -> dict:
     return {**(history[-1] if history else {}), "weights": str(Path(run_dir) / "model.safetensors")}
 
 
+def _organs(cfg, run_dir: Path, **kw) -> dict:
+    from ..organs.localiser import train_organs
+
+    w, history = train_organs(cfg, run_dir, **kw)
+    return {**(history[-1] if history else {}), "weights": str(w)}
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
     "detection": _detection,
     "luna-detection": _luna_detection,
     "luna-fpr": _luna_fpr,
+    "organ-localisation": _organs,
 }
 
 
