@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -143,7 +144,9 @@ def localise(loaded, image, *, score_thresh: float | None = None, predictor=None
     thresh = float(loaded.meta.get("extra", {}).get("organ_score_thresh", 0.3)) if score_thresh is None else \
         float(score_thresh)
     predictor = predictor or Predictor(loaded.model, score_thresh=0.0)
-    det = predictor.predict_image(image, loaded.preprocess, allow_range_mismatch=True)
+    with warnings.catch_warnings():  # only each organ's best box is kept: the per-image cap is not a finding
+        warnings.filterwarnings("ignore", message=".*the cap max_detections")
+        det = predictor.predict_image(image, loaded.preprocess, allow_range_mismatch=True)
     k = len(loaded.classes)
     best = best_per_class(det, k)
     present = best["present"] & (best["scores"] >= thresh)
