@@ -64,6 +64,25 @@ def test_label_id_missing_from_table_and_grid_mismatch_are_one_sentence():
         check_label_map(lab, (3, 4, 5), _geom(), _geom(spacing=(1.0, 1.0, 1.0)), "labels/c.nii.gz")
 
 
+def test_label_file_on_another_grid_is_refused(tmp_path):
+    from medetect.data.io import write_image
+    from medetect.organs.data import boxes_from_label_file
+
+    g = _geom((4.0, 4.0, 4.0))
+    write_image(MedicalImage(np.zeros((1, 4, 5, 6), np.int16), g), tmp_path / "ct.nii.gz")
+    lab = np.zeros((1, 4, 5, 6), np.uint8)
+    lab[0, 1:3, 2:4, 0:2] = 5
+    write_image(MedicalImage(lab, g), tmp_path / "ok.nii.gz")
+    write_image(MedicalImage(lab[:, :3], g), tmp_path / "short.nii.gz")
+    write_image(MedicalImage(lab, _geom((4.0, 4.0, 3.0))), tmp_path / "spacing.nii.gz")
+    rows = boxes_from_label_file(tmp_path / "ct.nii.gz", tmp_path / "ok.nii.gz", NAMES)
+    assert [(r["organ"], r["vz0"], r["vz1"], r["touches_border"]) for r in rows] == [("liver", 1, 3, 1)]
+    with pytest.raises(ValueError, match=r"short.nii.gz: the label map's grid \(3, 5, 6\) differs"):
+        boxes_from_label_file(tmp_path / "ct.nii.gz", tmp_path / "short.nii.gz", NAMES)
+    with pytest.raises(ValueError, match="spacing.nii.gz: the label map's spacing"):
+        boxes_from_label_file(tmp_path / "ct.nii.gz", tmp_path / "spacing.nii.gz", NAMES)
+
+
 def test_organ_unions_lobes_and_vertebrae():
     assert organ_of("lung_middle_lobe_right") == "lung_right" and organ_of("vertebrae_T12") == "vertebral_column"
     assert organ_of("thoracic_spine") == "vertebral_column" and organ_of("gallbladder") is None
@@ -176,6 +195,7 @@ def tiny_model(tmp_path_factory):
 
     cfg = OrganLocalisationConfig()
     cfg.model.base_width, cfg.model.fpn_channels, cfg.model.roi_hidden = 4, 8, 16
+    cfg.model.rpn_pre_nms_top_n, cfg.model.rpn_post_nms_top_n = [40, 40], [12, 12]  # fast: few RoIs
     torch.manual_seed(0)
     model = build_detector(cfg.model)
     path = tmp_path_factory.mktemp("m") / "organs.safetensors"
@@ -183,15 +203,20 @@ def tiny_model(tmp_path_factory):
     return save_organ_model(model, path, cfg.preprocess.build(), score_thresh=0.0)
 
 
-def test_evaluate_and_predict_an_organ_folder(tmp_path, tiny_model):
+def test_evaluate_an_organ_folder(tmp_path, tiny_model):
     from medetect.apps.evaluate import evaluate_spec
-    from medetect.apps.predict import predict_paths
 
     write_organ_dataset(tmp_path / "d", 1, 21, spacing=(6.0, 6.0, 6.0), fov="abdomen")
     res = evaluate_spec(tiny_model, str(tmp_path / "d"))
     assert set(res) >= {"organs_scored", "cases", "wall_distance_mm", "centroid_distance_mm", "iou", "detection_rate"}
     assert "liver" in res["organs_scored"] and set(res["wall_distance_mm"]) == {"mean", "per_organ"}
     assert res["organs_folder_only"] == [] and "phantom_0021" in res["cases"]
+
+
+def test_predict_writes_one_row_per_organ_and_three_views(tmp_path, tiny_model):
+    from medetect.apps.predict import predict_paths
+
+    write_organ_dataset(tmp_path / "d", 1, 21, spacing=(8.0, 8.0, 8.0), fov="slab")
     out = predict_paths(tiny_model, [tmp_path / "d" / "volumes" / "phantom_0021.nii.gz"], tmp_path / "p")
     rows = list(csv.DictReader(open(out[0])))
     assert [r["organ"] for r in rows] == list(ORGANS)

@@ -25,7 +25,7 @@ from ..convert import Geometry, voxel_to_world
 from .anatomy import organ_of
 
 __all__ = ["BOX_COLUMNS", "OrganCase", "boxes_from_labels", "world_box", "write_boxes_csv", "read_boxes_csv",
-           "read_label_table", "organ_boxes", "read_organ_folder", "check_label_map"]
+           "read_label_table", "organ_boxes", "read_organ_folder", "check_label_map", "boxes_from_label_file"]
 
 BOX_COLUMNS = ("case", "organ", "label_id", "x0", "y0", "z0", "x1", "y1", "z1", "vz0", "vy0", "vx0", "vz1", "vy1",
                "vx1", "voxels", "touches_border")
@@ -95,6 +95,25 @@ def boxes_from_labels(labels: np.ndarray, geometry: Geometry, names: Mapping[int
                      **{c: int(v) for c, v in zip(("vz0", "vy0", "vx0", "vz1", "vy1", "vx1"), vox[k])},
                      "voxels": int(counts[i]), "touches_border": int(touches[k])})
     return rows
+
+
+def boxes_from_label_file(volume: str | Path, labels: str | Path, names: Mapping[int, str], *,
+                          case: str = "") -> list[dict]:
+    """``boxes.csv`` rows of a label map FILE that must lie on exactly the grid of the CT file ``volume`` (else one
+    sentence naming the label file)."""
+    import SimpleITK as sitk
+
+    from ..data.io import read_image
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(volume))
+    reader.ReadImageInformation()
+    vol_geom = Geometry(tuple(reversed(reader.GetSpacing())), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    lab = read_image(labels)
+    if lab.geometry.ndim != 3:
+        raise ValueError(f"{labels}: a label map must be a 3D volume, got {lab.geometry.ndim}D")
+    check_label_map(lab.array[0], tuple(reversed(reader.GetSize())), vol_geom, lab.geometry, str(labels))
+    return boxes_from_labels(lab.array[0], lab.geometry, names, case=case)
 
 
 def write_boxes_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:
