@@ -4,6 +4,7 @@
     python experiments/organs_localiser.py evaluate --weights W [--out DIR]  # held-out phantoms + each real case
     python experiments/organs_localiser.py time --weights W [--threads 1]    # 512x512x300 CT, 1 thread
     python experiments/organs_localiser.py ship RUN                          # RUN/model.safetensors -> fp16 weights
+    python experiments/organs_localiser.py table [--out DIR]                 # the README table of OUT/results.json
 
 Training: ``medetect train configs/organs_ct_rpn3d.yaml --run-dir RUN --threads 1`` (phantoms seeds 1000..1239
 generated into RUN/phantoms). Results are printed and written to ``OUT/results.json``.
@@ -98,9 +99,37 @@ def ship(run: Path, out: Path) -> None:
     print(f"written {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
+def table(out: Path) -> None:
+    """The Xu-style markdown table (per organ: wall distance, centroid distance, IoU, detection rate) of
+    ``OUT/results.json``: held-out phantoms, then each real case separately."""
+    res = json.loads((out / "results.json").read_text())
+
+    def f(v, nd=1):
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    cols = [("held-out phantoms", res["heldout_phantoms"], None)] if "heldout_phantoms" in res else []
+    real = res.get("organ_ct_sample", {})
+    cols += [(case, real, case) for case in real.get("cases", {})]
+    organs = [o for o in (res.get("heldout_phantoms") or real)["organs_scored"]]
+    head = "| organ | " + " | ".join(f"{name}: wall / centroid mm, IoU, detected" for name, _, _ in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for o in organs + ["mean"]:
+        row = [o]
+        for _, r, case in cols:
+            s = r["cases"][case]["summary"] if case else r
+            if o != "mean" and o not in s["detection_rate"]["per_organ"]:
+                row.append("(absent)")
+                continue
+            get = (lambda k: s[k]["mean"]) if o == "mean" else (lambda k: s[k]["per_organ"][o])
+            row.append(f"{f(get('wall_distance_mm'))} / {f(get('centroid_distance_mm'))}, {f(get('iou'), 2)}, "
+                       f"{f(get('detection_rate'), 2)}")
+        lines.append("| " + " | ".join(row) + " |")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["data", "evaluate", "time", "ship"])
+    ap.add_argument("stage", choices=["data", "evaluate", "time", "ship", "table"])
     ap.add_argument("run", nargs="?", help="ship: the training run folder")
     ap.add_argument("--out", type=Path, default=Path("/tmp/medetect_organs"))
     ap.add_argument("--n", type=int, default=30)
@@ -113,6 +142,8 @@ def main() -> None:
         data(a.out, a.n)
     elif a.stage == "evaluate":
         evaluate(a.out, a.weights)
+    elif a.stage == "table":
+        table(a.out)
     elif a.stage == "time":
         timing(a.weights, a.threads)
     else:
