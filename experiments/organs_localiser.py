@@ -120,9 +120,10 @@ def table(out: Path) -> None:
             if o != "mean" and o not in s["detection_rate"]["per_organ"]:
                 row.append("(absent)")
                 continue
-            get = (lambda k: s[k]["mean"]) if o == "mean" else (lambda k: s[k]["per_organ"][o])
-            row.append(f"{f(get('wall_distance_mm'))} / {f(get('centroid_distance_mm'))}, {f(get('iou'), 2)}, "
-                       f"{f(get('detection_rate'), 2)}")
+            v = {k: s[k]["mean"] if o == "mean" else s[k]["per_organ"][o] for k in
+                 ("wall_distance_mm", "centroid_distance_mm", "iou", "detection_rate")}
+            row.append(f"{f(v['wall_distance_mm'])} / {f(v['centroid_distance_mm'])}, {f(v['iou'], 2)}, "
+                       f"{f(v['detection_rate'], 2)}")
         lines.append("| " + " | ".join(row) + " |")
     print("\n".join(lines))
 
