@@ -250,3 +250,22 @@ def test_organ_config_loads_and_phantoms_cli(tmp_path):
                  "--fov", "thorax"]) == 0
     assert (tmp_path / "ph" / "labels" / "phantom_0000.nii.gz").is_file()
     assert main(["phantoms", str(tmp_path / "ph2"), "--fov", "thorax"]) == 2
+
+
+def test_shipped_localiser_finds_the_organs_of_a_held_out_phantom():
+    from pathlib import Path
+
+    from medetect.apps import load_model
+    from medetect.organs.localiser import localise
+
+    w = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "organs_ct_rpn3d.safetensors"
+    loaded = load_model(w)
+    assert loaded.meta["extra"]["task"] == "organ-localisation" and loaded.classes == list(ORGANS)
+    hu, lab, geom, _ = make_organ_phantom(5003, spacing=(4.0, 4.0, 4.0), fov="whole")  # not a training seed
+    res = localise(loaded, MedicalImage(hu[None], geom))
+    cases_rows = boxes_from_labels(lab, geom, NAMES)
+    organs, truth, inside = organ_boxes(cases_rows, lab.shape)
+    idx = [ORGANS.index(o) for o in organs]
+    m = organ_metrics(res["boxes"][idx], torch.as_tensor(truth), geom.spacing, torch.as_tensor(inside))
+    assert m["detected"].float().mean() >= 0.9
+    assert float(np.nanmean(m["wall_distance_mm"].numpy())) < 15.0
