@@ -10,6 +10,7 @@ bad override, unset ``${VAR}``) is a ``ValueError`` naming the file and the key,
 ``detection``       :class:`ExperimentConfig` (``model``, ``train``, ``data``)  ``medetect train`` (the default task)
 ``luna-detection``  :class:`medetect.luna.config.LunaDetectionConfig`          :func:`medetect.luna.detection.train_detector`
 ``luna-fpr``        :class:`medetect.luna.config.LunaFPRConfig`                :func:`medetect.luna.fpr.train_fpr`
+``organ-localisation`` :class:`medetect.organs.config.OrganLocalisationConfig` :func:`medetect.organs.localiser.train_organs`
 =================== ========================================================== =====================================
 
 Paths (fields declared with ``path=True``) expand ``${VAR}`` / ``${VAR:-default}`` and are relative to the YAML file's
@@ -86,12 +87,13 @@ class ExperimentConfig:
 def _tasks() -> dict[str, type]:
     from .attention.config import AttentionTaskConfig
     from .luna.config import LunaDetectionConfig, LunaFPRConfig  # applications sit above this module's imports
+    from .organs.config import OrganLocalisationConfig
 
     return {"detection": ExperimentConfig, "luna-detection": LunaDetectionConfig, "luna-fpr": LunaFPRConfig,
-            "attention": AttentionTaskConfig}
+            "attention": AttentionTaskConfig, "organ-localisation": OrganLocalisationConfig}
 
 
-TASKS = ("detection", "luna-detection", "luna-fpr", "attention")
+TASKS = ("detection", "luna-detection", "luna-fpr", "attention", "organ-localisation")
 
 
 def _schema(raw: dict) -> type:

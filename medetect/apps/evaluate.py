@@ -15,11 +15,38 @@ from .models import load_model
 __all__ = ["evaluate_spec"]
 
 
+def _organ_spec(spec: str):
+    from ..organs.report import is_organ_folder
+
+    if is_organ_folder(spec):
+        return spec, None
+    folder, _, cases = spec.rpartition(":")
+    if folder and is_organ_folder(folder):
+        return folder, [c for c in cases.split(",") if c]
+    return None
+
+
+def _evaluate_organs(weights, folder: str, cases, *, device=None) -> dict:
+    from ..organs.localiser import ORGAN_TASK
+    from ..organs.report import evaluate_organ_folder
+
+    loaded = load_model(weights, device=device)
+    if loaded.kind != "detector" or loaded.meta.get("extra", {}).get("task") != ORGAN_TASK:
+        raise ValueError(f"{weights}: {folder} is an organ folder (boxes.csv, volumes/); it needs an organ localiser "
+                         "(a model trained with task: organ-localisation)")
+    return evaluate_organ_folder(loaded, folder, cases=cases)
+
+
 def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False,
                   saliency: str | None = None, n_boot: int = 1000) -> dict:
     """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5. An
     ``attention`` model is scored on a mini-MIAS-layout folder instead (:mod:`medetect.attention.evaluate`;
-    ``saliency``: ``attention`` or ``gradcam``, default the model's own; ``n_boot`` bootstrap draws)."""
+    ``saliency``: ``attention`` or ``gradcam``, default the model's own; ``n_boot`` bootstrap draws). An
+    ``organ-ct-sample``-layout folder (``FOLDER`` or ``FOLDER:CASE[,CASE..]``) with an organ localiser gives the
+    per-organ metrics of :func:`medetect.organs.report.evaluate_organ_folder`."""
+    organs = _organ_spec(spec)
+    if organs is not None:
+        return _evaluate_organs(weights, *organs, device=device)
     if ":" not in spec:
         raise ValueError(f"--data must be FOLDER:SPLIT (e.g. ../shared/data/bccd:val), got {spec!r}")
     folder, split = spec.rsplit(":", 1)

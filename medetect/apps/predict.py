@@ -117,6 +117,33 @@ def _write_csv(path: Path, det: dict, names: list[str], with_mm: bool) -> dict:
     return rec
 
 
+def _predict_organs(loaded, paths, out_dir, *, series_uid=None, allow_gaps=False, skip_errors=False) -> list[Path]:
+    from ..organs.report import predict_organs
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, everything, errors = [], {}, []
+
+    def read(f: Path):
+        return read_image(f, series_uid=series_uid, allow_gaps=allow_gaps) if f.is_dir() else read_image(f)
+
+    for f in image_files(paths):  # one CT per input
+        try:
+            w, rec = predict_organs(loaded, [f], out_dir, read=read)
+        except (ValueError, FileNotFoundError, MedicalImageError, OSError, RuntimeError) as e:
+            if not skip_errors:
+                raise
+            errors.append((str(f), str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        written += w
+        everything.update(rec)
+    (out_dir / "predictions.json").write_text(json.dumps(everything))
+    if errors:
+        with open(out_dir / "errors.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([("input", "error"), *errors])
+    return written
+
+
 def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, tile_size=None, overlap: float = 0.25,
                   device=None, score_thresh: float = 0.05, max_detections: int | None = None,
                   skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True,
@@ -133,6 +160,9 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                                  allow_range_mismatch=allow_range_mismatch)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r}")
+    if loaded.meta.get("extra", {}).get("task") == "organ-localisation":  # one box per organ + a three-view PNG
+        return _predict_organs(loaded, paths, out_dir, series_uid=series_uid, allow_gaps=allow_gaps,
+                               skip_errors=skip_errors)
     pre, names = loaded.preprocess, loaded.classes
     tile = check_tile_size(tile_size, pre.ndim)
     if max_detections is not None and (isinstance(max_detections, bool) or int(max_detections) != max_detections

@@ -52,11 +52,19 @@ def _attention(cfg, run_dir: Path, **kw) -> dict:
     return train_attention(cfg, run_dir, **kw)
 
 
+def _organs(cfg, run_dir: Path, **kw) -> dict:
+    from ..organs.localiser import train_organs
+
+    w, history = train_organs(cfg, run_dir, **kw)
+    return {**(history[-1] if history else {}), "weights": str(w)}
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
     "detection": _detection,
     "luna-detection": _luna_detection,
     "luna-fpr": _luna_fpr,
     "attention": _attention,
+    "organ-localisation": _organs,
 }
 
 

@@ -91,6 +91,11 @@ def cmd_evaluate(args) -> int:
             ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
             print(f"{k:>22s}: {res[k]:.4f} {ci}")
         return 0
+    if "organs_scored" in res:  # an organ folder with an organ localiser
+        from ..organs.report import format_organ_table
+
+        print(format_organ_table(res))
+        return 0
     print(f"images: {res['images']}  boxes: {res['boxes']}")
     print(f"VOC mAP@0.5 (all-point): {res['map50']:.4f}   VOC07 11-point: {res['map50_07']:.4f}   "
           f"COCO mAP@[.5:.95]: {res['coco_map']:.4f}")

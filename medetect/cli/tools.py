@@ -1,4 +1,5 @@
-"""``froc`` (LUNA16 FROC/CPM of a submission) and ``phantoms`` (synthetic LUNA16-format CTs)."""
+"""``froc`` (LUNA16 FROC/CPM of a submission) and ``phantoms`` (synthetic LUNA16-format CTs, or with ``--organs``
+torso CTs with labelled organs in the ``organ-ct-sample`` layout)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def cmd_phantoms(args) -> int:
     out = check_out_dir(args.out_dir, "OUT_DIR")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"OUT_DIR {out} is not empty; phantoms are written into a new or empty folder")
+    if args.organs:
+        return _organ_phantoms(args, out)
+    if args.fov is not None:
+        raise UsageError("--fov needs --organs (it picks the field of view of the organ phantoms)")
     lo, hi = args.nodules
     if lo > hi:
         raise UsageError(f"--nodules LO HI needs LO <= HI, got {lo} {hi}")
@@ -55,6 +60,18 @@ def cmd_phantoms(args) -> int:
         kw["spacing"] = tuple(args.spacing)
     m = write_luna16_dataset(out, args.scans, args.seed, args.subsets, n_nodules=(lo, hi), **kw)
     print_json({k: v for k, v in m.items() if k != "scans"}, indent=2)
+    return 0
+
+
+def _organ_phantoms(args, out) -> int:
+    from ..organs.phantoms import write_organ_dataset
+
+    if args.noise < 0:
+        raise UsageError(f"--noise must be >= 0, got {args.noise:g}")
+    kw = {"fov": args.fov, "noise_hu": None if args.noise == 25.0 else args.noise}
+    if args.spacing is not None:
+        kw["spacing"] = tuple(args.spacing)
+    print_json(write_organ_dataset(out, args.scans, args.seed, **kw), indent=2)
     return 0
 
 
@@ -93,5 +110,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="nodules per scan, inclusive range (default 0 4)")
     p.add_argument("--diameters", type=positive_float, nargs=2, metavar=("MIN", "MAX"), default=(3.0, 30.0),
                    help="nodule diameters in mm (default 3 30)")
-    p.add_argument("--noise", type=float, default=25.0, help="noise standard deviation in HU (default 25)")
+    p.add_argument("--noise", type=float, default=25.0, help="noise standard deviation in HU (default 25; with "
+                   "--organs: drawn per scan in 5..30 unless given)")
+    p.add_argument("--organs", action="store_true",
+                   help="torso CTs with labelled organs (liver, spleen, kidneys, stomach, aorta, heart, lungs, bladder, "
+                        "vertebrae) in the organ-ct-sample layout: volumes/, labels/ (NIfTI), boxes.csv, "
+                        "label_tables.json; spacing drawn per scan (slices 0.6-5 mm, in-plane 0.6-1 mm) unless "
+                        "--spacing is given; --shape, --nodules, --diameters and --subsets do not apply")
+    p.add_argument("--fov", default=None, choices=["thorax", "abdomen", "abdomen_pelvis", "chest_abdomen", "whole",
+                                                   "slab", "crop"],
+                   help="with --organs: the field of view of every scan (default: drawn per scan)")
     p.set_defaults(fn=cmd_phantoms)

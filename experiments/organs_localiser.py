@@ -1,0 +1,155 @@
+"""Organ localisation (issue 12): held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
+
+    python experiments/organs_localiser.py data [--out DIR] [--n 30]         # held-out phantoms (seeds 5000..)
+    python experiments/organs_localiser.py evaluate --weights W [--out DIR]  # held-out phantoms + each real case
+    python experiments/organs_localiser.py time --weights W [--threads 1]    # 512x512x300 CT, 1 thread
+    python experiments/organs_localiser.py ship RUN                          # RUN/model.safetensors -> fp16 weights
+    python experiments/organs_localiser.py table [--out DIR]                 # the README table of OUT/results.json
+
+Training: ``medetect train configs/organs_ct_rpn3d.yaml --run-dir RUN --threads 1`` (phantoms seeds 1000..1239
+generated into RUN/phantoms). Results are printed and written to ``OUT/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "organs_ct_rpn3d.safetensors"
+SHARED = Path(os.environ.get("MEDETECT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def data(out: Path, n: int) -> None:
+    from medetect.organs.phantoms import write_organ_dataset
+
+    # held-out: other seeds than training (1000..1239), realistic slice spacing 0.6-5 mm, in-plane 1.5-2.5 mm (a
+    # 160-330 matrix: full 512 matrices take ~30 s each to draw on the 2-core machine)
+    t = time.time()
+    print(write_organ_dataset(out / "heldout", n, 5000, spacing_range=((0.6, 5.0), (1.5, 2.5))),
+          f"{time.time() - t:.0f} s")
+
+
+def evaluate(out: Path, weights: Path) -> None:
+    from medetect.apps import load_model
+    from medetect.organs.report import evaluate_organ_folder, format_organ_table
+
+    loaded = load_model(weights)
+    results = {}
+    for name, folder in (("heldout_phantoms", out / "heldout"), ("organ_ct_sample", SHARED / "organ-ct-sample")):
+        if not (folder / "boxes.csv").is_file():
+            print(f"skipping {name}: {folder} has no boxes.csv")
+            continue
+        t = time.time()
+        res = evaluate_organ_folder(loaded, folder)
+        res["seconds"] = round(time.time() - t, 1)
+        print(f"== {name}\n{format_organ_table(res) if name != 'heldout_phantoms' else _short(res)}")
+        results[name] = res
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"written {out / 'results.json'}")
+
+
+def _short(res: dict) -> str:
+    from medetect.organs.report import format_organ_table
+
+    table = format_organ_table(res)
+    return table[table.index("all cases"):]
+
+
+def timing(weights: Path, threads: int) -> None:
+    from medetect.apps import load_model
+    from medetect.convert import Geometry
+    from medetect.data.image import MedicalImage
+    from medetect.organs.localiser import localise
+    from medetect.organs.phantoms import make_organ_phantom
+
+    torch.set_num_threads(threads)
+    hu, _, geom, _ = make_organ_phantom(7, spacing=(1.25, 0.8, 0.8), fov="chest_abdomen", max_shape=512)
+    vol = np.full((300, 512, 512), -1000, dtype=np.int16)  # the phantom placed in a 512x512x300 CT
+    z, y, x = (min(a, b) for a, b in zip(hu.shape, vol.shape))
+    vol[:z, :y, :x] = hu[:z, :y, :x]
+    img = MedicalImage(vol[None], Geometry((1.25, 0.8, 0.8), geom.origin, geom.direction))
+    loaded = load_model(weights)
+    localise(loaded, img)  # warm-up
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        res = localise(loaded, img)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"shape": list(vol.shape), "threads": threads, "seconds": [round(t, 2) for t in times],
+                      "median_s": round(sorted(times)[1], 2), "organs_found": int(res["present"].sum())}))
+
+
+def ship(run: Path, out: Path) -> None:
+    from medetect.apps import load_model
+    from medetect.models.io import save_model
+
+    loaded = load_model(run / "model.safetensors")
+    model = loaded.model.half()
+    save_model(model, out, kind="detector", preprocess=loaded.preprocess, classes=loaded.classes,
+               extra={**loaded.meta["extra"], "dtype": "float16"})
+    print(f"written {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+def table(out: Path) -> None:
+    """The Xu-style markdown table (per organ: wall distance, centroid distance, IoU, detection rate) of
+    ``OUT/results.json``: held-out phantoms, then each real case separately."""
+    res = json.loads((out / "results.json").read_text())
+
+    def f(v, nd=1):
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    cols = [("held-out phantoms", res["heldout_phantoms"], None)] if "heldout_phantoms" in res else []
+    real = res.get("organ_ct_sample", {})
+    cols += [(case, real, case) for case in real.get("cases", {})]
+    organs = [o for o in (res.get("heldout_phantoms") or real)["organs_scored"]]
+    head = "| organ | " + " | ".join(f"{name}: wall / centroid mm, IoU, detected" for name, _, _ in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for o in organs + ["mean"]:
+        row = [o]
+        for _, r, case in cols:
+            s = r["cases"][case]["summary"] if case else r
+            if o != "mean" and o not in s["detection_rate"]["per_organ"]:
+                row.append("(absent)")
+                continue
+            v = {k: s[k]["mean"] if o == "mean" else s[k]["per_organ"][o] for k in
+                 ("wall_distance_mm", "centroid_distance_mm", "iou", "detection_rate")}
+            row.append(f"{f(v['wall_distance_mm'])} / {f(v['centroid_distance_mm'])}, {f(v['iou'], 2)}, "
+                       f"{f(v['detection_rate'], 2)}")
+        lines.append("| " + " | ".join(row) + " |")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["data", "evaluate", "time", "ship", "table"])
+    ap.add_argument("run", nargs="?", help="ship: the training run folder")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/medetect_organs"))
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--weights", type=Path, default=SHIPPED)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    if a.stage == "data":
+        data(a.out, a.n)
+    elif a.stage == "evaluate":
+        evaluate(a.out, a.weights)
+    elif a.stage == "table":
+        table(a.out)
+    elif a.stage == "time":
+        timing(a.weights, a.threads)
+    else:
+        ship(Path(a.run), a.weights)
+
+
+if __name__ == "__main__":
+    main()
