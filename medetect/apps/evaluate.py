@@ -1,13 +1,15 @@
-"""``medetect evaluate``: VOC / COCO mAP of a model on a Pascal VOC folder, through the one predict path."""
+"""``medetect evaluate``: VOC / COCO mAP of a model on a dataset in any format of :mod:`medetect.data.formats` (or a
+config's data section), 2D or 3D, through the one predict path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..convert import Geometry
-from ..data.annotations import read_voc_folder
+import numpy as np
+import torch
+
 from ..data.datasets import DetectionDataset
-from ..data.image import MedicalImage
+from ..data.formats import open_dataset, parse_data_spec
 from ..engine.predictor import Predictor
 from ..evaluation.detection import evaluate_detections, evaluate_voc
 from .models import load_model
@@ -15,27 +17,65 @@ from .models import load_model
 __all__ = ["evaluate_spec"]
 
 
+def _open_spec(spec: str, names: list[str]) -> tuple[DetectionDataset, str]:
+    """The evaluation dataset of ``--data``: a config YAML (``CONFIG.yaml[:SPLIT]``, its data section, default split
+    its ``val_split``), ``FORMAT:PATH:SPLIT`` or ``FOLDER:SPLIT`` (VOC). Returns (dataset, description)."""
+    path_part, _, maybe_split = spec.rpartition(":")
+    for cand, split in ((spec, ""), (path_part, maybe_split)):
+        if cand.endswith((".yaml", ".yml")) and Path(cand).is_file():
+            from ..config import load_config  # the config route sits beside this module
+
+            cfg = load_config(cand)
+            data = getattr(cfg, "data", None)
+            if data is None or not hasattr(data, "source"):
+                raise ValueError(f"{cand}: --data needs a config with a detection data section (task: detection)")
+            split = split or data.val_split or data.train_split
+            src = data.source()
+            src["classes"] = src["classes"] or names
+            return open_dataset(**src, split=split), f"{cand}:{split}"
+    fmt, path, split = parse_data_spec(spec)
+    if fmt in ("coco", "csv", "datalist"):
+        file = Path(path)
+        if fmt == "coco" and "{split}" not in path:
+            split_arg = "all"  # the file is the split
+        else:
+            split_arg = split
+        return open_dataset(fmt, file.parent, split_arg, annotations=path, classes=names,
+                            box_mode=_datalist_mode(path, names) if fmt == "datalist" else ""), spec
+    return open_dataset(fmt, path, split, classes=names), spec
+
+
+def _datalist_mode(path: str, names) -> str:
+    raise ValueError(f"--data datalist:{path}:SPLIT cannot state the box convention: evaluate a datalist through a "
+                     "config (--data CONFIG.yaml[:SPLIT]) whose data section sets box_mode and box_units")
+
+
 def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False) -> dict:
-    """Evaluate on ``FOLDER:SPLIT`` (a Pascal VOC folder); returns VOC/COCO mAP and per-class AP@0.5."""
-    if ":" not in spec:
-        raise ValueError(f"--data must be FOLDER:SPLIT (e.g. ../shared/data/bccd:val), got {spec!r}")
-    folder, split = spec.rsplit(":", 1)
+    """Evaluate on ``--data`` (``CONFIG.yaml[:SPLIT]``, ``FORMAT:PATH:SPLIT`` or a VOC ``FOLDER:SPLIT``; see
+    :func:`_open_spec`); returns VOC/COCO mAP and per-class AP@0.5, 2D or 3D."""
     loaded = load_model(weights, device=device)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
     names = list(loaded.classes)
-    records, report = read_voc_folder(folder, split, classes=names)
-    ds = DetectionDataset(records=records, root=folder, classes=names)
+    ds, where = _open_spec(spec, names)
+    report = ds.report
     if len(ds) == 0:
-        raise ValueError(f"{spec}: the split lists no images")
+        raise ValueError(f"{where}: the split lists no images")
+    unknown = sorted(set(ds.classes) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: classes {unknown} are not among the model's classes {names}")
     predictor = Predictor(loaded.model, device=device)
     preds, gts = [], []
+    index = {c: i for i, c in enumerate(names)}
     for i in range(len(ds)):
-        s = ds.raw_sample(i, dtype=None)  # stored dtype: the range check sees what the file holds
-        img = MedicalImage(s["image"], Geometry.identity(s["image"].ndim - 1), path=str(ds.records[i].image))
+        rec = ds.records[i]
+        img = ds.image(i)  # as stored (dtype, geometry): the range check and resampling see what the file holds
+        if rec.ndim != img.ndim:
+            raise ValueError(f"{rec.image}: boxes are {rec.ndim}D but the image is {img.ndim}D")
         det = predictor.predict_image(img, loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
         preds.append({"boxes": det["boxes"].float(), "scores": det["scores"], "labels": det["labels"]})
-        gts.append({"boxes": s["boxes"], "labels": s["labels"]})
+        labels = torch.tensor([index[c] for c in ds.records[i].labels], dtype=torch.long)  # model's class order
+        gts.append({"boxes": torch.from_numpy(rec.boxes.astype(np.float32)).reshape(-1, 2 * rec.ndim), "labels": labels})
     res = evaluate_detections(preds, gts, class_names=names)  # the one set of metric keys (validation: val_ + key)
     if plot_dir:
         from ..evaluation.plots import pr_curve_png
