@@ -54,6 +54,8 @@ class DataConfig:
                            "xyxy, xywh, ccwh (2D)", choices=BOX_MODES)
     box_units: str = option("voxel", doc="datalist boxes in image voxels or in world millimetres (the image "
                             "file's physical frame)", choices=("voxel", "world"))
+    channels: int = option(0, doc="convert every image to this many channels (1: grey, 3: colour; 0: as stored)",
+                           ge=0)
     classes: list[str] = option([], doc="class names (voc: required; datalist: the names of label indices 0..K-1; "
                                 "others: the file's own list when empty)")
     train_split: str = option("train", doc="split used for training ('all': every image of a file without splits)")
@@ -95,7 +97,8 @@ class DataConfig:
             if self.dataset == "bccd":
                 classes = ["RBC", "WBC", "Platelets"]
         return {"fmt": fmt, "root": self.root, "annotations": self.annotations, "images": self.images,
-                "classes": classes, "box_mode": self.box_mode, "box_units": self.box_units, "clip": self.clip_boxes}
+                "classes": classes, "box_mode": self.box_mode, "box_units": self.box_units, "clip": self.clip_boxes,
+                "channels": self.channels}
 
 
 @dataclass

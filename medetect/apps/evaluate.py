@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import DetectionDataset
-from ..data.formats import open_dataset, parse_data_spec
+from ..data.formats import open_dataset, parse_data_spec, source_from_spec
 from ..engine.predictor import Predictor
 from ..evaluation.detection import evaluate_detections, evaluate_voc
 from .models import load_model
@@ -34,20 +34,12 @@ def _open_spec(spec: str, names: list[str]) -> tuple[DetectionDataset, str]:
             src["classes"] = src["classes"] or names
             return open_dataset(**src, split=split), f"{cand}:{split}"
     fmt, path, split = parse_data_spec(spec)
-    if fmt in ("coco", "csv", "datalist"):
-        file = Path(path)
-        if fmt == "coco" and "{split}" not in path:
-            split_arg = "all"  # the file is the split
-        else:
-            split_arg = split
-        return open_dataset(fmt, file.parent, split_arg, annotations=path, classes=names,
-                            box_mode=_datalist_mode(path, names) if fmt == "datalist" else ""), spec
-    return open_dataset(fmt, path, split, classes=names), spec
-
-
-def _datalist_mode(path: str, names) -> str:
-    raise ValueError(f"--data datalist:{path}:SPLIT cannot state the box convention: evaluate a datalist through a "
-                     "config (--data CONFIG.yaml[:SPLIT]) whose data section sets box_mode and box_units")
+    if fmt == "datalist":
+        raise ValueError(f"--data {spec!r} cannot state a datalist's box convention: evaluate it through a config "
+                         "(--data CONFIG.yaml[:SPLIT]) whose data section sets box_mode and box_units")
+    if fmt == "coco" and "{split}" not in path:
+        split = "all"  # the file given is the split
+    return open_dataset(**source_from_spec(fmt, path), split=split, classes=names), spec
 
 
 def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False) -> dict:

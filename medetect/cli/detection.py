@@ -144,7 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("evaluate", help="VOC/COCO mAP of a model on a dataset")
     ev.add_argument("--weights", required=True)
-    ev.add_argument("--data", required=True, help="FOLDER:SPLIT, e.g. ../shared/data/bccd:val (a VOC folder)")
+    ev.add_argument("--data", required=True,
+                    help="CONFIG.yaml[:SPLIT] (its data section; default split: its val_split), FORMAT:PATH:SPLIT "
+                         "(coco:ann/val.json:val, csv:boxes.csv:val, dsb2018:FOLDER:val, mias:FOLDER:val, ...) or "
+                         "FOLDER:SPLIT (a VOC folder, e.g. ../shared/data/bccd:val)")
     ev.add_argument("--plots", default=None, help="folder for PR curves (PNG)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--allow-range-mismatch", action="store_true",

@@ -22,9 +22,12 @@ without one: every image of the file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .annotations import (
     AnnotationReport,
@@ -36,10 +39,35 @@ from .annotations import (
     read_voc_folder,
 )
 from .datasets import DetectionDataset, dsb2018, mini_mias
+from .image import MedicalImage
+from .io import read_image
 
-__all__ = ["FORMATS", "open_dataset", "parse_data_spec"]
+__all__ = ["FORMATS", "ChannelReader", "open_dataset", "parse_data_spec", "source_from_spec"]
 
 FORMATS = ("voc", "coco", "csv", "datalist", "mias", "dsb2018", "luna16_patches")
+
+
+class ChannelReader:
+    """``path -> MedicalImage`` with exactly ``channels`` channels (picklable, for DataLoader workers): grey from
+    colour by the mean of the channels (rounded, dtype kept), colour from grey by repetition. Datasets mixing
+    greyscale and RGB(A) files (NIH ChestX-ray14, DSB2018) then give one input shape."""
+
+    def __init__(self, channels: int):
+        self.channels = int(channels)
+
+    def __call__(self, path) -> MedicalImage:
+        img = read_image(path)
+        c = img.array.shape[0]
+        if c == self.channels:
+            return img
+        if self.channels == 1:
+            a = img.array.astype(np.float64).mean(0, keepdims=True)
+            a = np.rint(a) if np.issubdtype(img.array.dtype, np.integer) else a
+            return dataclasses.replace(img, array=a.astype(img.array.dtype))
+        if c == 1:
+            return dataclasses.replace(img, array=np.repeat(img.array, self.channels, axis=0))
+        raise ValueError(f"{path}: the image has {c} channels; data.channels {self.channels} can only be made from "
+                         "1 channel (or 3 -> 1)")
 
 
 def _split_path(annotations: str, split: str, fmt: str) -> Path:
@@ -66,16 +94,23 @@ def open_dataset(
     transform: Callable | None = None,
     cache: bool = False,
     pre_transform: Callable | None = None,
+    channels: int = 0,
 ) -> DetectionDataset:
     """The dataset of ``split`` of a ``fmt`` dataset (see the module table). ``classes`` fixes the class list (and
     order); empty: the format's own list (COCO ``categories``, the named folders) or the sorted labels found.
     ``box_mode`` / ``box_units`` state a datalist's box convention (default ``xyxy`` / ``xyzxyz`` by the images'
-    dimension is NOT guessed: a datalist needs ``box_mode``). The dataset's ``report`` holds what the reader
-    skipped or clipped."""
+    dimension is NOT guessed: a datalist needs ``box_mode``). ``channels`` > 0 converts every image to that many
+    channels (:class:`ChannelReader`). The dataset's ``report`` holds what the reader skipped or clipped."""
     root = Path(root)
     img_root = Path(images) if images else root
     kw = dict(transform=transform, cache=cache, pre_transform=pre_transform)
-    given = tuple(classes) or None
+    ds = _open(fmt, root, split, annotations, img_root, tuple(classes) or None, box_mode, box_units, clip, kw)
+    if channels:
+        ds.reader = ChannelReader(channels)
+    return ds
+
+
+def _open(fmt, root, split, annotations, img_root, given, box_mode, box_units, clip, kw) -> DetectionDataset:
     if not root.exists():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     if fmt == "dsb2018":
@@ -127,6 +162,15 @@ def open_dataset(
     ds = DetectionDataset(records=records, root=img_root, classes=names, **kw)
     ds.report = report if isinstance(report, AnnotationReport) else AnnotationReport()
     return ds
+
+
+def source_from_spec(fmt: str, path: str) -> dict:
+    """The :func:`open_dataset` arguments of a command-line ``FORMAT:PATH``: for the formats with an annotation file
+    (``coco``, ``csv``, ``datalist``) PATH is that file and image paths are relative to its folder; for the folder
+    formats PATH is the dataset folder."""
+    if fmt in ("coco", "csv", "datalist"):
+        return {"fmt": fmt, "root": str(Path(path).parent), "annotations": path}
+    return {"fmt": fmt, "root": path}
 
 
 def parse_data_spec(spec: str) -> tuple[str, str, str]:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...convert import Geometry, world_to_voxel
+from ...convert import Geometry, voxel_to_world, world_to_voxel
 from ._common import AnnotationError, AnnotationReport, ImageAnnotation, PathLike, _Rows, _build, _image_path, _safe_relpath
 
 __all__ = ["BOX_MODES", "read_datalist", "write_datalist", "datalist_splits"]
@@ -100,6 +100,17 @@ def _world_to_boxes(edges_xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     corners = np.where(pick[None].astype(bool), hi[:, None], lo[:, None])  # [N, 2^d, d] world x, y, z
     vox = np.asarray(world_to_voxel(corners, geometry))  # [N, 2^d, d] array order
     return np.concatenate([vox.min(1), vox.max(1)], axis=1)
+
+
+def _boxes_to_world(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Medetect voxel boxes ``[N, 2d]`` -> world corner boxes (x.. then x..; mm): the bounding box of the corners."""
+    n, d = boxes.shape[0], boxes.shape[1] // 2
+    if n == 0:
+        return np.zeros((0, 2 * d))
+    pick = np.array(np.meshgrid(*[[0, 1]] * d, indexing="ij")).reshape(d, -1).T  # [2^d, d]
+    corners = np.where(pick[None].astype(bool), boxes[:, None, d:], boxes[:, None, :d])  # [N, 2^d, d] array order
+    world = np.asarray(voxel_to_world(corners, geometry))  # [N, 2^d, d] x, y, z
+    return np.concatenate([world.min(1), world.max(1)], axis=1)
 
 
 def _header(path: Path) -> tuple[tuple[int, ...], Geometry]:
@@ -243,9 +254,14 @@ def write_datalist(
     *,
     classes: Sequence[str],
     box_mode: str | None = None,
+    units: str = "voxel",
 ) -> Path:
-    """Write ``{split: records}`` as a datalist (voxel units, labels as indices into ``classes``) that
-    :func:`read_datalist` reads back exactly. ``box_mode`` defaults to ``xyxy`` / ``xyzxyz`` by dimension."""
+    """Write ``{split: records}`` as a datalist (labels as indices into ``classes``) that :func:`read_datalist`
+    reads back (exactly in voxel units; to float precision in world units). ``box_mode`` defaults to ``xyxy`` /
+    ``xyzxyz`` by dimension. ``units='world'`` needs ``meta['geometry']`` on every record and writes each box's
+    world (mm) extent, i.e. for an axis-aligned geometry the box itself (MONAI's LUNA16 datalists: ``cccwhd``)."""
+    if units not in ("voxel", "world"):
+        raise ValueError(f"write_datalist: units must be 'voxel' or 'world', got {units!r}")
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, list] = {}
     for name, recs in splits.items():
@@ -255,7 +271,13 @@ def write_datalist(
             mode = box_mode or ("xyxy" if d == 2 else "xyzxyz")
             if BOX_MODES.get(mode, (None,))[0] != d:
                 raise ValueError(f"write_datalist: box_mode {mode!r} does not fit {d}D boxes of {r.image!r}")
-            rev = r.boxes[:, list(range(d - 1, -1, -1)) + list(range(2 * d - 1, d - 1, -1))]
+            if units == "world":
+                geo = r.meta.get("geometry")
+                if not isinstance(geo, Geometry):
+                    raise ValueError(f"write_datalist: {r.image!r} has no meta['geometry'] for world units")
+                rev = _boxes_to_world(r.boxes, geo)
+            else:
+                rev = r.boxes[:, list(range(d - 1, -1, -1)) + list(range(2 * d - 1, d - 1, -1))]
             unknown = sorted(set(r.labels) - set(index))
             if unknown:
                 raise ValueError(f"write_datalist: {r.image!r} has labels {unknown} not in classes {list(classes)}")
@@ -264,5 +286,11 @@ def write_datalist(
         out[name] = items
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    lines = ["{"]
+    for k, (name, items) in enumerate(out.items()):  # one entry per line: readable and diffable
+        lines.append(f" {json.dumps(name)}: [")
+        lines += [f"  {json.dumps(it)}" + ("," if j < len(items) - 1 else "") for j, it in enumerate(items)]
+        lines.append(" ]" + ("," if k < len(out) - 1 else ""))
+    lines.append("}")
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return p
