@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
     if args.onnx:
         print(export_onnx(args.run_dir, args.out, args.onnx))
     else:
-        print(export_from_run(args.run_dir, args.out))
+        print(export_from_run(args.run_dir, args.out, best=args.best))
     return 0
 
 
@@ -114,6 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="a run's newest checkpoint -> one shippable .safetensors model (or ONNX)")
     ex.add_argument("run_dir", help="training run folder (or, with --onnx, a .safetensors model)")
     ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--best", action="store_true",
+                    help="the best validation epoch (the run's best.json) instead of the newest checkpoint")
     ex.add_argument("--onnx", type=positive_int, nargs="+", default=None, metavar="SIZE",
                     help="export the dense part (backbone, FPN, dense head) to ONNX for this input size")
     ex.set_defaults(fn=cmd_export)
