@@ -23,40 +23,40 @@ from _ddp_worker import SquaresDataset, tiny_detector_config  # noqa: E402
 def _trainer(run: Path, scores: list[float], epochs: int = 3) -> Trainer:
     torch.manual_seed(0)
     calls = iter(scores)
-    cfg = TrainConfig(epochs=epochs, batch_size=2, lr=1e-3, optimizer="adamw", warmup_iters=1, num_workers=0,
+    cfg = TrainConfig(epochs=epochs, batch_size=2, lr=1e-3, optimizer="adamw", warmup_iters=0, num_workers=0, schedule="constant",
                       log_every=1)
-    return Trainer(model=build_detector(tiny_detector_config()), train_data=SquaresDataset(4),
+    return Trainer(model=build_detector(tiny_detector_config()), train_data=SquaresDataset(2),
                    val_data=SquaresDataset(2), evaluate=lambda m, d: {"val_map50": next(calls), "val_images": 2},
                    config=cfg, run_dir=run)
 
 
 def test_run_files_best_and_plain_progress_lines(tmp_path, capsys):
     run = tmp_path / "run"
-    _trainer(run, [0.2, 0.5, 0.4]).fit()
+    _trainer(run, [0.5, 0.4], epochs=2).fit()
     out = capsys.readouterr()
     assert "\r" not in out.out + out.err  # not a terminal: no bar, plain lines
-    assert "epoch 1/3 step 1/2 loss=" in out.out and "epoch=3 step=6 train_loss=" in out.out
-    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3"]
-    assert [r["step"] for r in csv.DictReader(open(run / "steps.csv"))] == ["1", "2", "3", "4", "5", "6"]
+    assert "epoch 1/2 step 1/1 loss=" in out.out and "epoch=2 step=2 train_loss=" in out.out
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
+    assert [r["step"] for r in csv.DictReader(open(run / "steps.csv"))] == ["1", "2"]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = json.loads((run / "best.json").read_text())
-    assert best == {"metric": "val_map50", "value": 0.5, "epoch": 2, "step": 4, "weights": "best.safetensors"}
+    assert best == {"metric": "val_map50", "value": 0.5, "epoch": 1, "step": 1, "weights": "best.safetensors"}
 
 
 def test_resume_keeps_the_best_and_export_best_uses_it(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": tiny_detector_config().to_dict(), "data": {}}))
-    _trainer(run, [0.3, 0.6], epochs=2).fit()
-    second = _trainer(run, [0.5], epochs=3)
+    _trainer(run, [0.6], epochs=1).fit()
+    second = _trainer(run, [0.5], epochs=2)
     assert second.resume()
-    second.fit()  # epoch 3 scores 0.5 < 0.6: the best stays at epoch 2
-    assert json.loads((run / "best.json").read_text())["epoch"] == 2
+    second.fit()  # epoch 2 scores 0.5 < 0.6: the best stays at epoch 1
+    assert json.loads((run / "best.json").read_text())["epoch"] == 1
     capsys.readouterr()
     assert main(["export", str(run), "--best", "--out", str(tmp_path / "best.safetensors")]) == 0
     best_sd = load_model(tmp_path / "best.safetensors").model.state_dict()
     last_sd = load_model(run).model.state_dict()
-    assert any(not torch.equal(best_sd[k], last_sd[k].half().float()) for k in best_sd)  # epoch 2, not epoch 3
+    assert any(not torch.equal(best_sd[k], last_sd[k].half().float()) for k in best_sd)  # epoch 1, not epoch 2
 
 
 def test_export_best_without_validation_is_a_sentence(tmp_path, capsys):
