@@ -67,7 +67,8 @@ def cmd_predict(args) -> int:
     written = predict_paths(args.weights, args.paths, out, tile_size=args.tile, overlap=args.overlap,
                             device=args.device, score_thresh=args.score_thresh, max_detections=args.max_detections,
                             skip_errors=args.skip_errors, allow_range_mismatch=args.allow_range_mismatch,
-                            progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps)
+                            progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps,
+                            formats=args.format, overlays=args.overlays)
     print(f"wrote {len(written)} prediction files to {out}")
     return 0
 
@@ -141,6 +142,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--allow-gaps", action="store_true",
                     help="for DICOM series with missing slices: stack anyway with the median slice step")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
+    pr.add_argument("--format", nargs="+", default=["csv"], choices=("csv", "coco", "slicer", "dicom-sr"),
+                    help="also write: coco (coco_results.json + coco_images.json, 2D), slicer (<stem>_rois/*.mrk.json, "
+                         "3D Slicer ROIs in LPS mm), dicom-sr (<stem>.sr.dcm, TID 1500; needs highdicom); the CSVs "
+                         "and predictions.json are always written")
+    pr.add_argument("--overlays", action="store_true", help="also write overlays/<stem>.png with the boxes drawn")
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 
