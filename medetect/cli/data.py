@@ -46,7 +46,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from ..apps.plan import plan_dataset
+
+    check_out_file(args.out)
+    if args.report:
+        check_out_dir(args.report, "--report")
+    print_json(plan_dataset(args.config, args.out, memory_gb=args.memory_gb, report=args.report, sets=args.sets),
+               indent=1)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("plan", help="read a dataset once and write a whole training config (anchors, scale, "
+                        "normalisation, batch) for it",
+                        description="DATA_CONFIG needs a data section (any format); the plan is a task: detection "
+                                    "config that `medetect train PLAN` runs as is. Rules: medetect/apps/plan.py.")
+    pl.add_argument("config", metavar="DATA_CONFIG")
+    pl.add_argument("--out", required=True, help="the planned config (YAML)")
+    pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/index.html, the dataset fingerprint")
+    pl.add_argument("--memory-gb", type=float, default=8.0, help="memory budget for the batch size (default 8)")
+    pl.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of DATA_CONFIG first (repeatable)")
+    pl.set_defaults(fn=cmd_plan)
+
     c = sub.add_parser(
         "convert", help="a dataset (VOC, COCO, CSV, datalist, mias, dsb2018, luna16_patches) -> COCO / CSV / datalist",
         description="Write the annotations of SOURCE in another format; images are not copied (paths stay relative "
