@@ -221,8 +221,10 @@ def test_train_export_and_evaluate_a_3d_datalist_config(tmp_path, capsys):
     assert "val_map50" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--weights", str(tmp_path / "m.safetensors"), "--data", f"{cfg}:training", "--json"]) == 0
+    assert main(["evaluate", "--weights", str(tmp_path / "m.safetensors"), "--data", f"{cfg}:training", "--json",
+                 "--froc"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["froc"]["lesions"] == 2 and 0 <= res["froc"]["cpm"] <= 1
     assert res["images"] == 2 and res["boxes"] == 2 and set(res["ap50_per_class"]) == {"nodule"}
     assert main(["evaluate", "--weights", str(tmp_path / "m.safetensors"), "--data", f"datalist:{tmp_path}/dl.json:x"]) == 2
     assert "box convention" in capsys.readouterr().err
@@ -278,3 +280,17 @@ def test_each_example_config_trains_one_step(shared_data, tmp_path, monkeypatch,
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--threads", "1", *sum((["--set", s] for s in sets), [])]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 1 and np.isfinite(summary["train_loss"])
+
+
+def test_box_froc_by_hand():
+    from medetect.evaluation.box_froc import box_froc
+
+    gts = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0])},
+           {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1])}]
+    preds = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [50.0, 50, 60, 60]]), "scores": torch.tensor([0.9, 0.8]),
+              "labels": torch.tensor([0, 0])},
+             {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([0])}]
+    f = box_froc(preds, gts)  # labels merged: the second image's hit counts although its class differs
+    # score order: hit (0 FP), FP (0.5 FP/img), hit -> sensitivity 0.5 below 0.5 FP/img, 1.0 from 0.5 on
+    assert f["sensitivity_at"]["0.25"] == 0.5 and f["sensitivity_at"]["0.5"] == 1.0 and f["lesions"] == 2
+    assert f["cpm"] == pytest.approx((0.5 * 2 + 1.0 * 5) / 7)

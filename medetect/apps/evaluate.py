@@ -42,9 +42,11 @@ def _open_spec(spec: str, names: list[str]) -> tuple[DetectionDataset, str]:
     return open_dataset(**source_from_spec(fmt, path), split=split, classes=names), spec
 
 
-def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False) -> dict:
+def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False,
+                  froc: bool = False) -> dict:
     """Evaluate on ``--data`` (``CONFIG.yaml[:SPLIT]``, ``FORMAT:PATH:SPLIT`` or a VOC ``FOLDER:SPLIT``; see
-    :func:`_open_spec`); returns VOC/COCO mAP and per-class AP@0.5, 2D or 3D."""
+    :func:`_open_spec`); returns VOC/COCO mAP and per-class AP@0.5, 2D or 3D, and with ``froc`` the box FROC per
+    image / scan (:func:`~medetect.evaluation.box_froc.box_froc`: sensitivities at 1/8..8 FP per image, CPM)."""
     loaded = load_model(weights, device=device)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
@@ -74,4 +76,8 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
 
         Path(plot_dir).mkdir(parents=True, exist_ok=True)
         pr_curve_png(evaluate_voc(preds, gts, class_names=names), Path(plot_dir) / "pr_voc50.png", class_names=names)
+    if froc:
+        from ..evaluation.box_froc import box_froc
+
+        res["froc"] = box_froc(preds, gts)
     return {**res, "skipped_zero_size": report.skipped_zero_size}

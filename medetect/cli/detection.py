@@ -80,7 +80,7 @@ def cmd_evaluate(args) -> int:
     if args.plots:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
-                        allow_range_mismatch=args.allow_range_mismatch)
+                        allow_range_mismatch=args.allow_range_mismatch, froc=args.froc)
     if args.json:
         print_json(res, indent=1)
         return 0
@@ -89,6 +89,10 @@ def cmd_evaluate(args) -> int:
           f"COCO mAP@[.5:.95]: {res['coco_map']:.4f}")
     for name, ap in res["ap50_per_class"].items():
         print(f"  AP@0.5 {name:>12s}: {ap:.4f}")
+    if "froc" in res:
+        f = res["froc"]
+        print(f"FROC (IoU > {f['iou_threshold']}, {f['lesions']} lesions in {f['images']} images): CPM {f['cpm']:.4f}; "
+              + ", ".join(f"{k} FP/img {v:.3f}" for k, v in f["sensitivity_at"].items()))
     return 0
 
 
@@ -157,6 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(coco:ann/val.json:val, csv:boxes.csv:val, dsb2018:FOLDER:val, mias:FOLDER:val, ...) or "
                          "FOLDER:SPLIT (a VOC folder, e.g. ../shared/data/bccd:val)")
     ev.add_argument("--plots", default=None, help="folder for PR curves (PNG)")
+    ev.add_argument("--froc", action="store_true",
+                    help="also the box FROC per image/scan (lesion-style data): sensitivity at 1/8..8 FP per image, CPM")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--allow-range-mismatch", action="store_true",
                     help="evaluate even when images lie far outside the value range the model was trained on")
