@@ -3,7 +3,7 @@
 ``--debug``. Library modules have no argparse.
 
 Commands: ``train``, ``export``, ``predict``, ``evaluate``, ``froc``, ``phantoms``, ``luna`` (stage one),
-``luna-fpr`` (stage two), ``demo``, ``convert``.
+``luna-fpr`` (stage two), ``demo``, ``convert``, ``plan``.
 """
 
 from __future__ import annotations

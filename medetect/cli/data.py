@@ -1,4 +1,4 @@
-"""``convert``: a dataset in any supported format -> COCO, CSV or a MONAI detection datalist."""
+"""``convert`` (a dataset in any supported format -> COCO, CSV or a MONAI datalist) and ``plan`` (a dataset -> a training config)."""
 
 from __future__ import annotations
 
