@@ -20,5 +20,6 @@ SITE=$(ls -d "$WORK"/venv/lib/python3*/site-packages)
 "$ENV_PY" -c 'import site; print(site.getsitepackages()[0])' > "$SITE/_deps.pth"   # dependencies only
 "$ENV_PY" -m pip install --no-deps --no-index --prefix "$WORK/venv" "$WHEEL" -q
 cd "$WORK/run"
-"$WORK/venv/bin/python" -c 'import medetect, sys; assert "site-packages" in medetect.__file__, medetect.__file__'
-"$WORK/venv/bin/medetect" demo --out "$WORK/run/demo"
+"$WORK/venv/bin/python" -c "import medetect; assert medetect.__file__.startswith('$WORK/venv/'), medetect.__file__"
+# (pip of the other environment wrote the console script's shebang for its own python: run the module instead)
+"$WORK/venv/bin/python" -m medetect demo --out "$WORK/run/demo"
