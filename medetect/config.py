@@ -35,15 +35,32 @@ __all__ = ["DataConfig", "ExperimentConfig", "load_config", "config_from_dict", 
            "TASKS"]
 
 DATASETS = ("voc", "bccd", "dsb2018", "mini_mias")
+DATA_FORMATS = ("", "voc", "coco", "csv", "datalist", "mias", "dsb2018", "luna16_patches", "luna")
+BOX_MODES = ("", "xyzxyz", "xyzwhd", "cccwhd", "xyxy", "xywh", "ccwh")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = option("voc", doc="a Pascal VOC folder (voc) or a named loader", choices=DATASETS)
+    format: str = option("", doc="annotation format (medetect.data.formats): voc, coco, csv, datalist (MONAI "
+                         "detection datalist JSON, 2D or 3D), mias, dsb2018, luna16_patches; empty: the older "
+                         "data.dataset key decides", choices=DATA_FORMATS)
+    dataset: str = option("voc", doc="(older key, used when data.format is empty) a Pascal VOC folder (voc) or a "
+                          "named loader", choices=DATASETS)
     root: str = option("../shared/data/bccd", doc="dataset folder", path=True)
-    classes: list[str] = option([], doc="class names (voc: required; named loaders know theirs)")
-    train_split: str = option("train", doc="split used for training")
-    val_split: str = option("val", doc="split used for validation")
+    annotations: str = option("", doc="annotation file for coco / csv / datalist; {split} in it is replaced by the "
+                              "split name", path=True)
+    images: str = option("", doc="folder the annotation's image paths are relative to (default: data.root)",
+                         path=True)
+    box_mode: str = option("", doc="datalist box convention (MONAI names, x-first): xyzxyz, xyzwhd, cccwhd (3D), "
+                           "xyxy, xywh, ccwh (2D)", choices=BOX_MODES)
+    box_units: str = option("voxel", doc="datalist boxes in image voxels or in world millimetres (the image "
+                            "file's physical frame)", choices=("voxel", "world"))
+    channels: int = option(0, doc="convert every image to this many channels (1: grey, 3: colour; 0: as stored)",
+                           ge=0)
+    classes: list[str] = option([], doc="class names (voc: required; datalist: the names of label indices 0..K-1; "
+                                "others: the file's own list when empty)")
+    train_split: str = option("train", doc="split used for training ('all': every image of a file without splits)")
+    val_split: str = option("val", doc="split used for validation (empty: no validation)")
     scale: float = option(1.0, doc="resize factor applied to every image (and box) before anything else", gt=0)
     hflip: bool = option(True, doc="random horizontal flip (p = 0.5)")
     vflip: bool = option(True, doc="random vertical flip (microscopy has no up / down)")
@@ -63,6 +80,26 @@ class DataConfig:
             raise ValueError(f"{prefix}.random_scale must be [lo, hi] with lo <= hi, got {self.random_scale}")
         if not self.mean or not self.std:
             raise ValueError(f"{prefix}.mean and {prefix}.std must have at least one value each")
+        if self.format and self.dataset != "voc":
+            raise ValueError(f"{prefix}.format and {prefix}.dataset both name the data: keep one "
+                             f"(format: {self.format!r}, dataset: {self.dataset!r})")
+        if self.format == "datalist" and not self.box_mode:
+            raise ValueError(f"{prefix}.box_mode must state the datalist's box convention (xyzxyz, cccwhd, xyzwhd "
+                             "for 3D; xyxy, ccwh, xywh for 2D)")
+        if self.format in ("coco", "csv", "datalist") and not self.annotations:
+            raise ValueError(f"{prefix}.annotations must name the {self.format} annotation file")
+
+    def source(self) -> dict:
+        """The keyword arguments of :func:`medetect.data.formats.open_dataset` (format, root, annotations, ...),
+        with the older ``dataset`` key mapped onto ``format``."""
+        fmt, classes = self.format, list(self.classes)
+        if not fmt:
+            fmt = {"voc": "voc", "bccd": "voc", "dsb2018": "dsb2018", "mini_mias": "mias"}[self.dataset]
+            if self.dataset == "bccd":
+                classes = ["RBC", "WBC", "Platelets"]
+        return {"fmt": fmt, "root": self.root, "annotations": self.annotations, "images": self.images,
+                "classes": classes, "box_mode": self.box_mode, "box_units": self.box_units, "clip": self.clip_boxes,
+                "channels": self.channels}
 
 
 @dataclass

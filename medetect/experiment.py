@@ -9,8 +9,8 @@ from typing import Iterable
 
 from .config import DataConfig, ExperimentConfig
 from .data import transforms as T
-from .data.datasets import DetectionDataset, bccd, dsb2018, mini_mias
-from .data.annotations import read_voc_folder
+from .data.datasets import DetectionDataset
+from .data.formats import open_dataset
 from .engine.predictor import Predictor
 from .engine.runs import prepare_run_dir
 from .engine.trainer import Trainer, seed_everything
@@ -75,19 +75,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
     once per image and cached (``cfg.cache``) as the dataset's ``pre_transform``."""
     tf = build_transform(cfg, train, include_pre=False)
     pre = build_pre_transform(cfg)
-    if cfg.dataset == "bccd":
-        return bccd(cfg.root, split, transform=tf, cache=cfg.cache, pre_transform=pre)
-    if cfg.dataset == "dsb2018":
-        return dsb2018(cfg.root, split, transform=tf, cache=cfg.cache, pre_transform=pre)
-    if cfg.dataset == "mini_mias":
-        return mini_mias(cfg.root, split, transform=tf, cache=cfg.cache, pre_transform=pre)
-    if not cfg.classes:
-        raise ValueError("data.classes must list the class names for a VOC dataset")
-    records, report = read_voc_folder(cfg.root, split, classes=cfg.classes, clip=cfg.clip_boxes)
-    ds = DetectionDataset(records=records, root=cfg.root, classes=cfg.classes, transform=tf, cache=cfg.cache,
-                          pre_transform=pre)
-    ds.report = report
-    return ds
+    return open_dataset(**cfg.source(), split=split, transform=tf, cache=cfg.cache, pre_transform=pre)
 
 
 def predict_dataset(model: Detector, data: Iterable, *, device=None) -> tuple[list[dict], list[dict]]:

@@ -297,19 +297,22 @@ def test_resume_after_a_kill_never_repeats_metrics_rows(tmp_path):
     first._save = save_twice_then_die
     with pytest.raises(_Killed):
         first.fit()
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3, 4, 5, 6]  # epoch 3's rows are on disk
+    rows = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # epoch 3's rows are on disk
+    assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [1, 2, 3]
 
     torch.manual_seed(1)
     second = Trainer(model=build_detector(tiny_detector_config()), train_data=data, config=_train_config(), run_dir=tmp_path,
                      progress=False)
     assert second.resume() and second.step == 4
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3, 4]
+    rows = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [1, 2]
     second.fit()
+    rows = list(csv.DictReader(open(tmp_path / "steps.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3, 4, 5, 6]
-    assert [int(r["epoch"]) for r in rows if r["train_loss"]] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["train_loss"] for r in rows)
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
 
 
@@ -437,9 +440,8 @@ def test_run_training_refuses_resumes_and_falls_back(tmp_path, capsys):
         history = run_training(_experiment(tmp_path / "voc", epochs=3), run, resume=True, allow_config_change=True, device="cpu")
     assert "after epoch 1 (step 1); continuing with epoch 2" in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3]
-    assert [int(r["epoch"]) for r in rows if r["train_loss"]] == [1, 2, 3]
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "steps.csv"))] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["train_loss"]] == [1, 2, 3]
     assert json.loads((run / "config_changes.jsonl").read_text())["resumed_epoch"] == 1  # the intact one
     # --overwrite moves everything aside
     run_training(_experiment(tmp_path / "voc", epochs=1), run, overwrite=True, device="cpu")

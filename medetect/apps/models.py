@@ -11,30 +11,42 @@ from pathlib import Path
 import torch
 
 from ..engine.checkpoint import latest_checkpoint  # the one place that knows the checkpoint layout
+from ..engine.curves import read_best
 from ..models.io import (FORMAT_VERSION, LoadedModel, Preprocess, _detector_preprocess_v1, fpr_preprocess,
                          load_from_metadata, load_model as load_model_file)
 
 __all__ = ["load_model", "run_metadata"]
 
 
-def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
-    """A model file (any supported format) or a training run folder (its newest intact checkpoint + config) -> a
-    :class:`~medetect.models.io.LoadedModel` in eval mode on ``device`` (default CPU)."""
+def load_model(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None, *,
+               best: bool = False) -> LoadedModel:
+    """A model file (any supported format) or a training run folder (its newest intact checkpoint + config; with
+    ``best``, its best validation epoch, ``best.json``) -> a :class:`~medetect.models.io.LoadedModel` in eval mode on
+    ``device`` (default CPU)."""
     path = Path(path_or_run_dir)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file or run folder")
     if path.is_dir():
-        meta, weights = run_metadata(path)
+        meta, weights = run_metadata(path, best=best)
         return load_from_metadata(meta, weights, path, device=device)
+    if best:
+        raise ValueError(f"{path}: best needs a training run folder (its best.json), not a model file")
     return load_model_file(path, device=device)
 
 
-def run_metadata(run_dir: Path) -> tuple[dict[str, str], Path]:
-    """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights)."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+def run_metadata(run_dir: Path, *, best: bool = False) -> tuple[dict[str, str], Path]:
+    """A training run folder -> (metadata in the current format, path of its newest checkpoint's weights, or with
+    ``best`` of the best validation epoch's weights named by ``best.json``)."""
+    chosen = read_best(run_dir) if best else None
+    if best and chosen is None:
+        raise FileNotFoundError(f"{run_dir}: no best.json: the run has not validated yet (data.val_split, "
+                                "train.val_every)")
+    ckpt = latest_checkpoint(run_dir) if not best else None
+    if ckpt is None and not best:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint in this run folder")
-    weights = Path(ckpt) / "model.safetensors"
+    weights = Path(chosen["weights"]) if chosen else Path(ckpt) / "model.safetensors"
+    if best and not weights.is_file():
+        raise FileNotFoundError(f"{run_dir / 'best.json'}: its weights {weights} are missing")
     if (run_dir / "attention_config.json").is_file():  # the attention task stores its preprocess and classes
         raw = json.loads((run_dir / "attention_config.json").read_text())
         cfg, kind = raw["model"], "attention"
@@ -57,9 +69,13 @@ def run_metadata(run_dir: Path) -> tuple[dict[str, str], Path]:
     else:
         raise FileNotFoundError(f"{run_dir}: a run folder needs config.json (detector) or fpr_config.json (fpr)")
     state = {}
-    if (Path(ckpt) / "state.json").is_file():
+    if chosen:
+        state = {"epoch": chosen.get("epoch"), "step": chosen.get("step")}
+    elif (Path(ckpt) / "state.json").is_file():
         state = json.loads((Path(ckpt) / "state.json").read_text())
     extra = {"run": run_dir.name, "epoch": state.get("epoch"), "step": state.get("step")}
+    if chosen:
+        extra["best"] = {"metric": chosen.get("metric"), "value": chosen.get("value")}
     meta = {"format_version": str(FORMAT_VERSION), "kind": kind, "config": json.dumps(cfg),
             "preprocess": json.dumps(pre.to_dict()), "classes": json.dumps(classes), "extra": json.dumps(extra)}
     return meta, weights

@@ -25,6 +25,15 @@ The box columns are written once and named, so every convention is a choice of c
 
 ``errors.csv`` (``input,error``) when ``skip_errors`` skipped inputs that could not be read or predicted.
 
+More formats (``formats``, ``medetect predict --format``; the writers are in :mod:`medetect.apps.results`):
+
+* ``coco``: ``coco_results.json`` (a COCO results list ``{image_id, category_id, bbox [x, y, w, h], score}``) and
+  ``coco_images.json`` (``images`` ``{id, file_name, height, width}`` and ``categories``), 2D inputs;
+* ``slicer``: ``<stem>_rois/roi_NNN.mrk.json``, one 3D Slicer markups ROI per detection in LPS mm (volumes);
+* ``dicom-sr``: ``<stem>.sr.dcm``, a TID 1500 Comprehensive 3D SR referencing the DICOM input (needs highdicom).
+
+``overlays``: ``overlays/<stem>.png``, the input (a volume: the slice through its best detection) with the boxes.
+
 Caps and checks: at most ``max_detections`` per input (default: the model's ``detections_per_img``; tiles included),
 with a warning naming the input when reached. Inputs whose values lie outside the range the model was trained on
 (e.g. a 16-bit PNG given to an 8-bit model) get a warning, or a refusal when far outside (``allow_range_mismatch``
@@ -147,11 +156,17 @@ def _predict_organs(loaded, paths, out_dir, *, series_uid=None, allow_gaps=False
 def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, tile_size=None, overlap: float = 0.25,
                   device=None, score_thresh: float = 0.05, max_detections: int | None = None,
                   skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True,
-                  series_uid: str | None = None, allow_gaps: bool = False) -> list[Path]:
+                  series_uid: str | None = None, allow_gaps: bool = False, formats: Sequence[str] = ("csv",),
+                  overlays: bool = False) -> list[Path]:
     """Detect in every image/volume of ``paths`` (files or folders) with the model ``weights`` (a model file or a
     run folder); writes one CSV per input, ``predictions.json`` and, with ``skip_errors``, ``errors.csv`` (module
     docstring). ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
     reader for folder inputs (``--series-uid``, ``--allow-gaps``). Returns the CSV paths written."""
+    from .results import FORMATS, coco_results, write_dicom_sr, write_overlay, write_slicer_rois
+
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"--format must be among {list(FORMATS)}, got {bad}")
     loaded = load_model(weights, device=device)
     if loaded.kind == "attention":  # image scores + attention overlay PNGs (medetect.attention.predict)
         from ..attention.predict import predict_attention
@@ -179,6 +194,8 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
         files = tqdm(files, desc="predict", unit="input")
     written: list[Path] = []
     everything, errors = {}, []
+    coco_images, coco_dets = [], []
+    category_ids = {n: i + 1 for i, n in enumerate(names)}
     for f in files:
         try:
             img = read_image(f, series_uid=series_uid, allow_gaps=allow_gaps) if f.is_dir() else read_image(f)
@@ -212,7 +229,27 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
             path = out_dir / f"{_stem(f)}_{n}.csv"
         everything[str(f)] = _write_csv(path, det, names, _has_geometry(img.geometry))
         written.append(path)
+        stem = path.stem
+        if "coco" in formats:
+            if img.ndim != 2:
+                raise ValueError(f"{f}: --format coco holds 2D images; this input is {img.ndim}D (use slicer)")
+            coco_dets += coco_results(det, len(coco_images) + 1, category_ids, names)
+            coco_images.append({"id": len(coco_images) + 1, "file_name": str(f), "height": img.spatial_shape[0],
+                                "width": img.spatial_shape[1]})
+        if "slicer" in formats:
+            write_slicer_rois(det, img.geometry, names, out_dir / f"{stem}_rois")
+        if "dicom-sr" in formats:
+            if len(det["scores"]):
+                write_dicom_sr(det, img, f, names, out_dir / f"{stem}.sr.dcm")
+            else:  # TID 1500 needs at least one measurement group
+                warnings.warn(f"{f}: no detections, so no DICOM SR was written", stacklevel=2)
+        if overlays:
+            write_overlay(img, det, names, out_dir / "overlays" / f"{stem}.png")
     (out_dir / "predictions.json").write_text(json.dumps(everything))
+    if "coco" in formats:
+        (out_dir / "coco_results.json").write_text(json.dumps(coco_dets))
+        cats = [{"id": i, "name": n, "supercategory": "none"} for n, i in category_ids.items()]
+        (out_dir / "coco_images.json").write_text(json.dumps({"images": coco_images, "categories": cats}))
     if errors:
         with open(out_dir / "errors.csv", "w", newline="") as fh:
             w = csv.writer(fh)

@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
     if args.onnx:
         print(export_onnx(args.run_dir, args.out, args.onnx))
     else:
-        print(export_from_run(args.run_dir, args.out))
+        print(export_from_run(args.run_dir, args.out, best=args.best))
     return 0
 
 
@@ -67,7 +67,8 @@ def cmd_predict(args) -> int:
     written = predict_paths(args.weights, args.paths, out, tile_size=args.tile, overlap=args.overlap,
                             device=args.device, score_thresh=args.score_thresh, max_detections=args.max_detections,
                             skip_errors=args.skip_errors, allow_range_mismatch=args.allow_range_mismatch,
-                            progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps)
+                            progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps,
+                            formats=args.format, overlays=args.overlays)
     print(f"wrote {len(written)} prediction files to {out}")
     return 0
 
@@ -79,7 +80,7 @@ def cmd_evaluate(args) -> int:
     if args.plots:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
-                        allow_range_mismatch=args.allow_range_mismatch, saliency=args.saliency,
+                        allow_range_mismatch=args.allow_range_mismatch, froc=args.froc, saliency=args.saliency,
                         n_boot=args.n_boot)
     if args.json:
         print_json(res, indent=1)
@@ -101,6 +102,10 @@ def cmd_evaluate(args) -> int:
           f"COCO mAP@[.5:.95]: {res['coco_map']:.4f}")
     for name, ap in res["ap50_per_class"].items():
         print(f"  AP@0.5 {name:>12s}: {ap:.4f}")
+    if "froc" in res:
+        f = res["froc"]
+        print(f"FROC (IoU > {f['iou_threshold']}, {f['lesions']} lesions in {f['images']} images): CPM {f['cpm']:.4f}; "
+              + ", ".join(f"{k} FP/img {v:.3f}" for k, v in f["sensitivity_at"].items()))
     return 0
 
 
@@ -127,6 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="a run's newest checkpoint -> one shippable .safetensors model (or ONNX)")
     ex.add_argument("run_dir", help="training run folder (or, with --onnx, a .safetensors model)")
     ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--best", action="store_true",
+                    help="the best validation epoch (the run's best.json) instead of the newest checkpoint")
     ex.add_argument("--onnx", type=positive_int, nargs="+", default=None, metavar="SIZE",
                     help="export the dense part (backbone, FPN, dense head) to ONNX for this input size")
     add_force(ex, "the --out file")
@@ -154,13 +161,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="for DICOM series with missing slices: stack anyway with the median slice step")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     add_force(pr, "files in a non-empty --out folder")
+    pr.add_argument("--format", nargs="+", default=["csv"], choices=("csv", "coco", "slicer", "dicom-sr"),
+                    help="also write: coco (coco_results.json + coco_images.json, 2D), slicer (<stem>_rois/*.mrk.json, "
+                         "3D Slicer ROIs in LPS mm), dicom-sr (<stem>.sr.dcm, TID 1500; needs highdicom); the CSVs "
+                         "and predictions.json are always written")
+    pr.add_argument("--overlays", action="store_true", help="also write overlays/<stem>.png with the boxes drawn")
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="VOC/COCO mAP of a model on a dataset")
     ev.add_argument("--weights", required=True)
-    ev.add_argument("--data", required=True, help="FOLDER:SPLIT, e.g. ../shared/data/bccd:val (a VOC folder)")
+    ev.add_argument("--data", required=True,
+                    help="CONFIG.yaml[:SPLIT] (its data section; default split: its val_split), FORMAT:PATH:SPLIT "
+                         "(coco:ann/val.json:val, csv:boxes.csv:val, dsb2018:FOLDER:val, mias:FOLDER:val, ...) or "
+                         "FOLDER:SPLIT (a VOC folder, e.g. ../shared/data/bccd:val)")
     ev.add_argument("--plots", default=None, help="folder for PR curves (PNG)")
+    ev.add_argument("--froc", action="store_true",
+                    help="also the box FROC per image/scan (lesion-style data): sensitivity at 1/8..8 FP per image, CPM")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--allow-range-mismatch", action="store_true",
                     help="evaluate even when images lie far outside the value range the model was trained on")

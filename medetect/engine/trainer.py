@@ -1,5 +1,7 @@
 """Training loop: bf16 autocast on GPU, gradient clipping, warm-up + cosine/step schedule, a checkpoint every epoch,
-exact ``resume``, a NaN-loss guard, progress bar, CSV metrics (TensorBoard when installed), seeds, DDP via torchrun.
+exact ``resume``, a NaN-loss guard, progress bar (on a terminal; plain lines in a log), CSV metrics (``metrics.csv``
+one row per epoch, ``steps.csv`` every ``log_every`` steps; TensorBoard when installed), ``curves.png`` and the best
+validation epoch (``best.json`` + ``best.safetensors``, see :mod:`medetect.engine.curves`), seeds, DDP via torchrun.
 
 Resuming is exact at epoch granularity: the data order of epoch ``e`` depends only on ``(seed, e)``, and the model,
 optimizer, scheduler and RNG states are restored from the last complete checkpoint.
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,7 +28,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..schema import check, option
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .curves import BEST_JSON, BEST_WEIGHTS, read_best, write_curves
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate",
            "json_safe", "truncate_metrics"]
@@ -184,7 +190,11 @@ class Trainer:
         run_config: dict | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        best_metric: str | None = "val_map50",
     ):
+        """``progress``: report progress (a tqdm bar when stderr is a terminal, else a plain line every
+        ``log_every`` steps, and one line per epoch). ``best_metric``: the validation key (higher is better) that
+        picks the best epoch, whose weights are kept in ``best.safetensors`` with ``best.json``; None: no best."""
         config.validate()
         if len(train_data) == 0:
             raise ValueError("the training dataset is empty: check the data spec / split")
@@ -214,6 +224,8 @@ class Trainer:
         self.evaluate, self.collate = evaluate, collate
         self.run_config = run_config or {}
         self.progress = progress and self.rank == 0
+        self.best_metric = best_metric
+        self.best: dict | None = None
         if self.world > 1:
             self.sampler = DistributedSampler(train_data, num_replicas=self.world, rank=self.rank, shuffle=True, seed=config.seed)
         else:
@@ -249,6 +261,9 @@ class Trainer:
             self.history = state.get("metrics", {}).get("history", [])
         if self.rank == 0:
             truncate_metrics(self.run_dir / "metrics.csv", self.step)
+            truncate_metrics(self.run_dir / "steps.csv", self.step)
+            best = read_best(self.run_dir)
+            self.best = best if best is not None and int(best.get("step", 0)) <= self.step else None
         return ckpt is not None
 
     def _save(self) -> None:
@@ -259,10 +274,35 @@ class Trainer:
             metrics={"history": self.history}, config=self.run_config, keep=self.cfg.keep_checkpoints,
         )
 
-    def _log(self, row: dict) -> None:
+    def _update_best(self, row: dict) -> None:
+        """Keep the weights of the best validation epoch so far (``best.safetensors``, written then renamed) and
+        point ``best.json`` at them; called after the epoch's checkpoint, so ``best.json`` never runs ahead of it."""
+        if self.rank != 0 or not self.best_metric or self.best_metric not in row:
+            return
+        value = row[self.best_metric]
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            return
+        if self.best is not None and not value > float(self.best["value"]):
+            return
+        tmp = self.run_dir / (BEST_WEIGHTS + ".tmp")
+        save_weights(self.model, tmp)
+        os.replace(tmp, self.run_dir / BEST_WEIGHTS)
+        self.best = {"metric": self.best_metric, "value": float(value), "epoch": row["epoch"], "step": row["step"],
+                     "weights": BEST_WEIGHTS}
+        atomic_write_text(self.run_dir / BEST_JSON, json.dumps(self.best, indent=1))
+
+    def _curves(self) -> None:
         if self.rank != 0:
             return
-        path = self.run_dir / "metrics.csv"
+        try:
+            write_curves(self.run_dir, self.history)
+        except Exception as e:  # a picture must never stop a training run
+            warnings.warn(f"could not draw {self.run_dir / 'curves.png'}: {e}", RuntimeWarning, stacklevel=2)
+
+    def _log(self, row: dict, name: str = "metrics.csv") -> None:
+        if self.rank != 0:
+            return
+        path = self.run_dir / name
         new = not path.exists()
         keys = sorted(row)
         if not new:
@@ -319,7 +359,7 @@ class Trainer:
             if hasattr(self.train_data, "set_epoch"):  # e.g. PatchDataset: new patches every epoch
                 self.train_data.set_epoch(self.epoch)
             bar = None
-            if self.progress:
+            if self.progress and sys.stderr.isatty():  # a bar on a terminal; plain lines in a log file
                 from tqdm import tqdm
 
                 bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
@@ -362,7 +402,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{total:.3f}", img_s=f"{rate:.1f}")
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0:
-                    self._log({"epoch": self.epoch + 1, "step": self.step, "loss": total, "lr": self.sched.get_last_lr()[0], "images_per_s": rate, **vals})
+                    lr = self.sched.get_last_lr()[0]
+                    self._log({"epoch": self.epoch + 1, "step": self.step, "loss": total, "lr": lr, "images_per_s": rate,
+                               **vals}, "steps.csv")
+                    if self.progress and bar is None:
+                        print(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {i + 1}/{self.steps_per_epoch} "
+                              f"loss={total:.4g} lr={lr:.3g} images_per_s={rate:.3g}", flush=True)
             if bar is not None:
                 bar.close()
             self.epoch += 1
@@ -373,6 +418,8 @@ class Trainer:
             self.history.append(row)
             self._log(row)
             self._save()
+            self._update_best(row)
+            self._curves()
             if self.progress:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return self.history

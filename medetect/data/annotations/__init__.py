@@ -1,7 +1,7 @@
 """Annotation files <-> :class:`ImageAnnotation` records in the medetect box convention.
 
 One module per format: :mod:`.voc`, :mod:`.coco`, :mod:`.csv_boxes`, :mod:`.luna` (LUNA16 world points and
-submissions), :mod:`.mias`, :mod:`.masks` (instance masks, DSB2018), :mod:`.lung_pet_ct`, :mod:`.luna_patches`;
+submissions), :mod:`.mias`, :mod:`.masks` (instance masks, DSB2018), :mod:`.lung_pet_ct`, :mod:`.luna_patches`, :mod:`.datalist` (MONAI detection datalists);
 shared types and helpers in :mod:`._common`. Every name is re-exported here.
 
 Every reader here turns one file format into ``ImageAnnotation`` records whose ``boxes`` are ``[N, 2d]`` float64,
@@ -96,6 +96,7 @@ from .csv_boxes import _CSV_STYLES, _detect_csv_style, read_csv_boxes, write_csv
 from .masks import boxes_from_instance_mask, boxes_from_masks, read_dsb2018  # noqa: F401
 from .lung_pet_ct import _geometry_from_dicom, read_lung_pet_ct_boxes  # noqa: F401
 from .luna_patches import read_luna16_patches  # noqa: F401
+from .datalist import BOX_MODES, datalist_splits, read_datalist, write_datalist  # noqa: F401
 
 __all__ = [
     "AnnotationError",
@@ -130,6 +131,10 @@ __all__ = [
     "read_dsb2018",
     "read_lung_pet_ct_boxes",
     "read_luna16_patches",
+    "BOX_MODES",
+    "read_datalist",
+    "write_datalist",
+    "datalist_splits",
 ]
 
 from .lidc import LidcGeometry, LidcMark, LidcNodule, LidcReport, LidcRoi, cluster_lidc_marks, read_lidc_xml  # noqa: E402

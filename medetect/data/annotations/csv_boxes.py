@@ -61,6 +61,7 @@ def read_csv_boxes(
     image_shapes: Mapping[str, Sequence[int]] | None = None,
     clip: bool = False,
     check_images: bool = True,
+    where: Mapping[str, str] | None = None,
 ) -> tuple[list[ImageAnnotation], AnnotationReport]:
     """Read a generic box CSV ``image,<coords>,label[,score][,depth][,height,width]`` -> ``(records, report)``.
 
@@ -76,9 +77,11 @@ def read_csv_boxes(
     plain prediction CSV). ``height,width`` (2D) / ``depth,height,width`` (3D) columns, or ``image_shapes``, give
     ``image_shape`` and enable the bounds check. Other columns are ignored. Image paths are checked like everywhere
     (inside ``root``; with ``root`` and ``check_images``: existing). Per-box meta: ``line`` (CSV line number).
+    ``where`` keeps only the rows whose columns equal the given values (e.g. ``{"split": "train"}``; the columns
+    must exist).
     """
     file = Path(path)
-    header, rows = _open_csv(file, ("image", "label"))
+    header, rows = _open_csv(file, ("image", "label") + tuple(where or ()))
     if columns is not None:
         cols, rev = tuple(columns), False
         if len(cols) == 0 or len(cols) % 2:
@@ -95,6 +98,8 @@ def read_csv_boxes(
     report = AnnotationReport()
     groups: dict[str, dict] = {}
     for line, row in rows:
+        if where and any(row[k] != v for k, v in where.items()):
+            continue
         w = f"line {line}"
         image = _image_path(row["image"], root, file, w, check_images)
         g = groups.setdefault(image, {"rows": _Rows(), "scores": [], "shape": None})

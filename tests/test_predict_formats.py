@@ -1,0 +1,106 @@
+"""`medetect predict --format coco|slicer|dicom-sr --overlays` (issue 13): COCO results agree with the CSV boxes,
+Slicer ROIs sit at the CSV's world centres (LPS mm), the DICOM SR (TID 1500) reads back with highdicom and
+references the input series, overlays are PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medetect.cli import main
+from medetect.convert import Geometry
+from medetect.data.image import MedicalImage
+from medetect.data.io import write_image
+from medetect.models.detector import build_detector
+from medetect.models.io import Preprocess, save_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _ddp_worker import tiny_detector_config  # noqa: E402
+
+
+def _weights(tmp_path: Path, d: int) -> Path:
+    torch.manual_seed(0)
+    w = tmp_path / f"m{d}.safetensors"
+    cfg = tiny_detector_config(d=d, num_classes=2, score_thresh=0.0, detections_per_img=5,
+                               anchor_sizes=[[4], [8]], class_names=["cell", "blob"])
+    save_model(build_detector(cfg), w, kind="detector", preprocess=Preprocess(ndim=d, channels=1),
+               classes=["cell", "blob"])
+    return w
+
+
+def _rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path)))
+
+
+def test_coco_results_match_the_csv_and_overlays_are_pngs(tmp_path, capsys):
+    a = np.full((24, 32), 30, np.uint8)
+    a[5:12, 8:20] = 220
+    Image.fromarray(a).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", str(_weights(tmp_path, 2)), str(tmp_path / "img.png"), "--out", str(out),
+                 "--format", "csv", "coco", "--overlays", "--score-thresh", "0"]) == 0
+    rows = _rows(out / "img.csv")
+    res = json.loads((out / "coco_results.json").read_text())
+    meta = json.loads((out / "coco_images.json").read_text())
+    assert len(res) == len(rows) > 0 and meta["images"][0]["height"] == 24 and meta["images"][0]["width"] == 32
+    names = {c["id"]: c["name"] for c in meta["categories"]}
+    for r, c in zip(rows, res):
+        y0, x0, y1, x1 = (float(r[k]) for k in ("y0", "x0", "y1", "x1"))
+        assert c["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=2e-3) and names[c["category_id"]] == r["label"]
+    assert Image.open(out / "overlays" / "img.png").size == (32, 24)
+    assert main(["predict", "--weights", str(_weights(tmp_path, 2)), str(tmp_path / "img.png"), "--out",
+                 str(tmp_path / "o2"), "--format", "slicer"]) == 2
+    assert "2D" in capsys.readouterr().err
+
+
+def test_slicer_rois_sit_at_the_world_centres(tmp_path):
+    geo = Geometry((2.0, 0.8, 0.6), (-30.0, 12.0, 100.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    arr = np.zeros((1, 12, 20, 24), np.int16)
+    arr[0, 3:7, 5:12, 6:14] = 400
+    write_image(MedicalImage(arr, geo), tmp_path / "vol.mha")
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", str(_weights(tmp_path, 3)), str(tmp_path / "vol.mha"), "--out", str(out),
+                 "--format", "slicer", "--overlays", "--score-thresh", "0"]) == 0
+    rows = _rows(out / "vol.csv")
+    rois = sorted((out / "vol_rois").glob("*.mrk.json"))
+    assert len(rois) == len(rows) > 0
+    for r, p in zip(rows, rois):
+        m = json.loads(p.read_text())["markups"][0]
+        assert m["type"] == "ROI" and m["coordinateSystem"] == "LPS" and m["name"].startswith(r["label"])
+        assert m["center"] == pytest.approx([float(r[f"centre_{a}_mm"]) for a in "xyz"], abs=2e-3)
+        assert m["size"] == pytest.approx([float(r[f"extent_{a}_mm"]) for a in "xyz"], abs=2e-3)
+    assert (out / "overlays" / "vol.png").is_file()
+
+
+def test_dicom_sr_reads_back_and_references_the_series(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    from test_io import make_dicom
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(6):
+        px = np.full((24, 28), 100, np.uint16)
+        px[6:14, 8:18] = 1500
+        make_dicom(folder / f"s{k}.dcm", px, ipp=(0.0, 0.0, 2.0 * k), instance=k + 1)
+    for f in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = "1.2.3.4.99"
+        ds.save_as(f)
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", str(_weights(tmp_path, 3)), str(folder), "--out", str(out),
+                 "--format", "dicom-sr", "--score-thresh", "0"]) == 0
+    sr = hd.sr.srread(out / "series.sr.dcm")
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(_rows(out / "series.csv")) > 0
+    assert str(groups[0].roi.GraphicType) == "POLYGON"
+    refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert len(refs) == 6
