@@ -134,10 +134,7 @@ class LunaDetectionConfig:
 
     def validate(self, prefix: str = "") -> None:
         check(self, prefix)
-        if self.model.ndim != 3 or self.model.in_channels != 1:
-            p = f"{prefix}.model" if prefix else "model"
-            raise ValueError(f"{p}.ndim must be 3 and {p}.in_channels 1 for CT volumes, got ndim {self.model.ndim} "
-                             f"and in_channels {self.model.in_channels}")
+        self.model.require_ct(f"{prefix}.model" if prefix else "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -72,6 +72,12 @@ class DetectorConfig:
     nms_thresh: float = option(0.5, doc="IoU above which a detection of the same class is suppressed", ge=0, le=1)
     detections_per_img: int = option(100, doc="detections kept per image after NMS", ge=1)
 
+    def require_ct(self, prefix: str = "model") -> None:
+        """A CT pipeline's check: a 3D, single-channel detector (``ValueError`` naming the keys otherwise)."""
+        if self.ndim != 3 or self.in_channels != 1:
+            raise ValueError(f"{prefix}.ndim must be 3 and {prefix}.in_channels 1 for CT volumes, got ndim {self.ndim} "
+                             f"and in_channels {self.in_channels}")
+
     def validate(self, prefix: str = "model") -> None:
         """Check ranges, choices and cross-field rules that need no building (called when a config is loaded,
         before any data is read, and again by :func:`build_detector`)."""

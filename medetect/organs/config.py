@@ -103,9 +103,7 @@ class OrganLocalisationConfig:
     def validate(self, prefix: str = "") -> None:
         check(self, prefix)
         p = f"{prefix}.model" if prefix else "model"
-        if self.model.ndim != 3 or self.model.in_channels != 1:
-            raise ValueError(f"{p}.ndim must be 3 and {p}.in_channels 1 for CT volumes, got ndim {self.model.ndim} "
-                             f"and in_channels {self.model.in_channels}")
+        self.model.require_ct(p)
         if list(self.model.class_names) != list(ORGANS[: self.model.num_classes]) or \
                 self.model.num_classes > len(ORGANS):
             raise ValueError(f"{p}.class_names must be the organs {list(ORGANS)} in this order (a prefix of them)")
