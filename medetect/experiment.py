@@ -116,7 +116,8 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
     if cfg.model.num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {len(train_ds.classes)} classes {list(train_ds.classes)}")
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+    prepare_run_dir(run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
+                    defaults=type(cfg)().to_dict())  # keys a later medetect added are no change at their default
     if cfg.data.cache and cfg.train.num_workers > 0:
         train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
     seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order

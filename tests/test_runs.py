@@ -447,3 +447,14 @@ def test_run_training_refuses_resumes_and_falls_back(tmp_path, capsys):
     run_training(_experiment(tmp_path / "voc", epochs=1), run, overwrite=True, device="cpu")
     assert len(list(tmp_path.glob("run.old-*"))) == 1
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["train_loss"]] == [1]
+
+
+def test_keys_added_by_a_later_version_are_no_change_at_their_default():
+    from medetect.engine.runs import config_diff
+
+    old = {"train": {"lr": 0.01}}
+    new = {"train": {"lr": 0.01, "new_key": 3}}
+    assert config_diff(old, new) == [("train.new_key", "<absent>", 3)]
+    assert config_diff(old, new, defaults={"train": {"lr": 0.02, "new_key": 3}}) == []
+    assert config_diff(old, {"train": {"lr": 0.01, "new_key": 4}}, defaults={"train": {"new_key": 3}}) == [
+        ("train.new_key", "<absent>", 4)]

@@ -42,12 +42,16 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+def config_diff(old: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
     """The differing leaves of two JSON-like configs as ``(dotted.key, old, new)``, in the order of ``old``'s keys
-    then ``new``'s; a key present on one side only shows ``"<absent>"`` on the other."""
+    then ``new``'s; a key present on one side only shows ``"<absent>"`` on the other. With ``defaults`` (the config
+    schema's default values), a key the old run's config lacks -- one a later medetect added -- is no change when its
+    new value is that default."""
     a, b = _flatten(_as_json(old)), _flatten(_as_json(new))
+    d = _flatten(_as_json(defaults)) if defaults else {}
     keys = list(a) + [k for k in b if k not in a]
-    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+            and not (k not in a and k in d and d[k] == b[k])]
 
 
 def _as_json(config: dict) -> dict:
@@ -90,6 +94,7 @@ def prepare_run_dir(
     overwrite: bool = False,
     allow_config_change: bool = False,
     config_name: str = "config.json",
+    defaults: dict | None = None,
 ) -> Path | None:
     """Make ``run_dir`` ready for a training run with ``config`` (a JSON-serialisable dict) and write it to
     ``run_dir/config_name``; see the module docstring for the rules. Returns the folder an existing run was moved to
@@ -134,7 +139,7 @@ def prepare_run_dir(
                 old = json.loads(cfg_path.read_text())
             except ValueError as e:
                 raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or remove it to resume this run") from e
-            diff = config_diff(old, config)
+            diff = config_diff(old, config, defaults)
             if diff and not allow_config_change:
                 shown = ", ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in diff[:5])
                 more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
