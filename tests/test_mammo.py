@@ -144,3 +144,20 @@ def test_evaluate_cli_on_a_mias_folder(tmp_path, capsys):
     other = _detector(tmp_path, ("lesion",))
     assert main(["evaluate", "--weights", str(other), "--data", f"{root}:val"]) == 2
     assert "benign" in capsys.readouterr().err
+
+
+def test_mias_format_with_severity_classes(tmp_path):
+    from medetect.data.formats import open_dataset
+
+    root = _folder(tmp_path)
+    (root / "val.txt").write_text("\n".join(f"mdb{k:03d}" for k in range(1, 9)) + "\n")
+    ann = root / "annotations.csv"  # mdb001: abnormal, no location -> left out (not a negative)
+    ann.write_text(ann.read_text() + "mdb001,val,F,CALC,M,,,,0,,,,,,,NOTE 3\n")
+    ds = open_dataset("mias", root, split="val", classes=["benign", "malignant"])
+    assert list(ds.classes) == ["benign", "malignant"]
+    labels = {r.image: list(r.labels) for r in ds.records}
+    assert "images/mdb001.png" not in labels and len(labels) == 7
+    assert labels["images/mdb002.png"] == ["benign"] and labels["images/mdb004.png"] == ["malignant"]
+    assert labels["images/mdb003.png"] == []
+    lesion = open_dataset("mias", root, split="val")  # default: one lesion class, every image kept
+    assert list(lesion.classes) == ["lesion"] and len(lesion) == 8
