@@ -141,6 +141,12 @@ def test_evaluate_cli_on_a_mias_folder(tmp_path, capsys):
     assert (tmp_path / "plots" / "froc.png").is_file() and (tmp_path / "plots" / "roc.png").is_file()
     assert main(["evaluate", "--weights", str(w), "--data", f"{root}:val", "--n-boot", "5"]) == 0
     assert "image_auc_malignant" in capsys.readouterr().out
+    assert main(["predict", "--weights", str(w), str(root / "images" / "mdb004.png"), "--out",
+                 str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    rows = (tmp_path / "pred" / "image_scores.csv").read_text().splitlines()
+    assert rows[0] == "input,p_abnormal,p_malignant" and len(rows) == 2
+    p_abn, p_mal = map(float, rows[1].split(",")[1:])
+    assert 0 < p_abn <= 1 and 0 <= p_mal <= p_abn
     other = _detector(tmp_path, ("lesion",))
     assert main(["evaluate", "--weights", str(other), "--data", f"{root}:val"]) == 2
     assert "benign" in capsys.readouterr().err
