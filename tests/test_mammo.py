@@ -167,3 +167,12 @@ def test_mias_format_with_severity_classes(tmp_path):
     assert labels["images/mdb003.png"] == []
     lesion = open_dataset("mias", root, split="val")  # default: one lesion class, every image kept
     assert list(lesion.classes) == ["lesion"] and len(lesion) == 8
+
+
+def test_shipped_mammography_detector_loads():
+    from pathlib import Path
+
+    from medetect.apps import load_model
+
+    m = load_model(Path(__file__).resolve().parents[1] / "medetect" / "weights" / "mammo_mias_faster_rcnn.safetensors")
+    assert m.kind == "detector" and list(m.classes) == ["benign", "malignant"] and m.preprocess.scale == 0.25
