@@ -72,7 +72,9 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
     An ``attention`` model is scored on a mini-MIAS-layout ``FOLDER:SPLIT`` instead (:mod:`medetect.attention.evaluate`;
     ``saliency``: ``attention`` or ``gradcam``, default the model's own; ``n_boot`` bootstrap draws). An
     ``organ-ct-sample``-layout folder (``FOLDER`` or ``FOLDER:CASE[,CASE..]``) with an organ localiser gives the
-    per-organ metrics of :func:`medetect.organs.report.evaluate_organ_folder`."""
+    per-organ metrics of :func:`medetect.organs.report.evaluate_organ_folder`. A detector with the classes
+    ``benign``, ``malignant`` on a mini-MIAS-layout ``FOLDER:SPLIT`` gives the mammography metrics of
+    :func:`medetect.mammo.evaluate.evaluate_mammo` (lesion FROC, image and lesion AUC, bootstrap CIs by patient)."""
     organs = _organ_spec(spec)
     if organs is not None:
         return _evaluate_organs(weights, *organs, device=device)
@@ -86,6 +88,13 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
         return evaluate_attention(loaded, folder, split, method=saliency, n_boot=n_boot)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
+    folder, _, split = spec.rpartition(":")
+    if folder and split:
+        from ..mammo.evaluate import evaluate_mammo, is_mammo_folder
+
+        if is_mammo_folder(folder):  # a mini-MIAS-layout folder: lesion FROC + image/lesion AUC (benign/malignant)
+            return evaluate_mammo(loaded, folder, split, device=device, n_boot=n_boot, plot_dir=plot_dir,
+                                  allow_range_mismatch=allow_range_mismatch)
     names = list(loaded.classes)
     ds, where = _open_spec(spec, names)
     report = ds.report

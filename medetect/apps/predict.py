@@ -160,7 +160,9 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                   overlays: bool = False) -> list[Path]:
     """Detect in every image/volume of ``paths`` (files or folders) with the model ``weights`` (a model file or a
     run folder); writes one CSV per input, ``predictions.json`` and, with ``skip_errors``, ``errors.csv`` (module
-    docstring). ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
+    docstring); a detector with the classes ``benign``, ``malignant`` (mammography) also writes ``image_scores.csv``
+    (``p_abnormal`` / ``p_malignant`` = the highest score of any / of the malignant detections, 0 without).
+    ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
     reader for folder inputs (``--series-uid``, ``--allow-gaps``). Returns the CSV paths written."""
     from .results import FORMATS, coco_results, write_dicom_sr, write_overlay, write_slicer_rois
 
@@ -193,7 +195,7 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
 
         files = tqdm(files, desc="predict", unit="input")
     written: list[Path] = []
-    everything, errors = {}, []
+    everything, errors, image_scores = {}, [], []
     coco_images, coco_dets = [], []
     category_ids = {n: i + 1 for i, n in enumerate(names)}
     for f in files:
@@ -245,7 +247,16 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                 warnings.warn(f"{f}: no detections, so no DICOM SR was written", stacklevel=2)
         if overlays:
             write_overlay(img, det, names, out_dir / "overlays" / f"{stem}.png")
+        if list(names) == ["benign", "malignant"]:  # a mammography detector: image scores as Ribli (max lesion score)
+            sc, mal = det["scores"].float(), det["labels"] == 1
+            image_scores.append((str(f), float(sc.max()) if len(sc) else 0.0,
+                                 float(sc[mal].max()) if bool(mal.any()) else 0.0))
     (out_dir / "predictions.json").write_text(json.dumps(everything))
+    if image_scores:
+        with open(out_dir / "image_scores.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["input", "p_abnormal", "p_malignant"])
+            w.writerows(image_scores)
     if "coco" in formats:
         (out_dir / "coco_results.json").write_text(json.dumps(coco_dets))
         cats = [{"id": i, "name": n, "supercategory": "none"} for n, i in category_ids.items()]

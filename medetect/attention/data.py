@@ -3,7 +3,7 @@
 Folder layout (``../shared/data/mini-mias``; the held-out set has the same layout)::
 
     images.csv       image_id, file, split, patient_id, image_label (normal / benign / malignant), ...
-    annotations.csv  image_id, has_location, cx, cy, radius, ... (one row per abnormality; normal images have none)
+    annotations.csv  image_id, has_location, cx, cy, radius, [severity B|M], ... (one row per abnormality; normal images have none)
     <split>.txt      image ids of a split (optional: else the ``split`` column of images.csv)
 
 Circles are ``(cy, cx)`` centres in top-left pixel coordinates (the README's convention, used directly as edge
@@ -43,6 +43,7 @@ class LesionImage:
     centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [N, d] (y, x) pixels
     radii: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N] pixels
     unlocated: int = 0  # findings without a location
+    malignant: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] per located lesion (severity M)
 
     @property
     def labels(self) -> np.ndarray:
@@ -97,10 +98,15 @@ def read_lesion_folder(folder: str | Path, split: str) -> list[LesionImage]:
             raise ValueError(f"{ann} line {n}: cx, cy and radius must be numbers ({e})") from None
         if not rad > 0:
             raise ValueError(f"{ann} line {n}: radius must be > 0 for a located finding, got {rad:g}")
-        circles.setdefault(rec.image_id, []).append((cy, cx, rad, n))
+        sev = (r.get("severity") or "").strip()
+        if sev not in ("", "B", "M"):
+            raise ValueError(f"{ann} line {n}: severity must be B or M, got {sev!r}")
+        mal = sev == "M" if sev else rec.image_label == "malignant"  # no severity column: the image's label
+        circles.setdefault(rec.image_id, []).append((cy, cx, rad, mal))
     for iid, cs in circles.items():
         a = np.array([c[:3] for c in cs], dtype=np.float64)
         recs[iid].centres, recs[iid].radii = a[:, :2], a[:, 2]
+        recs[iid].malignant = np.array([c[3] for c in cs], dtype=bool)
     for rec in recs.values():
         if rec.image_label == "normal" and len(rec.radii):
             raise ValueError(f"{ann}: image {rec.image_id} is labelled normal in images.csv but has located findings")

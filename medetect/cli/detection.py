@@ -92,6 +92,15 @@ def cmd_evaluate(args) -> int:
             ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
             print(f"{k:>22s}: {res[k]:.4f} {ci}")
         return 0
+    if "lesion_froc_mean" in res:  # a benign/malignant detector on a mini-MIAS-layout folder (medetect.mammo)
+        print(f"images: {res['images']}  patients: {res['patients']}  lesions: {res['lesions']} "
+              f"(detected {res['detected_lesions']})")
+        for k in ("lesion_froc_mean", "image_auc_abnormal", "image_auc_malignant", "lesion_auc_malignant"):
+            lo, hi = res[f"{k}_ci"]
+            ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
+            print(f"{k:>22s}: {res[k]:.4f} {ci}" if res[k] is not None else f"{k:>22s}: undefined (one class only)")
+        print("lesion sensitivity at FP/image: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["lesion_sensitivity"].items()))
+        return 0
     if "organs_scored" in res:  # an organ folder with an organ localiser
         from ..organs.report import format_organ_table
 
@@ -184,7 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--saliency", choices=("attention", "gradcam"), default=None,
                     help="attention models: the map scored (default: the model's own; gradcam for attention none)")
     ev.add_argument("--n-boot", type=int, default=1000,
-                    help="attention models: bootstrap draws (by patient) of the 95%% intervals (_ci)")
+                    help="attention models and mammography detectors: bootstrap draws (by patient) of the 95%% intervals (_ci)")
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -289,10 +289,13 @@ MIAS_CLASSES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 
 
 def mini_mias(root: str | os.PathLike, split: str, *, transform=None, cache: bool = False, lesion_only: bool = True,
-              pre_transform=None) -> DetectionDataset:
+              pre_transform=None, severity: bool = False) -> DetectionDataset:
     """mini-MIAS mammograms (research-only licence: read in place, never copied). Every image of the split is
     included: normal ones (no box) are negatives. ``lesion_only`` maps every abnormality class to one ``lesion``
-    class (severity stays in ``meta``); otherwise the six MIAS classes."""
+    class (severity stays in ``meta``); otherwise the six MIAS classes. ``severity``: the classes ``benign`` and
+    ``malignant`` from each finding's severity (B / M; the abnormality class stays in ``meta``), and an abnormal image
+    whose findings have no location (mdb059, mdb245) is left out (not a negative; already counted in
+    ``report.image_level``)."""
     import csv
 
     root = Path(root)
@@ -306,10 +309,16 @@ def mini_mias(root: str | os.PathLike, split: str, *, transform=None, cache: boo
         r = by_image.get(rel) or next((v for k, v in by_image.items() if Path(k).stem == ident), None)
         if r is None:
             r = ImageAnnotation(rel, np.zeros((0, 4)), [], image_shape=(1024, 1024), meta={"image_label": rows.get(ident, {}).get("image_label", "normal")})
-        if lesion_only:
+        if severity:
+            if r.meta.get("unlocated") and not len(r):
+                continue
+            sev = np.asarray(r.meta.get("severity", np.zeros(0, "<U1"))).reshape(-1)
+            r = ImageAnnotation(r.image, r.boxes, ["malignant" if s == "M" else "benign" for s in sev], None,
+                                r.image_shape, {**r.meta, "abnormality": list(r.labels)})
+        elif lesion_only:
             r = ImageAnnotation(r.image, r.boxes, ["lesion"] * len(r), None, r.image_shape, {**r.meta, "abnormality": list(r.labels)})
         out.append(r)
-    classes = ("lesion",) if lesion_only else MIAS_CLASSES
+    classes = ("benign", "malignant") if severity else ("lesion",) if lesion_only else MIAS_CLASSES
     ds = DetectionDataset(records=out, root=root, classes=classes, transform=transform, cache=cache,
                           pre_transform=pre_transform)
     ds.report = report

@@ -115,8 +115,8 @@ def _open(fmt, root, split, annotations, img_root, given, box_mode, box_units, c
         raise FileNotFoundError(f"dataset folder not found: {root}")
     if fmt == "dsb2018":
         return dsb2018(root, split, **kw)
-    if fmt == "mias":
-        return mini_mias(root, split, **kw)
+    if fmt == "mias":  # data.classes [benign, malignant]: the findings' severity as classes
+        return mini_mias(root, split, severity=given == ("benign", "malignant"), **kw)
     if fmt == "voc":
         if given is None:
             raise ValueError("data.classes must list the class names for a VOC dataset")
