@@ -90,6 +90,8 @@ def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_
 
     from ..data.annotations import WorldPoints, write_world_points
 
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0 voxels, got {offset}")
     cubes = read_cubes(root)
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all, got {split!r}")
@@ -100,8 +102,6 @@ def build_mosaics(root: str | Path, out: str | Path, *, split: str = "val", val_
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; mosaics are written into a new or empty folder")
     (out / "subset0").mkdir(parents=True, exist_ok=True)
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0 voxels, got {offset}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(chosen))
     ann, exc, uids, layout = [], [], [], {}
