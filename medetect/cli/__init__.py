@@ -3,7 +3,7 @@
 ``--debug``. Library modules have no argparse.
 
 Commands: ``train``, ``export``, ``predict``, ``evaluate``, ``froc``, ``phantoms``, ``luna`` (stage one),
-``luna-fpr`` (stage two), ``demo``, ``convert``, ``plan``.
+``luna-fpr`` (stage two), ``demo``, ``convert``, ``plan``, ``lineage`` (train, evaluate, proposals).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import argparse
 import sys
 import warnings
 
-from . import data, detection, luna, tools
+from . import data, detection, lineage, luna, tools
 from .errors import run_guarded
 
 __all__ = ["main", "build_parser"]
 
-_MODULES = (detection, luna, tools, data)
+_MODULES = (detection, luna, tools, data, lineage)
 
 
 def build_parser() -> argparse.ArgumentParser:
