@@ -8,10 +8,18 @@ ranking (pseudo-random within a level); we keep that order, drop exact duplicate
 half-open ``(y0, x0, y1, x1)`` pixel boxes: a rectangle ``(x, y, w, h)`` covers pixels ``x .. x + w - 1``, i.e. edges
 ``[x, x + w)``.
 
+OpenCV draws the pseudo-random part of the ranking from the C library's ``rand()``; ``seed`` (default 0) seeds it
+through ``srand`` before each call, so the same image gives the same ranked list every time (where the C library
+cannot be reached through ctypes the ranking is left unseeded, with a warning once).
+
 ``scale`` < 1 runs the segmentation on a resized copy (the cost grows with the pixel count) and maps the boxes back.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import warnings
 
 import numpy as np
 import torch
@@ -19,6 +27,22 @@ import torch
 __all__ = ["SS_MODES", "selective_search", "require_opencv_contrib"]
 
 SS_MODES = ("fast", "quality", "single")
+
+
+_LIBC: list = []
+
+
+def _seed_c_rand(seed: int) -> None:
+    if not _LIBC:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or None)
+            _LIBC.append(lib.srand)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+            warnings.warn("cannot reach the C library's srand: selective search's ranking is not reproducible here",
+                          stacklevel=3)
+    if _LIBC[0] is not None:
+        _LIBC[0](ctypes.c_uint(int(seed) & 0xFFFFFFFF))
 
 
 def require_opencv_contrib():
@@ -61,14 +85,14 @@ def _to_bgr_uint8(image) -> np.ndarray:
 
 def selective_search(image, *, mode: str = "fast", max_proposals: int = 2000, scale: float = 1.0,
                      base_k: int = 150, inc_k: int = 150, sigma: float = 0.8, min_size: float = 2.0,
-                     threads: int | None = 1) -> torch.Tensor:
+                     threads: int | None = 1, seed: int | None = 0) -> torch.Tensor:
     """Selective-search proposals of one image: float32 ``[N, 4]`` ``(y0, x0, y1, x1)`` in pixels of ``image``,
     N <= ``max_proposals``, in the algorithm's rank order. ``min_size``: boxes thinner than this (pixels of the
     image given) are dropped. ``threads``: OpenCV's thread count for the call (1 = deterministic timing beside
     torch; None = leave OpenCV's setting). ``base_k``, ``inc_k``, ``sigma``: the Felzenszwalb graph segmentation's
     first threshold k, its increment between strategies and its Gaussian smoothing (OpenCV's defaults 150, 150, 0.8;
     the paper's k values start at 50, which finds the small cells of blood smears). An image where nothing is found
-    gives ``[0, 4]``."""
+    gives ``[0, 4]``. ``seed``: seeds the ranking's randomness (None: leave it unseeded)."""
     if mode not in SS_MODES:
         raise ValueError(f"selective search mode must be one of {list(SS_MODES)}, got {mode!r}")
     if base_k < 1 or inc_k < 1 or sigma <= 0:
@@ -91,6 +115,8 @@ def selective_search(image, *, mode: str = "fast", max_proposals: int = 2000, sc
     else:
         {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality}[mode](
             int(base_k), int(inc_k), float(sigma))
+    if seed is not None:
+        _seed_c_rand(seed)
     rects = ss.process()
     if rects is None or len(rects) == 0:
         return torch.zeros(0, 4)
