@@ -61,10 +61,11 @@ def _contains(windows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def object_crops(data: LineageSet, *, window: int, context: tuple[float, float] = (1.3, 2.0), jitter: float = 0.15,
-                 negatives_per_image: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+                 negatives_per_image: int = 4, seed: int = 0, return_windows: bool = False):
     """Object and background windows of every image (module docstring) -> ``(crops [N, C, *(window,) * d]`` raw
     values, ``targets``: one ``{"boxes": [1 or 0, 2d] (window pixels), "labels": [1 or 0]}`` per crop, objects of an
-    image first, then its background windows, images in order)."""
+    image first, then its background windows, images in order)``. With ``return_windows`` a third item: ``[N, 1 +
+    2d]`` rows (image index, window box in image pixels)."""
     c0, c1 = float(context[0]), float(context[1])
     if not 0 < c0 <= c1:
         raise ValueError(f"context must be (low, high) with 0 < low <= high, got {tuple(context)}")
@@ -79,7 +80,7 @@ def object_crops(data: LineageSet, *, window: int, context: tuple[float, float] 
         side_lo, side_hi = max(1.0, float(longest.min()) * c0), max(2.0, float(longest.max()) * c1)
     else:
         side_lo, side_hi = window / 2, 2.0 * window
-    crops, targets, short = [], [], 0
+    crops, targets, wins, short = [], [], [], 0
     for image, boxes, labels in zip(data.images, data.boxes, data.labels):  # one call of RoIAlign per image
         d = image.dim() - 1
         spatial = torch.tensor(image.shape[1:], dtype=torch.float32)
@@ -102,7 +103,9 @@ def object_crops(data: LineageSet, *, window: int, context: tuple[float, float] 
             ok = torch.ones(n_cand, dtype=torch.bool)
         neg_win = cand[ok.nonzero().flatten()[:negatives_per_image]]
         short += negatives_per_image - len(neg_win)
-        crops.append(crop_windows(image, torch.cat([obj_win, neg_win]), window))
+        both = torch.cat([obj_win, neg_win])
+        crops.append(crop_windows(image, both, window))
+        wins.append(torch.cat([torch.full((len(both), 1), float(len(wins))), both], 1))
         tb = (boxes - obj_win[:, :d].repeat(1, 2)) * (window / side[:, None])  # [G, 2d] window pixels
         targets += [{"boxes": tb[j: j + 1], "labels": labels[j: j + 1].long()} for j in range(n)]
         targets += [{"boxes": torch.zeros(0, 2 * d), "labels": torch.zeros(0, dtype=torch.long)}] * len(neg_win)
@@ -113,4 +116,6 @@ def object_crops(data: LineageSet, *, window: int, context: tuple[float, float] 
     c = data.images[0].shape[0] if len(data) else 1
     d = data.images[0].dim() - 1 if len(data) else 2
     out = torch.cat(crops) if crops else torch.zeros((0, c) + (window,) * d)
+    if return_windows:
+        return out, targets, torch.cat(wins) if wins else torch.zeros(0, 1 + 2 * d)
     return out, targets

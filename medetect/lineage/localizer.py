@@ -65,7 +65,7 @@ class LocalizerStepConfig:
     crops_per_epoch: int = option(4000, doc="crops drawn (with replacement) from each epoch's crops", ge=1)
     flips: bool = option(True, doc="random flips along every axis (boxes flipped with the crops)")
     # training (medetect.engine.trainer.TrainConfig)
-    epochs: int = option(12, doc="epochs (each: crops_per_epoch crops)", ge=1)
+    epochs: int = option(6, doc="epochs (each: crops_per_epoch crops)", ge=1)
     batch_size: int = option(64, doc="crops per step", ge=1)
     optimizer: str = option("adamw", doc="sgd or adamw", choices=("sgd", "adamw"))
     lr: float = option(1e-3, doc="peak learning rate (cosine schedule after warm-up)", gt=0)
