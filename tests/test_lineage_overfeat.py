@@ -187,3 +187,7 @@ def test_train_localizer_record_evaluate_resume_and_overfeat(tmp_path: Path):
     assert det["num_proposals"] > 0
     with pytest.raises(ValueError, match="overfeat.scales"):
         OverFeatConfig(scales=[]).validate()
+    with pytest.raises(ValueError, match="localizer.context"):
+        LocalizerStepConfig(context=[2.0, 1.0]).validate()
+    with pytest.raises(ValueError, match="localizer.window"):
+        LocalizerStepConfig(window=40).validate()

@@ -15,6 +15,7 @@ fully convolutional and slid over whole images at several scales.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -95,11 +96,11 @@ class LocalizerStepConfig:
 
 def _stack_targets(targets: list[dict], d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-crop targets -> labels ``[N]`` (-1 = background) and boxes ``[N, 2d]`` (zeros for background)."""
-    labels = torch.tensor([int(t["labels"][0]) if len(t["labels"]) else -1 for t in targets], dtype=torch.long)
-    boxes = torch.zeros(len(targets), 2 * d)
-    obj = (labels >= 0).nonzero().flatten()
-    if len(obj):
-        boxes[obj] = torch.cat([targets[i]["boxes"].reshape(1, 2 * d).float() for i in obj.tolist()])
+    none_l, none_b = torch.full((1,), -1, dtype=torch.long), torch.zeros(1, 2 * d)
+    labels = torch.cat([none_l] + [t["labels"].reshape(-1)[:1].long() if t["labels"].numel() else none_l
+                                   for t in targets])[1:]
+    boxes = torch.cat([none_b] + [t["boxes"].reshape(-1, 2 * d)[:1].float() if t["boxes"].numel() else none_b
+                                  for t in targets])[1:]
     return labels, boxes
 
 
@@ -332,7 +333,7 @@ class OverFeat:
             out = net(normalise(x))
             prob = out["logits"][0].softmax(0)[1:]  # [K, *M]
             k, m = prob.shape[0], prob.shape[1:]
-            windows += int(torch.tensor(m).prod())
+            windows += math.prod(m)
             grid = torch.meshgrid(*[torch.arange(n, device=self.device, dtype=torch.float32) for n in m],
                                   indexing="ij")
             corner = torch.stack([g * st - p for g, st, p in zip(grid, self.stride, pad)])  # [d, *M] scaled pixels

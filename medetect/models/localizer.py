@@ -73,6 +73,10 @@ class LocalizerConfig:
         check(self, prefix)
         if self.backbone == "vgg16" and self.stage < 3:
             raise ValueError(f"{prefix}.stage must be 3, 4 or 5 with vgg16, got {self.stage}")
+        stride = 2 ** (self.stage - 1) if self.backbone == "vgg16" else 2**self.stage  # c<stage>'s stride
+        if self.window % stride:
+            raise ValueError(f"{prefix}.window must be a multiple of the trunk's stride {stride} ({self.backbone} "
+                             f"c{self.stage}), got {self.window}")
 
     def to_dict(self) -> dict:
         return asdict(self)
