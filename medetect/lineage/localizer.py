@@ -260,9 +260,10 @@ def evaluate_localizer(path, data: LineageSet, *, device="cpu") -> dict:
 
 @dataclass
 class OverFeatConfig:
-    scales: list[float] = option([0.4, 0.6, 0.85, 1.2, 1.7, 2.4], doc="image scale factors; the net sees "
-                                 "windows of `window` pixels of the image resized by each (BCCD at 0.5: WBC ~100 "
-                                 "px fit at 0.4, RBC ~50 px at 0.85, platelets ~20 px at 2.4)", gt=0, le=8)
+    scales: list[float] = option([0.4, 0.7, 1.0, 1.4, 2.0], doc="image scale factors; the net sees windows of "
+                                 "`window` pixels of the image resized by each (BCCD at 0.5 with a 64 window: WBC "
+                                 "~100 px fit at 0.4, RBC ~50 px at 0.7, platelets ~20 px at 2; picked lightly on "
+                                 "30 val images)", gt=0, le=8)
     score_thresh: float = option(0.05, doc="class probability below which a window's class is dropped", ge=0, le=1)
     nms_thresh: float = option(0.3, doc="IoU above which a box of the same class is suppressed", ge=0, le=1)
     merge: bool = option(False, doc="OverFeat-style box merging: each box kept by NMS becomes the score-weighted "
