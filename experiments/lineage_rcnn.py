@@ -4,7 +4,7 @@
     python experiments/lineage_rcnn.py evaluate [--out DIR] [--threads 1] [--n 87]  # val mAP@0.5, seconds/image
     python experiments/lineage_rcnn.py recall [--out DIR]                           # recall.png + recall.json
 
-Results are printed and written to ``OUT/rcnn_eval_<threads>t.json`` / ``OUT/recall/recall.json``.
+Results are printed and written to ``OUT/runs/rcnn/eval_<threads>t.json`` / ``OUT/recall/recall.json``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
             res[name] = e["map"]
             res[name + "_per_class"] = e["per_class"]
         print(json.dumps(res, indent=1))
-        (out / f"rcnn_eval_{a.threads}t.json").write_text(json.dumps(res, indent=1))
+        (out / "runs" / "rcnn" / f"eval_{a.threads}t.json").write_text(json.dumps(res, indent=1))
     else:
         from medetect.lineage.recall import METHODS, recall_study
 
