@@ -426,7 +426,7 @@ def train_rcnn(train: LineageSet, val: LineageSet | None, cfg: RCNNStepConfig | 
         "config": cfg.to_dict(), "model_config": model.config.to_dict(), "proposals": ProposalConfig().to_dict(),
         "data": train.spec, "scale": train.scale, "train_images": len(train), "train_objects": train.num_objects,
         "images_without_proposals": int(empty), "feature_rows": int(sum(len(f["boxes"]) for f in feats)),
-        "feature_cache_hits": hits, "classes": classes, "fine_tune_history": trainer.history,
+        "feature_cache_hits": hits, "svm_ridge": classes, "fine_tune_history": trainer.history,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "device": str(dev), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
