@@ -70,7 +70,7 @@ def main() -> None:
 
         specs = {"BCCD val": f"{SHARED / 'bccd'}:val", "DSB2018 val": f"dsb2018:{SHARED / 'dsb2018-nuclei'}:val"}
         res = recall_study(specs, METHODS, rpn_weights={"BCCD val": REPO / "medetect/weights/bccd_faster_rcnn.safetensors"},
-                           cache_dir=out / "cache", out_dir=out / "recall", scales={"BCCD val": 0.5, "DSB2018 val": 1.0},
+                           cache_dir=out / "cache", out_dir=out / "recall", scales={"BCCD val": 0.5, "DSB2018 val": 1.0}, classes={"BCCD val": CLASSES},
                            progress=True)
         print(json.dumps(res["summary"], indent=1))
 

@@ -272,7 +272,6 @@ def _fit_classifiers(model: RCNN, data: LineageSet, feats: list[dict], cfg: RCNN
     is_gt = np.concatenate([f["is_gt"] for f in feats])
     # per row: its best IoU with the boxes of each class [N, K], and its best-matching box + that box's class
     iou_k, match_box, match_iou, match_cls, p5, p5_owner = [], [], [], [], [], []
-    offset = 0
     for f, gt, gl in zip(feats, data.boxes, data.labels):  # loop over images
         b = torch.from_numpy(f["boxes"])
         per = torch.zeros(len(b), k_all)
@@ -288,7 +287,6 @@ def _fit_classifiers(model: RCNN, data: LineageSet, feats: list[dict], cfg: RCNN
             p5.append(f["pool5"].astype(np.float32))
             p5_owner.append(b[rows])
         iou_k.append(per)
-        offset += len(b)
     iou_k = torch.cat(iou_k).numpy()  # [N, K]
     s_fc7 = _norm_scale(fc7)
     x = fc7 * s_fc7
