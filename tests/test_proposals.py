@@ -196,3 +196,14 @@ def test_rpn_proposals_of_the_shipped_model():
     data.scale = 1.0  # the model wants half of it: resized by 0.5, boxes mapped back to these pixels
     props2, _ = rpn_proposals(BCCD_WEIGHTS, data, 50)
     assert 0 < len(props2[0]) <= 50 and float(props2[0][:, 2].max()) > data.images[0].shape[1] / 2
+
+
+def test_sliding_window_order_takes_every_shape_in_turn():
+    from medetect.lineage.recall import _round_robin
+
+    w = sliding_windows((60, 80), sizes=[8, 16, 32], aspect_ratios=[0.5, 1.0, 2.0])
+    order = _round_robin(w, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(len(w)))  # a permutation
+    shapes = (w[:, 2:] - w[:, :2]).round(decimals=3)
+    first = {tuple(s) for s in shapes[order[:9]].tolist()}
+    assert len(first) == 9  # the first 9 windows: one of each of the 9 shapes

@@ -4,8 +4,9 @@ boxes and the RPN of a Faster R-CNN model file, on one or more datasets: ``recal
 panel per dataset and IoU threshold).
 
 The baselines have no ranking of their own: the sliding windows (sizes from 8 px to the image's short side in
-steps of sqrt(2), aspect ratios 1/2, 1, 2, stride half a window) are taken in a random order (fixed seed), so their
-top n is a random n of the grid; uniform boxes are random anyway. Selective search keeps OpenCV's rank order and the
+steps of sqrt(2), aspect ratios 1/2, 1, 2, stride half a window) are taken round-robin over the window shapes, in a
+random order within a shape (fixed seed), so that the top n has every size (a plain random n would be almost all
+8-16 px windows, the most numerous); uniform boxes are random anyway. Selective search keeps OpenCV's rank order and the
 RPN its objectness order.
 
 An image where a method finds no region counts as covering none of its objects; the number of such images is in the
@@ -44,6 +45,20 @@ def _window_sizes(shape: Sequence[int]) -> list[float]:
     short = float(min(shape))
     n = max(1, int(math.floor(2 * math.log2(max(short, 8.0) / 8.0))) + 1)
     return [8.0 * 2 ** (i / 2) for i in range(n)]
+
+
+def _round_robin(windows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """An order of ``windows [N, 2d]`` that takes one window of each shape in turn (random within a shape), so that
+    the top n of a grid dominated by its many small windows still has every size."""
+    d = windows.shape[1] // 2
+    _, shape_id = torch.unique((windows[:, d:] - windows[:, :d]).round(decimals=3), dim=0, return_inverse=True)
+    perm = torch.randperm(len(windows), generator=g)  # [N] random order
+    grouped = perm[torch.sort(shape_id[perm], stable=True).indices]  # [N] by shape, random within a shape
+    sid = shape_id[grouped]
+    start = torch.zeros(int(sid.max()) + 2 if len(sid) else 1, dtype=torch.long)
+    start[1:].scatter_add_(0, sid, torch.ones_like(sid))
+    rank = torch.arange(len(sid)) - start.cumsum(0)[sid]  # [N] position within its shape
+    return grouped[torch.sort(rank * (int(sid.max()) + 1 if len(sid) else 1) + sid, stable=True).indices]
 
 
 def rpn_proposals(weights: str | os.PathLike, data: LineageSet, max_count: int,
@@ -129,7 +144,7 @@ def method_proposals(method: str, data: LineageSet, max_count: int, *, cache_dir
             out.append(uniform_boxes(shape, max_count, seed=seed * 100003 + i))
         else:
             w = sliding_windows(shape, _window_sizes(shape), aspect_ratios=(0.5, 1.0, 2.0), stride_fraction=0.5)
-            out.append(w[torch.randperm(len(w), generator=g)[:max_count]])
+            out.append(w[_round_robin(w, g)[:max_count]])
     info["seconds_per_image"] = (time.perf_counter() - t0) / max(1, len(data))
     return out, info
 
