@@ -172,7 +172,7 @@ def plot_recall(result: dict, path: str | os.PathLike) -> Path:
             ax.set_title(f"{name} ({ds['num_gt']} objects, {ds['num_images']} images): IoU >= {t}", fontsize=9)
             ax.set_xlabel("proposals per image")
             ax.set_ylabel("recall")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
 
