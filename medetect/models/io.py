@@ -7,6 +7,7 @@ Metadata (every value a JSON string, as safetensors requires)::
     kind            "detector" (2D/3D detectors, the LUNA stage one, the 2D slice model) | "fpr" (stage-two classifier)
                     | "attention" (attention classifier, medetect.models.attention)
                     | "localizer" (classification + localisation of one window, medetect.models.localizer)
+                    | "rcnn" (R-CNN: warped-proposal CNN, SVMs and box regressors, medetect.models.rcnn)
     config          the model's config dict (DetectorConfig / FPRConfig)
     preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
     classes         class names, in label order
@@ -37,6 +38,7 @@ from .attention import AttentionConfig, build_attention
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
 from .localizer import LocalizerConfig, build_localizer
+from .rcnn import RCNNConfig, build_rcnn
 
 __all__ = [
     "BUILDERS",
@@ -150,9 +152,13 @@ def _build_localizer(config: dict) -> torch.nn.Module:
     return build_localizer(LocalizerConfig(**config))
 
 
+def _build_rcnn(config: dict) -> torch.nn.Module:
+    return build_rcnn(RCNNConfig(**config))
+
+
 BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr,
                                                           "attention": _build_attention,
-                                                          "localizer": _build_localizer}
+                                                          "localizer": _build_localizer, "rcnn": _build_rcnn}
 
 
 # ------------------------------------------------------------------------------------------------ writing
