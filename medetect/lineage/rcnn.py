@@ -365,11 +365,13 @@ def lineage_preprocess(data: LineageSet) -> Preprocess:
 
 
 def train_rcnn(train: LineageSet, val: LineageSet | None, cfg: RCNNStepConfig | None = None,
-               out_dir: str | os.PathLike = "lineage-out", *, resume: bool = False, device: str = "cpu",
-               progress: bool = True) -> dict:
-    """Train R-CNN on ``train`` (steps (a)-(e) of the module doc); ``val`` is not used in training (the lineage
-    evaluates every row on it afterwards). Returns ``{"weights", "train_seconds", "record"}``."""
+               out_dir: str | os.PathLike = "lineage-out", *, proposals: ProposalConfig | None = None,
+               resume: bool = False, device: str = "cpu", progress: bool = True) -> dict:
+    """Train R-CNN on ``train`` (steps (a)-(e) of the module doc) with the selective-search settings ``proposals``
+    (default :class:`ProposalConfig`); ``val`` is not used in training (the lineage evaluates every row on it
+    afterwards). Returns ``{"weights", "train_seconds", "record"}``."""
     cfg = cfg or RCNNStepConfig()
+    proposals = proposals or ProposalConfig()
     cfg.validate("rcnn")
     if len(train) == 0:
         raise ValueError("R-CNN: the training set is empty")
@@ -380,7 +382,7 @@ def train_rcnn(train: LineageSet, val: LineageSet | None, cfg: RCNNStepConfig | 
     torch.manual_seed(cfg.seed)
     # (a) proposals
     t0 = time.perf_counter()
-    props = proposals_for(train, ProposalConfig(), out / "cache" / "ss", progress=progress)
+    props = proposals_for(train, proposals, out / "cache" / "ss", progress=progress)
     t_ss = time.perf_counter() - t0
     empty = sum(len(p) == 0 for p in props)
     if empty:
@@ -421,7 +423,7 @@ def train_rcnn(train: LineageSet, val: LineageSet | None, cfg: RCNNStepConfig | 
     record = {
         "step": "rcnn", "train_seconds": train_seconds,
         "seconds": {"selective_search": t_ss, "fine_tune": t_ft, "features": t_feat, "svm_ridge": t_svm},
-        "config": cfg.to_dict(), "model_config": model.config.to_dict(), "proposals": ProposalConfig().to_dict(),
+        "config": cfg.to_dict(), "model_config": model.config.to_dict(), "proposals": proposals.to_dict(),
         "data": train.spec, "scale": train.scale, "train_images": len(train), "train_objects": train.num_objects,
         "images_without_proposals": int(empty), "feature_rows": int(sum(len(f["boxes"]) for f in feats)),
         "feature_cache_hits": hits, "svm_ridge": classes, "fine_tune_history": trainer.history,
