@@ -58,7 +58,7 @@ def _tiny_cfg() -> DetectorStepConfig:
     m.base_width, m.fpn_channels, m.levels, m.anchor_sizes = 8, 16, [2, 3], [[8], [16]]
     m.roi_hidden, m.roi_batch_size_per_image, m.yolo_stride = 32, 32, 0
     m.rpn_pre_nms_top_n, m.rpn_post_nms_top_n = [200, 100], [100, 50]
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_iters, cfg.train.log_every = 1, 2, 2, 1
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_iters, cfg.train.log_every, cfg.train.val_every = 1, 2, 2, 1, 1
     return cfg
 
 
