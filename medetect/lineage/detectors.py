@@ -65,11 +65,12 @@ def _bccd_model() -> DetectorConfig:
 
 
 def _bccd_train() -> TrainConfig:
-    """configs/bccd_faster_rcnn.yaml's optimisation at the lineage's budget: the same 6 epochs for all four rows (one
-    epoch of 205 images at 1 CPU thread takes about 1.5 to 3 minutes for the two-stage and RetinaNet rows), validated
-    every 3 (Fast R-CNN's validation runs 2000 proposals on each of 87 images)."""
-    return TrainConfig(epochs=6, batch_size=4, optimizer="adamw", lr=0.001, weight_decay=0.0001, warmup_iters=100,
-                       schedule="cosine", grad_clip=10.0, num_workers=0, val_every=3, log_every=10)
+    """configs/bccd_faster_rcnn.yaml's optimisation at the lineage's budget: the same 4 epochs for all four rows (one
+    epoch of 205 images at 1 CPU thread takes about 1.5 to 3 minutes for the two-stage and RetinaNet rows on an idle
+    core, several times that on a shared one), so a warm-up of 50 steps (of 204), validated every 2 epochs (Fast
+    R-CNN's validation runs 2000 proposals on each of 87 images)."""
+    return TrainConfig(epochs=4, batch_size=4, optimizer="adamw", lr=0.001, weight_decay=0.0001, warmup_iters=50,
+                       schedule="cosine", grad_clip=10.0, num_workers=0, val_every=2, log_every=10)
 
 
 @dataclass
