@@ -97,7 +97,9 @@ def train_step(key: str, train: LineageSet, val: LineageSet | None, cfg: Lineage
         return train_rcnn(train, val, cfg.rcnn, out, proposals=cfg.proposals, **kw)
     from .detectors import train_detector_step
 
-    return train_detector_step(key, train, val, getattr(cfg, key), out, proposals=cfg.proposals, **kw)
+    if val is None:
+        raise ValueError(f"the {key} step picks its best epoch on a validation split: set data.val_split (--val)")
+    return train_detector_step(key, train, val, cfg.detectors, out, proposals=cfg.proposals, **kw)
 
 
 def train_lineage(cfg: LineageConfig, out_dir: str | Path, *, steps=None, resume: bool = False,
