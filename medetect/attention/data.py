@@ -44,6 +44,9 @@ class LesionImage:
     radii: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N] pixels
     unlocated: int = 0  # findings without a location
     malignant: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] per located lesion (severity M)
+    lesion_types: np.ndarray = field(default_factory=lambda: np.zeros(0, "<U4"))  # [N] abnormality (CALC, CIRC, ...)
+    tissue: str = ""  # F / G / D (images.csv ``tissue``), "" when unknown
+    side: str = ""  # L / R (images.csv ``side``), "" when unknown
 
     @property
     def labels(self) -> np.ndarray:
@@ -82,7 +85,8 @@ def read_lesion_folder(folder: str | Path, split: str) -> list[LesionImage]:
         if lab not in ("normal", "benign", "malignant"):
             raise ValueError(f"{folder / 'images.csv'} line {n}: image_label must be normal, benign or malignant, "
                              f"got {lab!r}")
-        recs[r["image_id"]] = LesionImage(r["image_id"], folder / r["file"], r["patient_id"], lab)
+        recs[r["image_id"]] = LesionImage(r["image_id"], folder / r["file"], r["patient_id"], lab,
+                                          tissue=(r.get("tissue") or "").strip(), side=(r.get("side") or "").strip())
     ann = folder / "annotations.csv"
     circles: dict[str, list] = {}
     for n, r in _read_csv(ann, ("image_id", "has_location", "cx", "cy", "radius")):
@@ -102,11 +106,12 @@ def read_lesion_folder(folder: str | Path, split: str) -> list[LesionImage]:
         if sev not in ("", "B", "M"):
             raise ValueError(f"{ann} line {n}: severity must be B or M, got {sev!r}")
         mal = sev == "M" if sev else rec.image_label == "malignant"  # no severity column: the image's label
-        circles.setdefault(rec.image_id, []).append((cy, cx, rad, mal))
+        circles.setdefault(rec.image_id, []).append((cy, cx, rad, mal, (r.get("abnormality") or "").strip()))
     for iid, cs in circles.items():
         a = np.array([c[:3] for c in cs], dtype=np.float64)
         recs[iid].centres, recs[iid].radii = a[:, :2], a[:, 2]
         recs[iid].malignant = np.array([c[3] for c in cs], dtype=bool)
+        recs[iid].lesion_types = np.array([c[4] for c in cs], dtype="<U4")
     for rec in recs.values():
         if rec.image_label == "normal" and len(rec.radii):
             raise ValueError(f"{ann}: image {rec.image_id} is labelled normal in images.csv but has located findings")
