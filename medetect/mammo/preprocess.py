@@ -122,8 +122,8 @@ def to_unit(image, meta: dict | None = None) -> np.ndarray:
         a = a[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if a.ndim != 2:
         raise ValueError(f"a mammogram is one 2D grey image, got an array of shape {tuple(np.shape(image))}")
-    if meta.get("voi"):  # the DICOM reader's VOI output is already [0, 1]
-        return np.clip(a.astype(np.float32), 0.0, 1.0)
+    if meta.get("voi") and a.dtype.kind == "f" and float(a.min()) >= 0 and float(a.max()) <= 1:
+        return a.astype(np.float32)  # the DICOM reader applied a VOI: already [0, 1]
     if a.dtype.kind in "iu" or (a.dtype.kind == "f" and meta.get("bits_stored")):
         bits = meta.get("bits_stored")
         if not bits:
