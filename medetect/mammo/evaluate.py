@@ -8,10 +8,10 @@ from pathlib import Path
 from ..attention.data import read_lesion_folder
 from ..data.io import read_image
 from ..engine.predictor import Predictor
-from ..evaluation.mammo import mammo_metrics
+from ..evaluation.mammo import image_scores, mammo_metrics, youden_thresholds
 from . import CLASSES
 
-__all__ = ["is_mammo_folder", "detect_records", "evaluate_mammo", "read_detections_csv", "write_detections_csv"]
+__all__ = ["is_mammo_folder", "detect_records", "mammo_metrics_for", "evaluate_mammo", "read_detections_csv", "write_detections_csv"]
 
 _DET_COLUMNS = ("image_id", "y0", "x0", "y1", "x1", "label", "score")
 
@@ -79,20 +79,61 @@ def read_detections_csv(path, image_ids, classes=CLASSES) -> list[dict]:
     return out
 
 
+def mammo_metrics_for(recs, dets, *, train=None, train_split: str = "train", n_boot: int = 1000, seed: int = 0,
+                      plot_dir=None) -> dict:
+    """:func:`~medetect.evaluation.mammo.mammo_metrics` of the records ``recs`` (:func:`read_lesion_folder`) and their
+    detections, with ``by_lesion_type``; ``train = (train_recs, train_dets)``: also ``confusion`` at the image
+    thresholds of Youden's J on those TRAIN images (``youden_thresholds``; ``picked_on`` names the split)."""
+    thresholds = None
+    if train is not None:
+        trecs, tdets = train
+        pa, pm = image_scores(tdets, malignant_label=list(CLASSES).index("malignant"))
+        thresholds = {**youden_thresholds(pa, pm, [r.image_label for r in trecs]), "picked_on": train_split,
+                      "threshold_images": len(trecs)}
+    return mammo_metrics(dets, [r.centres for r in recs], [r.radii for r in recs], [r.malignant for r in recs],
+                         [r.image_label for r in recs], [r.patient for r in recs],
+                         malignant_label=list(CLASSES).index("malignant"), n_boot=n_boot, seed=seed,
+                         plot_dir=plot_dir, lesion_types=[r.lesion_types for r in recs], thresholds=thresholds)
+
+
 def evaluate_mammo(loaded, folder, split: str, *, device=None, n_boot: int = 1000, seed: int = 0,
-                   plot_dir=None, allow_range_mismatch: bool = False) -> dict:
+                   plot_dir=None, allow_range_mismatch: bool = False, threshold_split: str | None = "train") -> dict:
     """Lesion FROC, image AUC (abnormal, malignant), lesion AUC malignant vs benign, each with ``_ci`` (bootstrap by
-    patient): :func:`medetect.evaluation.mammo.mammo_metrics`. ``loaded``: a detector whose classes are
-    ``benign``, ``malignant``."""
+    patient): :func:`medetect.evaluation.mammo.mammo_metrics`, plus ``by_lesion_type`` and ``confusion`` (image
+    thresholds by Youden's J on the ``threshold_split`` images of the same folder, default ``train``: the detector
+    also runs on them; ``None``, or a split the folder does not list: ``confusion`` is ``null`` and
+    ``confusion_note`` says why). ``loaded``: a detector whose classes are ``benign``, ``malignant``."""
     names = list(loaded.classes)
     if names != list(CLASSES):
         raise ValueError(f"a mini-MIAS-layout folder is scored for a detector with the classes {list(CLASSES)}, this "
                          f"model has {names}")
     recs = read_lesion_folder(folder, split)
     dets = detect_records(loaded, recs, device=device, allow_range_mismatch=allow_range_mismatch)
-    res = mammo_metrics(dets, [r.centres for r in recs], [r.radii for r in recs], [r.malignant for r in recs],
-                        [r.image_label for r in recs], [r.patient for r in recs],
-                        malignant_label=names.index("malignant"), n_boot=n_boot, seed=seed, plot_dir=plot_dir)
+    train, note = None, None
+    if threshold_split:
+        if threshold_split == split:
+            train, note = (recs, dets), f"thresholds picked on the evaluated split {split!r} itself (optimistic)"
+        else:
+            try:
+                trecs = read_lesion_folder(folder, threshold_split)
+            except ValueError as e:
+                note = f"no confusion table: {e}"
+            else:
+                train = (trecs, detect_records(loaded, trecs, device=device,
+                                               allow_range_mismatch=allow_range_mismatch))
+    else:
+        note = "no confusion table: no threshold split asked"
+    try:
+        res = mammo_metrics_for(recs, dets, train=train, train_split=threshold_split or "", n_boot=n_boot, seed=seed,
+                                plot_dir=plot_dir)
+    except ValueError as e:
+        if train is None or "Youden" not in str(e):
+            raise
+        res = mammo_metrics_for(recs, dets, n_boot=n_boot, seed=seed, plot_dir=plot_dir)
+        note = f"no confusion table: {e}"
+    res.setdefault("confusion", None)
+    if note:
+        res["confusion_note"] = note
     res["unlocated_findings"] = int(sum(r.unlocated for r in recs))
     res["split"] = split
     return res
