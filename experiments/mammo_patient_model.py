@@ -5,8 +5,12 @@ One command reproduces every figure (the detector runs once per split; its detec
 calls take seconds)::
 
     python experiments/mammo_patient_model.py all --out /work/mammo-out
+    # the detector retrained on the preprocessed copy, scored the same way on that copy:
+    python experiments/mammo_patient_model.py all --weights RUN --data /work/mammo-out/mias-pre --tag pre_
 
-Steps (each is also a sub-command): ``score`` (detections of the train and val images -> ``OUT/detections_<split>.csv``,
+Steps (each is also a sub-command): ``preprocess`` (only on request, not part of ``all``: a preprocessed copy of the
+folder, :func:`medetect.mammo.preprocess.preprocess_folder` -> ``OUT/mias-pre``, for
+``configs/mias_faster_rcnn_preprocessed.yaml``), ``score`` (detections of the train and val images -> ``OUT/detections_<split>.csv``,
 ~10 min at 1 thread for the 224 images), ``evaluate`` (``medetect.mammo.evaluate`` metrics on val with the new
 ``by_lesion_type`` and ``confusion`` keys, thresholds picked on train -> ``OUT/val_metrics.json``), ``patient``
 (:mod:`medetect.mammo.patient`: logistic regression on train, AUCs on val against the image-only baseline ->
@@ -34,6 +38,15 @@ def _records(args, split):
 
 def _dets_path(args, split) -> Path:
     return Path(args.out) / f"detections_{args.tag}{split}.csv"
+
+
+def cmd_preprocess(args) -> None:
+    from medetect.mammo.preprocess import MammoPreprocess, preprocess_folder
+
+    dst = Path(args.out) / ("mias-pre-clahe" if args.clahe else "mias-pre")
+    rep = preprocess_folder(args.data, dst, MammoPreprocess(clahe=args.clahe))
+    print(json.dumps(rep))
+    print(f"written {dst} (research-only MIAS derivative: keep it out of the repository)")
 
 
 def cmd_score(args) -> None:
@@ -91,7 +104,7 @@ def cmd_patient(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("step", choices=["score", "evaluate", "patient", "all"])
+    ap.add_argument("step", choices=["preprocess", "score", "evaluate", "patient", "all"])
     ap.add_argument("--data", default=DEFAULT_DATA, help="mini-MIAS-layout folder (default: %(default)s)")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="benign/malignant detector (model file or run)")
     ap.add_argument("--out", default="/work/mammo-out", help="output folder (detections cache, JSON results)")
@@ -103,12 +116,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clahe", action="store_true", help="preprocess: also CLAHE (-> OUT/mias-pre-clahe)")
     args = ap.parse_args(argv)
     args.splits = [args.train_split, args.val_split]
     try:
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such data folder (--data)")
         Path(args.out).mkdir(parents=True, exist_ok=True)
+        if args.step == "preprocess":
+            cmd_preprocess(args)
         if args.step in ("score", "all"):
             cmd_score(args)
         if args.step in ("evaluate", "all"):
