@@ -203,5 +203,11 @@ def test_preprocess_folder_maps_the_circles(tmp_path):
         cy, cx = r.centres[0]
         assert cx < 50 and out[int(cy), int(cx)] > 100  # chest wall on the left, lesion on breast
         assert r.lesion_types.tolist() == ["CIRC"] and r.tissue == "F"
+    from medetect.data.formats import open_dataset
+
+    ds = open_dataset("mias", tmp_path / "dst", split="val", classes=["benign", "malignant"])  # cropped sizes
+    item = ds[0]
+    assert tuple(item["image"].shape[-2:]) == tuple(np.asarray(Image.open(recs[0].path)).shape)
+    assert len(item["boxes"]) == 1
     with pytest.raises(FileNotFoundError, match="not a mini-MIAS-layout folder"):
         preprocess_folder(tmp_path / "nothing", tmp_path / "x")
