@@ -211,3 +211,15 @@ def test_preprocess_folder_maps_the_circles(tmp_path):
     assert len(item["boxes"]) == 1
     with pytest.raises(FileNotFoundError, match="not a mini-MIAS-layout folder"):
         preprocess_folder(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_lesion_folder_warns_about_a_centre_outside_the_image(tmp_path):
+    from medetect.attention.data import read_lesion_folder
+
+    (tmp_path / "images.csv").write_text("image_id,file,split,patient_id,side,width,height,tissue,image_label\n"
+                                         "mdb001,images/mdb001.png,val,p000,R,50,40,F,benign\n")
+    (tmp_path / "annotations.csv").write_text("image_id,abnormality,severity,has_location,cx,cy,radius\n"
+                                              "mdb001,CALC,B,1,60,10,3\nmdb001,CIRC,B,1,20,10,3\n")
+    with pytest.warns(UserWarning, match="line 2: lesion centre .* outside the 40 x 50 image mdb001: kept"):
+        recs = read_lesion_folder(tmp_path, "val")
+    assert len(recs[0].radii) == 2 and recs[0].lesion_types.tolist() == ["CALC", "CIRC"]

@@ -10,13 +10,16 @@ Circles are ``(cy, cx)`` centres in top-left pixel coordinates (the README's con
 coordinates, like :func:`medetect.data.annotations.read_mias`) and radii in pixels. Labels per image:
 ``abnormal`` (benign or malignant) and ``malignant``. An abnormal image whose findings have no location (mdb059,
 mdb245) is kept with its labels and no circle: it contributes only to the classification loss (``has_heatmap``
-False) and is left out of the localisation metrics. A located row with a radius <= 0 or a centre outside the image is
-an error naming the file and line.
+False) and is left out of the localisation metrics. A located row with a radius <= 0 is an error naming the file and
+line; one whose centre lies outside the image (images.csv ``width`` / ``height``, when given) is kept and warned
+about, naming the file and line (a preprocessed copy can crop such a circle away: :mod:`medetect.mammo.preprocess`
+counts it too).
 """
 
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +83,16 @@ def read_lesion_folder(folder: str | Path, split: str) -> list[LesionImage]:
         raise ValueError(f"{folder}: split {split!r} lists no images (no {ids_file.name} and no images.csv row with "
                          f"split {split!r})")
     recs: dict[str, LesionImage] = {}
+    sizes: dict[str, tuple[float, float]] = {}
     for n, r in rows:
         lab = r["image_label"]
         if lab not in ("normal", "benign", "malignant"):
             raise ValueError(f"{folder / 'images.csv'} line {n}: image_label must be normal, benign or malignant, "
                              f"got {lab!r}")
+        try:
+            sizes[r["image_id"]] = (float(r["height"]), float(r["width"]))
+        except (KeyError, TypeError, ValueError):
+            pass
         recs[r["image_id"]] = LesionImage(r["image_id"], folder / r["file"], r["patient_id"], lab,
                                           tissue=(r.get("tissue") or "").strip(), side=(r.get("side") or "").strip())
     ann = folder / "annotations.csv"
@@ -102,6 +110,10 @@ def read_lesion_folder(folder: str | Path, split: str) -> list[LesionImage]:
             raise ValueError(f"{ann} line {n}: cx, cy and radius must be numbers ({e})") from None
         if not rad > 0:
             raise ValueError(f"{ann} line {n}: radius must be > 0 for a located finding, got {rad:g}")
+        hw = sizes.get(rec.image_id)
+        if hw is not None and not (0 <= cy <= hw[0] and 0 <= cx <= hw[1]):
+            warnings.warn(f"{ann} line {n}: lesion centre (y {cy:g}, x {cx:g}) lies outside the {hw[0]:g} x {hw[1]:g} "
+                          f"image {rec.image_id}: kept", stacklevel=2)
         sev = (r.get("severity") or "").strip()
         if sev not in ("", "B", "M"):
             raise ValueError(f"{ann} line {n}: severity must be B or M, got {sev!r}")
