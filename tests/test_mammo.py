@@ -229,3 +229,13 @@ def test_youden_thresholds_and_confusion():
         youden_thresholds([0.1, 0.2], [0.1, 0.2], ["normal", "normal"])
     res = mammo_metrics(*_synthetic(), n_boot=0, thresholds={"t_abnormal": 0.5, "t_malignant": 0.8})
     assert res["confusion"]["matrix"] == [[8, 0, 0], [0, 4, 0], [0, 0, 4]]
+
+
+def test_one_mark_in_two_overlapping_circles_finds_both():
+    dets = [{"boxes": np.array([_box([20.0, 20.0])]), "scores": np.array([0.9]), "labels": np.array([0])},
+            {"boxes": np.array([_box([5.0, 5.0])]), "scores": np.array([0.5]), "labels": np.array([0])}]
+    cen = [np.array([[19.0, 20.0], [21.0, 20.0]]), np.zeros((0, 2))]
+    res = mammo_metrics(dets, cen, [np.array([4.0, 4.0]), np.zeros(0)], [np.array([False, False]), np.zeros(0, bool)],
+                        ["benign", "normal"], ["p0", "p1"], n_boot=0, lesion_types=[np.array(["CIRC", "CIRC"]), []])
+    assert res["lesion_sensitivity"]["0.125"] == 1.0 and res["detected_lesions"] == 2
+    assert res["by_lesion_type"]["CIRC"] == {"lesions": 2, "detected": 2, "sensitivity": 1.0}

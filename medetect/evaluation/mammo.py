@@ -8,7 +8,7 @@ findings without a location) and the ``patient``.
 
 * marks: every detection, at its box centre, scored by its score (any class). A mark HITS a lesion when its centre
   lies inside the lesion circle (distance <= radius). A lesion counts once (its best hitting mark is the true
-  positive; further marks inside an already-hit lesion are neither TP nor FP); a mark inside no lesion is a false
+  positive, and one mark inside two overlapping circles finds both; further marks inside an already-hit lesion are neither TP nor FP); a mark inside no lesion is a false
   positive. ``lesion_sensitivity``: sensitivity at :data:`~medetect.evaluation.attention.FROC_FP_RATES` mean false
   marks per image (over ALL images, normal ones included); ``lesion_froc_mean`` their mean.
 * image scores (Ribli): ``p(abnormal)`` = the highest mark score of the image, ``p(malignant)`` = the highest score of
@@ -68,10 +68,10 @@ def image_marks(boxes, scores, labels, centres, radii, malignant, *, malignant_l
     hit = np.zeros((m, n), bool)
     if m and n:
         hit = points_in_circles((b[:, :d] + b[:, d:]) / 2, c, r).numpy()
-    tp = np.zeros(m, bool)
+    tp = np.zeros(m, np.int64)  # per mark: how many lesions it is the best hit of (overlapping circles: > 1)
     if m:
         first = np.where(hit.any(0), hit.argmax(0), -1)
-        tp[first[first >= 0]] = True
+        np.add.at(tp, first[first >= 0], 1)
     malig_scores = np.where(is_m, sc, 0.0)
     return {
         "mark_scores": sc, "mark_tp": tp, "mark_fp": ~hit.any(1), "n_lesions": n,
