@@ -173,6 +173,15 @@ def test_shipped_configs_load_and_build(path):
 
         assert build_attention(cfg.model).config is cfg.model and Path(cfg.data.root).is_absolute()
         return
+    if cfg.task == "lineage":  # every step's network builds from its section
+        from medetect.lineage.config import LineageConfig
+        from medetect.models.localizer import build_localizer
+
+        assert cfg.to_dict() == {**LineageConfig().to_dict(), "data": cfg.data.to_dict()}
+        assert Path(cfg.data.root).is_absolute() and build_localizer(cfg.localizer.model_config(3, 3)) is not None
+        for step in ("fast_rcnn", "faster_rcnn", "yolo", "retinanet"):
+            assert build_detector(cfg.detectors.step_model(step, cfg.data.classes)).config.arch == step
+        return
     from medetect.organs.config import OrganLocalisationConfig
 
     assert isinstance(cfg, (ExperimentConfig, LunaDetectionConfig, LunaFPRConfig, OrganLocalisationConfig))
