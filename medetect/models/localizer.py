@@ -92,6 +92,8 @@ class Trunk(nn.Module):
         offered = {f"c{i}": (c, s) for i, c, s in zip(range(6 - len(body.out_channels), 6), body.out_channels,
                                                        body.strides)}
         self.channels, self.stride = offered[f"c{stage}"]
+        if isinstance(body, ResNet):  # stages after c<stage> are never run: not kept (nor stored in the file)
+            body.stages = body.stages[: stage - 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x, up_to=self.stage)[f"c{self.stage}"]
