@@ -184,8 +184,8 @@ def plot_recall(result: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def recall_study(data_specs: Mapping[str, str | LineageSet], methods: Sequence[str] = METHODS,
-                 counts: Sequence[int] = DEFAULT_COUNTS, rpn_weights: Mapping[str, str | os.PathLike] | None = None,
+def recall_study(data_specs: Mapping[str, str | LineageSet], methods: Sequence[str] | None = METHODS,
+                 counts: Sequence[int] | None = DEFAULT_COUNTS, rpn_weights: Mapping[str, str | os.PathLike] | None = None,
                  cache_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None, *,
                  scales: Mapping[str, float] | None = None, classes: Mapping[str, Sequence[str]] | None = None,
                  iou_thresholds: Sequence[float] = (0.5, 0.7), proposals: ProposalConfig | None = None,
@@ -196,6 +196,8 @@ def recall_study(data_specs: Mapping[str, str | LineageSet], methods: Sequence[s
     ``out_dir`` when given. Returns ``{"counts", "iou_thresholds", "datasets": {name: {"spec", "scale",
     "num_images", "num_gt", "methods": {method: proposal_recall(...) + timing}, "skipped": {method: why}}},
     "summary": {name: {method: {"recall@0.5 at 2000": ...}}}}``."""
+    methods = list(methods or METHODS)
+    counts = counts or DEFAULT_COUNTS
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown proposal method {bad[0]!r}; known: {list(METHODS)}")
