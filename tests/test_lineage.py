@@ -4,6 +4,7 @@ the table; end to end on a tiny synthetic VOC folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,31 @@ def test_lineage_proposals_command_writes_recall(tmp_path, capsys):
     assert main(["lineage", "proposals", "--data", f"{tmp_path / 'voc'}:val", "--scale", "1.0", "0.5", "--out",
                  str(tmp_path / "r2")]) == 2
     assert "one value per --data" in capsys.readouterr().err
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "medetect" / "assets" / "bccd"
+# mAP@0.5 (all-point) of the shipped lineage files on the four bundled BCCD val images (measured when shipped)
+SHIPPED_MAP = {"OverFeat": 0.622, "R-CNN": 0.681, "Fast R-CNN": 0.774, "Faster R-CNN": 0.793, "YOLO": 0.415,
+               "RetinaNet": 0.785}
+
+
+@needs_ss
+def test_shipped_lineage_runs_every_row_on_the_bundled_images(tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "bccd4"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    ids = sorted(p.stem for p in ASSETS.glob("*.jpg"))
+    for i in ids:
+        shutil.copy(ASSETS / f"{i}.jpg", root / "JPEGImages")
+        shutil.copy(ASSETS / f"{i}.xml", root / "Annotations")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids) + "\n")
+    assert main(["lineage", "evaluate", "--data", f"{root}:val", "--json", "--threads", "2"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(r["status"].startswith("ok") for r in rows.values()), rows
+    got = {name: rows[name]["map50"] for name in SHIPPED_MAP}
+    assert got == pytest.approx(SHIPPED_MAP, abs=2e-3)
+    assert rows["Classification + localisation"]["accuracy"] > 0.9
+    assert rows["Fast R-CNN"]["proposals_per_image"] > 300 and rows["Faster R-CNN"]["proposals_per_image"] == 300
