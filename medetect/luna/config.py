@@ -83,6 +83,10 @@ class LunaPreprocessConfig:
                                           "[z, y, x])", gt=0)
     hu_lo: float = option(-1000.0, doc="HU mapped to 0 (lung window)")
     hu_hi: float = option(400.0, doc="HU mapped to 1 (lung window)")
+    pyramid: list[float] = option([], doc="extra coarser levels as zoom factors in (0, 1) (e.g. [0.333]: also at 3x "
+                                  "the spacing): training samples patches on every level and prediction runs on every "
+                                  "level, merging by NMS, so masses larger than any training nodule are found",
+                                  gt=0, lt=1)
 
     def validate(self, prefix: str = "preprocess") -> None:
         check(self, prefix)
@@ -96,7 +100,7 @@ class LunaPreprocessConfig:
         from .detection import LunaPreprocess
 
         sp = tuple(self.spacing) if isinstance(self.spacing, list) else self.spacing
-        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi)
+        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi, pyramid=tuple(self.pyramid))
 
 
 @dataclass

@@ -254,6 +254,7 @@ class LunaPreprocess:
     spacing: float | tuple[float, float, float] = 1.0
     hu_lo: float = -1000.0
     hu_hi: float = 400.0
+    pyramid: tuple[float, ...] = ()  # extra coarser levels (zoom factors in (0, 1)); see Preprocess.pyramid
 
     def target(self) -> tuple[float, float, float]:
         s = self.spacing
@@ -291,21 +292,31 @@ class LunaPreprocess:
 
         HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
         return Preprocess(ndim=3, channels=1, spacing=list(self.target()), window=[self.hu_lo, self.hu_hi],
-                          value_range=list(CT_VALUE_RANGE))
+                          value_range=list(CT_VALUE_RANGE), pyramid=[float(f) for f in self.pyramid] or None)
+
+    def levels(self) -> list["LunaPreprocess"]:
+        """This preprocessing and one per pyramid level (the same window, spacing divided by the level's zoom)."""
+        return [self] + [LunaPreprocess(spacing=tuple(t / f for t in self.target()), hu_lo=self.hu_lo,
+                                        hu_hi=self.hu_hi) for f in self.pyramid]
 
     @classmethod
     def from_preprocess(cls, pre) -> "LunaPreprocess":
         """The inverse of :meth:`as_preprocess` (a 3D, 1-channel, windowed and resampled :class:`Preprocess`)."""
         if pre.ndim != 3 or pre.channels != 1 or pre.window is None or pre.spacing is None:
             raise ValueError("a LUNA16 nodule detector needs a 3D, 1-channel preprocess with spacing and HU window")
-        return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1])
+        return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1],
+                   pyramid=tuple(pre.pyramid or ()))
 
     def to_dict(self) -> dict:
-        return {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
+        d = {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
+        if self.pyramid:
+            d["pyramid"] = [float(f) for f in self.pyramid]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LunaPreprocess":
-        return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]))
+        return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]),
+                   pyramid=tuple(d.get("pyramid", ())))
 
 
 def resampled_geometry(geometry: Geometry, pre: LunaPreprocess) -> Geometry:
@@ -380,6 +391,14 @@ def _patches_cls():
             return len(self.base) * self.patches_per_volume
 
     return _Patches
+
+
+class _Levels(torch.utils.data.ConcatDataset):
+    """The patch sets of the pyramid levels as one dataset (new patches every epoch on each level)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
 
 
 def default_detector_config(**overrides) -> DetectorConfig:
@@ -464,10 +483,14 @@ def train_detector(
     prepare_run_dir(run_dir, run_config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if cache_dir is None:
         cache_dir = dc.cache_dir if dc.cache_dir is not None else run_dir / "cache"
-    base = LunaVolumes(layout, uids, pre, cache_dir)
     aug = Compose([RandomFlip(p=0.5), RandomRot90(axes=(-2, -1), p=0.5)])
-    data = _Patches(base, patch_size=(patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size),
-                        patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed)
+    size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    # one patch set per pyramid level: the scans resampled to the level's spacing (cached separately), so the model
+    # learns nodules at every size the levels show at inference
+    parts = [_Patches(LunaVolumes(layout, uids, level, cache_dir), patch_size=size,
+                      patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed + k)
+             for k, level in enumerate(pre.levels())]
+    data = parts[0] if len(parts) == 1 else _Levels(parts)
     seed_everything(tc.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
     trainer = Trainer(model=model, train_data=data, config=tc, run_dir=run_dir, run_config=run_config, device=device,
