@@ -68,3 +68,14 @@ def test_luna_config_pyramid_key():
     assert cfg.preprocess.build().pyramid == (0.333,)
     with pytest.raises(ValueError, match="preprocess.pyramid"):
         config_from_dict({"task": "luna-detection", "preprocess": {"pyramid": [1.5]}})
+
+
+def test_coarser_levels_keep_only_objects_too_large_for_the_finer_ones():
+    img = MedicalImage(np.zeros((1, 32, 32), np.uint8), Geometry.identity(2))
+    pred = Predictor(_Fixed(), device="cpu", nms_thresh=0.5, min_size=1, size_divisor=1)
+    out = pred.predict_image(img, Preprocess(ndim=2, channels=1, pyramid=[0.5], pyramid_min_size=5))
+    assert out["boxes"].tolist() == [[0.0, 0.0, 4.0, 4.0]]  # the half level's 4-voxel box is below 5: dropped
+    with pytest.raises(ValueError, match="pyramid_min_size"):
+        Preprocess(pyramid_min_size=-1)
+    pre = LunaPreprocess(spacing=1.0, pyramid=(0.5,), pyramid_min_size=6.0)
+    assert LunaPreprocess.from_preprocess(pre.as_preprocess()).pyramid_min_size == 6.0

@@ -198,7 +198,8 @@ class Predictor:
         -> ``{"boxes" [N, 2d] float64 in voxels of the INPUT grid, "scores", "labels", "centres_world" [N, d]
         (x, y[, z] mm), "extent_mm" [N, d] (array order), "diameters_mm" [N]}``, sorted by score (descending).
         With ``preprocess.pyramid`` the model also runs on each coarser level; the levels' detections, on the input
-        grid, are merged by per-class NMS (``nms_thresh``) and cut to the cap."""
+        grid, are merged by per-class NMS (``nms_thresh``) and cut to the cap; a coarser level keeps only detections
+        of at least ``preprocess.pyramid_min_size`` voxels (its own grid) on their longest side."""
         import dataclasses
 
         from ..convert import boxes_to_luna
@@ -214,7 +215,9 @@ class Predictor:
                 level = dataclasses.replace(preprocess, scale=preprocess.scale * f, pyramid=None)
                 p = prepare(image, level, allow_range_mismatch=allow_range_mismatch)
                 dl = self.predict(p.tensor)
-                parts.append((p.to_input(dl["boxes"]), dl["scores"], dl["labels"]))
+                d = dl["boxes"].shape[1] // 2
+                big = (dl["boxes"][:, d:] - dl["boxes"][:, :d]).amax(1) >= preprocess.pyramid_min_size
+                parts.append((p.to_input(dl["boxes"][big]), dl["scores"][big], dl["labels"][big]))
             boxes = torch.cat([b for b, _, _ in parts])
             scores = torch.cat([s for _, s, _ in parts])
             labels = torch.cat([lab for _, _, lab in parts])

@@ -87,6 +87,9 @@ class LunaPreprocessConfig:
                                   "the spacing): training samples patches on every level and prediction runs on every "
                                   "level, merging by NMS, so masses larger than any training nodule are found",
                                   gt=0, lt=1)
+    pyramid_min_size: float = option(0.0, doc="on a coarser pyramid level, detections whose longest side is below "
+                                     "this many voxels of that level are dropped (each level answers for the objects "
+                                     "too large for the finer ones; SNIP's valid ranges)", ge=0)
 
     def validate(self, prefix: str = "preprocess") -> None:
         check(self, prefix)
@@ -100,7 +103,8 @@ class LunaPreprocessConfig:
         from .detection import LunaPreprocess
 
         sp = tuple(self.spacing) if isinstance(self.spacing, list) else self.spacing
-        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi, pyramid=tuple(self.pyramid))
+        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi, pyramid=tuple(self.pyramid),
+                              pyramid_min_size=self.pyramid_min_size)
 
 
 @dataclass

@@ -255,6 +255,7 @@ class LunaPreprocess:
     hu_lo: float = -1000.0
     hu_hi: float = 400.0
     pyramid: tuple[float, ...] = ()  # extra coarser levels (zoom factors in (0, 1)); see Preprocess.pyramid
+    pyramid_min_size: float = 0.0  # voxels (of a coarser level) below which its detections are dropped
 
     def target(self) -> tuple[float, float, float]:
         s = self.spacing
@@ -292,7 +293,8 @@ class LunaPreprocess:
 
         HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
         return Preprocess(ndim=3, channels=1, spacing=list(self.target()), window=[self.hu_lo, self.hu_hi],
-                          value_range=list(CT_VALUE_RANGE), pyramid=[float(f) for f in self.pyramid] or None)
+                          value_range=list(CT_VALUE_RANGE), pyramid=[float(f) for f in self.pyramid] or None,
+                          pyramid_min_size=float(self.pyramid_min_size))
 
     def levels(self) -> list["LunaPreprocess"]:
         """This preprocessing and one per pyramid level (the same window, spacing divided by the level's zoom)."""
@@ -305,18 +307,19 @@ class LunaPreprocess:
         if pre.ndim != 3 or pre.channels != 1 or pre.window is None or pre.spacing is None:
             raise ValueError("a LUNA16 nodule detector needs a 3D, 1-channel preprocess with spacing and HU window")
         return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1],
-                   pyramid=tuple(pre.pyramid or ()))
+                   pyramid=tuple(pre.pyramid or ()), pyramid_min_size=float(pre.pyramid_min_size))
 
     def to_dict(self) -> dict:
         d = {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
         if self.pyramid:
             d["pyramid"] = [float(f) for f in self.pyramid]
+            d["pyramid_min_size"] = float(self.pyramid_min_size)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LunaPreprocess":
         return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]),
-                   pyramid=tuple(d.get("pyramid", ())))
+                   pyramid=tuple(d.get("pyramid", ())), pyramid_min_size=float(d.get("pyramid_min_size", 0.0)))
 
 
 def resampled_geometry(geometry: Geometry, pre: LunaPreprocess) -> Geometry:

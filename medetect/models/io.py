@@ -71,7 +71,9 @@ class Preprocess:
     than the largest the model learned at full resolution appears at a learned size. Detections of all levels are
     mapped to the input grid and merged by NMS (:meth:`medetect.engine.predictor.Predictor.predict_image`).
     ``None`` = the prepared grid only. A model should have been trained on the same levels (the LUNA16 trainer
-    samples patches from every level)."""
+    samples patches from every level). ``pyramid_min_size``: on a coarser level, detections whose longest side is
+    below this many voxels OF THAT LEVEL are dropped, so each coarser level answers only for objects too large for
+    the finer ones (the valid ranges of SNIP, Singh & Davis 2018); 0 keeps all."""
 
     ndim: int = 2
     channels: int = 1
@@ -85,6 +87,7 @@ class Preprocess:
     bit_depth: int | None = None
     value_range: list[float] | None = None
     pyramid: list[float] | None = None
+    pyramid_min_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ndim not in (1, 2, 3):
@@ -116,6 +119,8 @@ class Preprocess:
             if not all(0 < v < 1 for v in f):
                 raise ValueError(f"preprocess.pyramid must be zoom factors in (0, 1), got {self.pyramid!r}")
             self.pyramid = f or None
+        if not self.pyramid_min_size >= 0:
+            raise ValueError(f"preprocess.pyramid_min_size must be >= 0, got {self.pyramid_min_size!r}")
         if self.value_range is not None:
             r = [float(v) for v in self.value_range]
             if len(r) != 2 or not r[0] < r[1]:
