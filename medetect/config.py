@@ -123,14 +123,15 @@ class ExperimentConfig:
 
 def _tasks() -> dict[str, type]:
     from .attention.config import AttentionTaskConfig
+    from .lineage.config import LineageConfig
     from .luna.config import LunaDetectionConfig, LunaFPRConfig  # applications sit above this module's imports
     from .organs.config import OrganLocalisationConfig
 
     return {"detection": ExperimentConfig, "luna-detection": LunaDetectionConfig, "luna-fpr": LunaFPRConfig,
-            "attention": AttentionTaskConfig, "organ-localisation": OrganLocalisationConfig}
+            "attention": AttentionTaskConfig, "organ-localisation": OrganLocalisationConfig, "lineage": LineageConfig}
 
 
-TASKS = ("detection", "luna-detection", "luna-fpr", "attention", "organ-localisation")
+TASKS = ("detection", "luna-detection", "luna-fpr", "attention", "organ-localisation", "lineage")
 
 
 def _schema(raw: dict) -> type:

@@ -173,6 +173,15 @@ def test_shipped_configs_load_and_build(path):
 
         assert build_attention(cfg.model).config is cfg.model and Path(cfg.data.root).is_absolute()
         return
+    if cfg.task == "lineage":  # every step's network builds from its section
+        from medetect.lineage.config import LineageConfig
+        from medetect.models.localizer import build_localizer
+
+        assert cfg.to_dict() == {**LineageConfig().to_dict(), "data": cfg.data.to_dict()}
+        assert Path(cfg.data.root).is_absolute() and build_localizer(cfg.localizer.model_config(3, 3)) is not None
+        for step in ("fast_rcnn", "faster_rcnn", "yolo", "retinanet"):
+            assert build_detector(cfg.detectors.step_model(step, cfg.data.classes)).config.arch == step
+        return
     from medetect.organs.config import OrganLocalisationConfig
 
     assert isinstance(cfg, (ExperimentConfig, LunaDetectionConfig, LunaFPRConfig, OrganLocalisationConfig))
@@ -230,7 +239,7 @@ def test_there_are_shipped_configs():
         ("task: luna-fpr\nscore:\n  fuse: max\n", r"score\.fuse must be one of \['product'"),
         ("task: luna-fpr\ndata:\n  pos_fraction: 0\n", r"data\.pos_fraction must be in \(0, 1\), got 0"),
         ("task: luna-fpr\nmodel:\n  scales: [1, 2]\n  in_channels: 1\n", r"model\.in_channels \(1\) must equal"),
-        ("task: detect\n", r"task must be one of \['detection', 'luna-detection', 'luna-fpr', 'attention', 'organ-localisation'\], got 'detect'"),
+        ("task: detect\n", r"task must be one of \['detection', 'luna-detection', 'luna-fpr', 'attention', 'organ-localisation', 'lineage'\], got 'detect'"),
     ],
 )
 def test_bad_values_fail_at_load_naming_file_and_key(tmp_path, text, message):

@@ -198,3 +198,58 @@ def test_cli_mistakes_are_one_sentence(tmp_path, capsys):
     assert rc == 2 and "nothing to learn" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # data errors come before the folder is touched
     json.dumps({})
+
+
+TINY = ["--set", "localizer.epochs=1", "--set", "localizer.crops_per_epoch=64", "--set", "localizer.base_width=8",
+        "--set", "localizer.hidden=16", "--set", "localizer.batch_size=16", "--set", "localizer.warmup_iters=0",
+        "--set", "detectors.train.epochs=1", "--set", "detectors.model.base_width=8",
+        "--set", "detectors.model.fpn_channels=8", "--set", "detectors.train.warmup_iters=0",
+        "--set", "overfeat.scales=[1.0]", "--set", "data.scale=1.0"]
+
+
+def test_lineage_train_and_evaluate_end_to_end_on_a_tiny_folder(tmp_path, capsys):
+    """Two steps trained through the command line, the table written with the others marked, resume keeps them."""
+    voc_folder(tmp_path / "voc", n=6)
+    out = tmp_path / "lineage"
+    args = ["lineage", "train", "--data", f"{tmp_path / 'voc'}:train", "--out", str(out), "--classes", "disc,square",
+            "--steps", "localizer,yolo", "--no-progress", "--threads", "1", *TINY]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"]["localizer"]["status"] == "trained" and summary["steps"]["yolo"]["status"] == "trained"
+    assert (out / "localizer.safetensors").is_file() and (out / "yolo.safetensors").is_file()
+    assert json.loads((out / "lineage.json").read_text())["config"]["data"]["classes"] == ["disc", "square"]
+    assert main(args) == 2  # a used folder needs --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "already trained" in capsys.readouterr().out
+    table = tmp_path / "table"
+    assert main(["lineage", "evaluate", "--weights-dir", str(out), "--data", f"{tmp_path / 'voc'}:val", "--out",
+                 str(table), "--json", "--threads", "1"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == ["Classification + localisation", "OverFeat", "R-CNN", "Fast R-CNN", "Faster R-CNN", "YOLO",
+                          "RetinaNet"]
+    assert rows["R-CNN"]["status"] == "not trained" and rows["R-CNN"]["map50"] is None
+    for name in ("OverFeat", "YOLO"):
+        r = rows[name]
+        assert r["status"] == "ok" and 0 <= r["map50"] <= 1 and r["seconds_per_image"] > 0 and r["train_seconds"] > 0
+        assert r["proposals_per_image"] > 0
+    assert 0 <= rows["Classification + localisation"]["accuracy"] <= 1
+    assert {p.name for p in table.iterdir()} == {"lineage_table.md", "lineage_table.json", "lineage_map_vs_time.png"}
+    assert main(["lineage", "evaluate", "--weights-dir", str(out), "--data", f"{tmp_path / 'voc'}:val", "--out",
+                 str(table)]) == 2  # the table files are never replaced silently
+    assert "--force" in capsys.readouterr().err
+
+
+@needs_ss
+def test_lineage_proposals_command_writes_recall(tmp_path, capsys):
+    voc_folder(tmp_path / "voc", n=4)
+    out = tmp_path / "recall"
+    assert main(["lineage", "proposals", "--data", f"{tmp_path / 'voc'}:val", "--scale", "1.0", "--classes",
+                 "disc,square", "--out", str(out), "--counts", "5", "50", "--methods", "selective search (fast)",
+                 "sliding windows", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["voc:val"]) == {"selective search (fast)", "sliding windows"}
+    assert (out / "recall.json").is_file() and (out / "recall.png").is_file()
+    assert main(["lineage", "proposals", "--data", f"{tmp_path / 'voc'}:val", "--scale", "1.0", "0.5", "--out",
+                 str(tmp_path / "r2")]) == 2
+    assert "one value per --data" in capsys.readouterr().err

@@ -138,9 +138,13 @@ def test_evaluate_cli_on_a_mias_folder(tmp_path, capsys):
     for k in KEYS:
         assert k in res and f"{k}_ci" in res
     assert res["images"] == 8 and res["lesions"] == 4
+    assert res["by_lesion_type"]["CIRC"]["lesions"] == 4
+    assert res["confusion"] is None and "no confusion table" in res["confusion_note"]  # the folder has no train split
     assert (tmp_path / "plots" / "froc.png").is_file() and (tmp_path / "plots" / "roc.png").is_file()
-    assert main(["evaluate", "--weights", str(w), "--data", f"{root}:val", "--n-boot", "5"]) == 0
-    assert "image_auc_malignant" in capsys.readouterr().out
+    assert main(["evaluate", "--weights", str(w), "--data", f"{root}:val", "--n-boot", "5", "--threshold-split",
+                 "val"]) == 0
+    out = capsys.readouterr().out
+    assert "image_auc_malignant" in out and "image confusion" in out and "CIRC" in out
     assert main(["predict", "--weights", str(w), str(root / "images" / "mdb004.png"), "--out",
                  str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
     rows = (tmp_path / "pred" / "image_scores.csv").read_text().splitlines()
@@ -176,3 +180,62 @@ def test_shipped_mammography_detector_loads():
 
     m = load_model(Path(__file__).resolve().parents[1] / "medetect" / "weights" / "mammo_mias_faster_rcnn.safetensors")
     assert m.kind == "detector" and list(m.classes) == ["benign", "malignant"] and m.preprocess.scale == 0.25
+
+
+def test_by_lesion_type_at_one_false_mark_per_image():
+    dets, cen, rad, mal, lab, pat = _synthetic()
+    types = []
+    for k in range(16):
+        if k % 2 == 0:
+            calc = k % 8 in (2, 6)  # 4 CALC lesions, found only by a low mark
+            if calc:
+                dets[k]["scores"] = torch.tensor([0.1])
+            types.append(np.array(["CALC" if calc else "CIRC"]))
+        else:  # two false marks per normal image (0.5, 0.4): 16 false marks = 1 per image at threshold 0.4
+            b = dets[k]["boxes"]
+            dets[k] = {"boxes": torch.cat([b, b + 30]), "scores": torch.tensor([0.5, 0.4]), "labels": torch.tensor([0, 0])}
+            types.append(np.zeros(0, str))
+    dets[1] = {"boxes": torch.cat([dets[1]["boxes"], dets[1]["boxes"][:1] + 60]), "scores": torch.tensor([0.5, 0.4, 0.3]),
+               "labels": torch.tensor([0, 0, 0])}  # one more false mark: over the rate below 0.4
+    res = mammo_metrics(dets, cen, rad, mal, lab, pat, n_boot=5, lesion_types=types)
+    t = res["by_lesion_type"]
+    assert list(t)[:6] == ["CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM"]
+    assert t["CALC"] == {"lesions": 4, "detected": 0, "sensitivity": 0.0}
+    assert t["CIRC"] == {"lesions": 4, "detected": 4, "sensitivity": 1.0}
+    assert t["SPIC"] == {"lesions": 0, "detected": 0, "sensitivity": None}
+    assert res["by_lesion_type_operating_point"]["score_threshold"] == pytest.approx(0.4)
+    assert sum(v["detected"] for v in t.values()) / res["lesions"] == res["lesion_sensitivity"]["1"]
+    for k in KEYS:  # the first part's keys are unchanged
+        assert k in res
+    json.dumps(res)
+    with pytest.raises(ValueError, match="one entry per image"):
+        mammo_metrics(dets, cen, rad, mal, lab, pat, n_boot=0, lesion_types=types[:-1])
+
+
+def test_youden_thresholds_and_confusion():
+    from medetect.evaluation.mammo import confusion_table, youden_thresholds
+
+    labels = ["normal"] * 4 + ["benign"] * 3 + ["malignant"] * 3
+    pa = [0.1, 0.2, 0.15, 0.6, 0.7, 0.8, 0.5, 0.9, 0.95, 0.3]
+    pm = [0.0, 0.1, 0.0, 0.2, 0.1, 0.5, 0.2, 0.8, 0.9, 0.25]
+    thr = youden_thresholds(pa, pm, labels)
+    assert thr["rule"] == "youden" and thr["t_abnormal"] == pytest.approx(0.3)  # J = 1 - 1/4 at 0.3
+    assert thr["t_malignant"] == pytest.approx(0.25)  # J = 1 - 1/7 at 0.25 (0.8: 2/3)
+    c = confusion_table(pa, pm, labels, thr)
+    assert c["labels"] == ["normal", "benign", "malignant"]
+    assert c["matrix"] == [[3, 1, 0], [0, 2, 1], [0, 0, 3]]  # rows true, columns predicted
+    assert c["accuracy"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="one class only"):
+        youden_thresholds([0.1, 0.2], [0.1, 0.2], ["normal", "normal"])
+    res = mammo_metrics(*_synthetic(), n_boot=0, thresholds={"t_abnormal": 0.5, "t_malignant": 0.8})
+    assert res["confusion"]["matrix"] == [[8, 0, 0], [0, 4, 0], [0, 0, 4]]
+
+
+def test_one_mark_in_two_overlapping_circles_finds_both():
+    dets = [{"boxes": np.array([_box([20.0, 20.0])]), "scores": np.array([0.9]), "labels": np.array([0])},
+            {"boxes": np.array([_box([5.0, 5.0])]), "scores": np.array([0.5]), "labels": np.array([0])}]
+    cen = [np.array([[19.0, 20.0], [21.0, 20.0]]), np.zeros((0, 2))]
+    res = mammo_metrics(dets, cen, [np.array([4.0, 4.0]), np.zeros(0)], [np.array([False, False]), np.zeros(0, bool)],
+                        ["benign", "normal"], ["p0", "p1"], n_boot=0, lesion_types=[np.array(["CIRC", "CIRC"]), []])
+    assert res["lesion_sensitivity"]["0.125"] == 1.0 and res["detected_lesions"] == 2
+    assert res["by_lesion_type"]["CIRC"] == {"lesions": 2, "detected": 2, "sensitivity": 1.0}

@@ -298,7 +298,7 @@ def test_bad_images_and_targets(d):
     "change,key",
     [
         (dict(backbone="resnet101"), "model.backbone"),
-        (dict(arch="yolo"), "model.arch"),
+        (dict(arch="ssd"), "model.arch"),
         (dict(ndim=4), "model.ndim"),
         (dict(num_classes=0), "model.num_classes"),
         (dict(levels=[1, 2]), "model.levels"),

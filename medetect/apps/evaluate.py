@@ -65,7 +65,8 @@ def _open_spec(spec: str, names: list[str]) -> tuple[DetectionDataset, str]:
 
 
 def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False,
-                  froc: bool = False, saliency: str | None = None, n_boot: int = 1000) -> dict:
+                  froc: bool = False, saliency: str | None = None, n_boot: int = 1000,
+                  threshold_split: str | None = "train") -> dict:
     """Evaluate on ``--data`` (``CONFIG.yaml[:SPLIT]``, ``FORMAT:PATH:SPLIT`` or a VOC ``FOLDER:SPLIT``; see
     :func:`_open_spec`); returns VOC/COCO mAP and per-class AP@0.5, 2D or 3D, and with ``froc`` the box FROC per
     image / scan (:func:`~medetect.evaluation.box_froc.box_froc`: sensitivities at 1/8..8 FP per image, CPM).
@@ -74,7 +75,8 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
     ``organ-ct-sample``-layout folder (``FOLDER`` or ``FOLDER:CASE[,CASE..]``) with an organ localiser gives the
     per-organ metrics of :func:`medetect.organs.report.evaluate_organ_folder`. A detector with the classes
     ``benign``, ``malignant`` on a mini-MIAS-layout ``FOLDER:SPLIT`` gives the mammography metrics of
-    :func:`medetect.mammo.evaluate.evaluate_mammo` (lesion FROC, image and lesion AUC, bootstrap CIs by patient)."""
+    :func:`medetect.mammo.evaluate.evaluate_mammo` (lesion FROC, image and lesion AUC, bootstrap CIs by patient; per
+    lesion type; the image confusion at thresholds picked on ``threshold_split``)."""
     organs = _organ_spec(spec)
     if organs is not None:
         return _evaluate_organs(weights, *organs, device=device)
@@ -94,7 +96,7 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
 
         if is_mammo_folder(folder):  # a mini-MIAS-layout folder: lesion FROC + image/lesion AUC (benign/malignant)
             return evaluate_mammo(loaded, folder, split, device=device, n_boot=n_boot, plot_dir=plot_dir,
-                                  allow_range_mismatch=allow_range_mismatch)
+                                  allow_range_mismatch=allow_range_mismatch, threshold_split=threshold_split)
     names = list(loaded.classes)
     ds, where = _open_spec(spec, names)
     report = ds.report

@@ -46,6 +46,9 @@ def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: ONNX export supports detectors, this model is a {loaded.kind!r}")
     model = loaded.model
+    if model.config.arch not in ("faster_rcnn", "retinanet"):
+        raise ValueError(f"{weights}: ONNX export supports the faster_rcnn and retinanet detectors, this one is "
+                         f"{model.config.arch}")
     if len(image_shape) != model.config.ndim:
         raise ValueError(f"--onnx needs {model.config.ndim} sizes (the model is {model.config.ndim}D), got {list(image_shape)}")
     if not all(int(s) == s and s > 0 for s in image_shape):

@@ -59,12 +59,23 @@ def _organs(cfg, run_dir: Path, **kw) -> dict:
     return {**(history[-1] if history else {}), "weights": str(w)}
 
 
+def _lineage(cfg, run_dir: Path, *, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False,
+             device=None, **kw) -> dict:
+    from ..lineage.train import train_lineage
+
+    summary = train_lineage(cfg, run_dir, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
+                            device=device or "cpu")
+    return {k: {kk: v.get(kk) for kk in ("status", "train_seconds", "error") if kk in v}
+            for k, v in summary.get("steps", {}).items()}
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
     "detection": _detection,
     "luna-detection": _luna_detection,
     "luna-fpr": _luna_fpr,
     "attention": _attention,
     "organ-localisation": _organs,
+    "lineage": _lineage,
 }
 
 

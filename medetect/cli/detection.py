@@ -81,7 +81,8 @@ def cmd_evaluate(args) -> int:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
                         allow_range_mismatch=args.allow_range_mismatch, froc=args.froc, saliency=args.saliency,
-                        n_boot=args.n_boot)
+                        n_boot=args.n_boot,
+                        threshold_split=None if args.threshold_split.lower() == "none" else args.threshold_split)
     if args.json:
         print_json(res, indent=1)
         return 0
@@ -100,6 +101,17 @@ def cmd_evaluate(args) -> int:
             ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
             print(f"{k:>22s}: {res[k]:.4f} {ci}" if res[k] is not None else f"{k:>22s}: undefined (one class only)")
         print("lesion sensitivity at FP/image: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["lesion_sensitivity"].items()))
+        if "by_lesion_type" in res:
+            print("at 1 FP/image, detected / lesions by type: " + ", ".join(
+                f"{t} {v['detected']}/{v['lesions']}" for t, v in res["by_lesion_type"].items() if v["lesions"]))
+        c = res.get("confusion")
+        if c:
+            print(f"image confusion (rows true, columns predicted {'/'.join(c['labels'])}; thresholds by Youden on "
+                  f"{c['picked_on']}: p_abnormal >= {c['t_abnormal']:.3f}, p_malignant >= {c['t_malignant']:.3f}):")
+            for name, row in zip(c["labels"], c["matrix"]):
+                print(f"  {name:>9s}: " + " ".join(f"{v:4d}" for v in row))
+        elif res.get("confusion_note"):
+            print(res["confusion_note"])
         return 0
     if "organs_scored" in res:  # an organ folder with an organ localiser
         from ..organs.report import format_organ_table
@@ -194,6 +206,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="attention models: the map scored (default: the model's own; gradcam for attention none)")
     ev.add_argument("--n-boot", type=int, default=1000,
                     help="attention models and mammography detectors: bootstrap draws (by patient) of the 95%% intervals (_ci)")
+    ev.add_argument("--threshold-split", default="train", metavar="SPLIT",
+                    help="mammography detectors: the split of the same folder whose images pick the image thresholds "
+                         "of the confusion table (Youden's J; the detector runs on it too); 'none': no table "
+                         "(default: %(default)s)")
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_force, add_runtime, apply_runtime, check_out_dir, positive_int, print_json
+from .common import add_force, add_runtime, apply_runtime, check_out_dir, positive_float, positive_int, print_json
 from .errors import UsageError
 
 __all__ = ["register", "SHIPPED_LINEAGE"]
@@ -78,13 +78,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_proposals(args) -> int:
+    from ..data.formats import parse_data_spec
     from ..lineage.recall import recall_study
 
     apply_runtime(args)
     out = check_out_dir(args.out, force=args.force)
-    result = recall_study(args.data, out_dir=out, rpn_weights=args.rpn, counts=args.counts,
-                          methods=args.methods, progress=not args.no_progress)
-    print_json(result.get("summary", result), indent=1)
+    scales = args.scale or [0.5] * len(args.data)
+    if len(scales) != len(args.data):
+        raise UsageError(f"--scale needs one value per --data ({len(args.data)}), got {len(scales)}")
+    specs, sc, classes = {}, {}, {}
+    for spec, s in zip(args.data, scales):
+        fmt, path, split = parse_data_spec(spec)
+        name = f"{Path(path).name}:{split}"
+        specs[name], sc[name] = spec, s
+        if fmt == "voc":
+            classes[name] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    rpn = {next(iter(specs)): args.rpn} if args.rpn else None
+    result = recall_study(specs, methods=args.methods or None, counts=args.counts or None, rpn_weights=rpn,
+                          cache_dir=Path(out) / "cache", out_dir=out, scales=sc, classes=classes,
+                          device=args.device or "cpu", progress=not args.no_progress)
+    print_json(result["summary"], indent=1)
     return 0
 
 
@@ -134,9 +147,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", required=True, action="append", metavar="FOLDER:SPLIT",
                    help="a dataset split (repeatable), e.g. ../shared/data/bccd:val")
     r.add_argument("--out", required=True, help="folder for recall.json and recall.png")
+    r.add_argument("--scale", type=positive_float, nargs="+", help="working scale per --data (default 0.5 each; "
+                   "1.0 for DSB2018's 256-px tiles)")
+    r.add_argument("--classes", default="RBC,WBC,Platelets", metavar="A,B,C",
+                   help="class names of the VOC folders (default: BCCD's)")
     r.add_argument("--rpn", help="a Faster R-CNN model file whose RPN joins the study (for the first --data)")
-    r.add_argument("--counts", type=positive_int, nargs="+", help="numbers of proposals at which recall is read")
-    r.add_argument("--methods", nargs="+", help="subset of the proposal methods")
+    r.add_argument("--counts", type=positive_int, nargs="+", help="numbers of proposals at which recall is read "
+                   "(default 10 .. 2000)")
+    r.add_argument("--methods", nargs="+", help="subset of: 'selective search (fast)', 'selective search (quality)', "
+                   "'sliding windows', 'uniform', 'RPN'")
     r.add_argument("--no-progress", action="store_true", help="no progress lines")
     add_force(r, "the recall files")
     add_runtime(r)

@@ -307,8 +307,15 @@ def mini_mias(root: str | os.PathLike, split: str, *, transform=None, cache: boo
     for ident in ids:
         rel = f"images/{ident}.png"
         r = by_image.get(rel) or next((v for k, v in by_image.items() if Path(k).stem == ident), None)
+        row = rows.get(ident, {})
+        try:  # images.csv's size when it has one (a cropped, preprocessed copy: medetect.mammo.preprocess)
+            shape = (int(row["height"]), int(row["width"]))
+        except (KeyError, TypeError, ValueError):
+            shape = (1024, 1024)
         if r is None:
-            r = ImageAnnotation(rel, np.zeros((0, 4)), [], image_shape=(1024, 1024), meta={"image_label": rows.get(ident, {}).get("image_label", "normal")})
+            r = ImageAnnotation(rel, np.zeros((0, 4)), [], image_shape=shape, meta={"image_label": row.get("image_label", "normal")})
+        elif tuple(r.image_shape or ()) != shape:
+            r = ImageAnnotation(r.image, r.boxes, r.labels, None, shape, r.meta)
         if severity:
             if r.meta.get("unlocated") and not len(r):
                 continue

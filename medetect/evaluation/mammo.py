@@ -8,7 +8,7 @@ findings without a location) and the ``patient``.
 
 * marks: every detection, at its box centre, scored by its score (any class). A mark HITS a lesion when its centre
   lies inside the lesion circle (distance <= radius). A lesion counts once (its best hitting mark is the true
-  positive; further marks inside an already-hit lesion are neither TP nor FP); a mark inside no lesion is a false
+  positive, and one mark inside two overlapping circles finds both; further marks inside an already-hit lesion are neither TP nor FP); a mark inside no lesion is a false
   positive. ``lesion_sensitivity``: sensitivity at :data:`~medetect.evaluation.attention.FROC_FP_RATES` mean false
   marks per image (over ALL images, normal ones included); ``lesion_froc_mean`` their mean.
 * image scores (Ribli): ``p(abnormal)`` = the highest mark score of the image, ``p(malignant)`` = the highest score of
@@ -16,6 +16,14 @@ findings without a location) and the ``patient``.
   ``image_auc_malignant``: malignant vs benign + normal.
 * ``lesion_auc_malignant``: over DETECTED lesions (hit by at least one mark), malignant vs benign, the lesion's
   malignancy score being the highest malignant-class score among the marks that hit it (0 when only benign marks do).
+* ``by_lesion_type`` (when the lesion types are given): per MIAS type (CALC, CIRC, SPIC, MISC, ARCH, ASYM, then any
+  other type met) ``{"lesions": n, "detected": k, "sensitivity": k / n}`` at the 1 FP/image operating point of the
+  split (the same point as ``lesion_sensitivity["1"]``: the lowest mark score such that the marks at or above it
+  make at most 1 false mark per image; a lesion is detected when its best hitting mark scores at or above it);
+  ``by_lesion_type_operating_point`` holds that score threshold (``null`` when no point reaches the rate).
+* ``confusion`` (when ``thresholds`` are given, see :func:`youden_thresholds`): image level, rows = true
+  ``normal``/``benign``/``malignant``, columns = predicted: ``normal`` when ``p(abnormal) < t_abnormal``, else
+  ``malignant`` when ``p(malignant) >= t_malignant``, else ``benign``.
 * ``<key>_ci``: ``[lo, hi]`` 2.5/97.5 percentiles of ``n_boot`` draws of patients with replacement (seeded); a draw
   where a metric is undefined (one class only) is left out of that metric.
 """
@@ -30,10 +38,12 @@ import torch
 from ..heatmaps import points_in_circles
 from .attention import FROC_FP_RATES, _rank_auc, froc_curve, image_auc
 
-__all__ = ["MAMMO_KEYS", "image_marks", "mammo_metrics"]
+__all__ = ["MAMMO_KEYS", "LESION_TYPES", "image_marks", "mammo_metrics", "youden_thresholds", "confusion_table",
+           "lesion_types_table", "operating_threshold", "image_scores"]
 
 MAMMO_KEYS = ("lesion_froc_mean", "image_auc_abnormal", "image_auc_malignant", "lesion_auc_malignant")
 _IMAGE_LABELS = ("normal", "benign", "malignant")
+LESION_TYPES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")  # medetect.data.annotations.mias.MIAS_CLASSES
 
 
 def image_marks(boxes, scores, labels, centres, radii, malignant, *, malignant_label: int = 1) -> dict:
@@ -58,10 +68,10 @@ def image_marks(boxes, scores, labels, centres, radii, malignant, *, malignant_l
     hit = np.zeros((m, n), bool)
     if m and n:
         hit = points_in_circles((b[:, :d] + b[:, d:]) / 2, c, r).numpy()
-    tp = np.zeros(m, bool)
+    tp = np.zeros(m, np.int64)  # per mark: how many lesions it is the best hit of (overlapping circles: > 1)
     if m:
         first = np.where(hit.any(0), hit.argmax(0), -1)
-        tp[first[first >= 0]] = True
+        np.add.at(tp, first[first >= 0], 1)
     malig_scores = np.where(is_m, sc, 0.0)
     return {
         "mark_scores": sc, "mark_tp": tp, "mark_fp": ~hit.any(1), "n_lesions": n,
@@ -70,6 +80,8 @@ def image_marks(boxes, scores, labels, centres, radii, malignant, *, malignant_l
         "detected": hit.any(0),
         "lesion_malignancy": (hit * malig_scores[:, None]).max(0) if m else np.zeros(n),
         "lesion_malignant": mal,
+        "lesion_best": np.where(hit.any(0), (np.where(hit, sc[:, None], -np.inf)).max(0), -np.inf) if m
+        else np.full(n, -np.inf),
     }
 
 
@@ -88,12 +100,93 @@ def _metrics(idx: np.ndarray, marks: list[dict], y_abn, y_mal, auc) -> dict:
     }
 
 
+def image_scores(detections: Sequence[dict], malignant_label: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Ribli's image scores of each image's detections: ``p_abnormal`` = the highest score, ``p_malignant`` = the
+    highest malignant-class score (0 without such detections)."""
+    pa, pm = [], []
+    for d in detections:
+        sc = _np(d["scores"]).astype(np.float64).reshape(-1)
+        is_m = _np(d["labels"]).reshape(-1) == malignant_label
+        pa.append(float(sc.max()) if len(sc) else 0.0)
+        pm.append(float(sc[is_m].max()) if is_m.any() else 0.0)
+    return np.asarray(pa), np.asarray(pm)
+
+
+def operating_threshold(marks: list[dict], fp_rate: float = 1.0) -> float:
+    """The lowest mark score whose marks at or above it make at most ``fp_rate`` false marks per image over
+    ``marks`` (:func:`image_marks` of every image): the point :func:`froc_curve` reads its sensitivity at.
+    ``inf`` when even the best mark is over the rate or there are no marks."""
+    if not marks:
+        return float("inf")
+    sc = np.concatenate([x["mark_scores"] for x in marks])
+    fp = np.concatenate([x["mark_fp"] for x in marks])
+    if not len(sc):
+        return float("inf")
+    order = np.argsort(-sc, kind="stable")
+    ok = np.nonzero(np.cumsum(fp[order]) / len(marks) <= fp_rate)[0]
+    return float(sc[order][ok[-1]]) if len(ok) else float("inf")
+
+
+def lesion_types_table(marks: list[dict], lesion_types, threshold: float) -> dict:
+    """``{type: {"lesions", "detected", "sensitivity"}}`` at the score ``threshold`` (module docstring), the MIAS types
+    first (a type absent from the split has 0 lesions and sensitivity ``None``), then any other type in order met."""
+    types = np.concatenate([np.asarray(t, dtype=str).reshape(-1) for t in lesion_types]) if len(lesion_types) \
+        else np.zeros(0, str)
+    best = np.concatenate([x["lesion_best"] for x in marks]) if marks else np.zeros(0)
+    if len(types) != len(best):
+        raise ValueError(f"lesion_types: {len(types)} types for {len(best)} lesions")
+    names = list(LESION_TYPES) + [t for t in dict.fromkeys(types.tolist()) if t not in LESION_TYPES]
+    out = {}
+    for t in names:
+        sel = types == t
+        n, k = int(sel.sum()), int((best[sel] >= threshold).sum())
+        out[t] = {"lesions": n, "detected": k, "sensitivity": round(k / n, 4) if n else None}
+    return out
+
+
+def youden_thresholds(p_abnormal, p_malignant, image_labels) -> dict:
+    """Image-level operating thresholds picked by Youden's J (max TPR - FPR, scikit-learn ``roc_curve``) on the
+    given (TRAIN) images: ``t_abnormal`` for abnormal vs normal on ``p_abnormal``, ``t_malignant`` for malignant vs
+    benign + normal on ``p_malignant``. A class missing from the images is a ``ValueError``."""
+    from sklearn.metrics import roc_curve
+
+    lab = np.asarray([str(x) for x in image_labels])
+    out = {"rule": "youden"}
+    for key, y, p in (("t_abnormal", lab != "normal", p_abnormal), ("t_malignant", lab == "malignant", p_malignant)):
+        y = np.asarray(y, dtype=int)
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"cannot pick {key} by Youden's J: the threshold images hold one class only")
+        fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64))
+        j = int(np.argmax(tpr - fpr))
+        out[key] = float(min(thr[j], 1.0))  # roc_curve's first threshold is inf (nothing positive)
+    return out
+
+
+def confusion_table(p_abnormal, p_malignant, image_labels, thresholds: dict) -> dict:
+    """Image-level confusion (module docstring): ``{"labels": [...], "matrix": rows true x columns predicted,
+    "accuracy", "t_abnormal", "t_malignant", ...}`` (the ``thresholds`` entries are copied in)."""
+    lab = np.asarray([str(x) for x in image_labels])
+    pa, pm = np.asarray(p_abnormal, dtype=np.float64), np.asarray(p_malignant, dtype=np.float64)
+    pred = np.where(pa < thresholds["t_abnormal"], 0, np.where(pm >= thresholds["t_malignant"], 2, 1))
+    bad = sorted(set(lab.tolist()) - set(_IMAGE_LABELS))
+    if bad:
+        raise ValueError(f"image labels must be normal, benign or malignant, got {bad[0]!r}")
+    true = np.array([_IMAGE_LABELS.index(x) for x in lab], dtype=int)
+    mat = np.zeros((3, 3), int)
+    np.add.at(mat, (true, pred), 1)
+    return {**thresholds, "labels": list(_IMAGE_LABELS), "matrix": mat.tolist(),
+            "accuracy": round(float(np.trace(mat) / max(1, mat.sum())), 4)}
+
+
 def mammo_metrics(detections: Sequence[dict], centres, radii, malignant, image_labels, patients, *,
-                  malignant_label: int = 1, n_boot: int = 1000, seed: int = 0, plot_dir=None) -> dict:
+                  malignant_label: int = 1, n_boot: int = 1000, seed: int = 0, plot_dir=None, lesion_types=None,
+                  thresholds: dict | None = None) -> dict:
     """Every metric of the module docstring with ``<key>_ci``, ``lesion_sensitivity`` (FP rate -> sensitivity) and
     its ``_ci`` (per rate), ``images``, ``lesions``, ``detected_lesions``, ``patients``. ``detections``: per image a
     dict with ``boxes``, ``scores``, ``labels`` (tensors or arrays). ``plot_dir``: also write ``froc.png`` (lesion
-    FROC) and ``roc.png`` (the image ROC curves) there."""
+    FROC) and ``roc.png`` (the image ROC curves) there. ``lesion_types`` (per image, one type per located lesion):
+    adds ``by_lesion_type``; ``thresholds`` (``t_abnormal``, ``t_malignant``, e.g. :func:`youden_thresholds` of the
+    train images): adds ``confusion``."""
     b = len(detections)
     if not (len(centres) == len(radii) == len(malignant) == len(image_labels) == len(patients) == b):
         raise ValueError("detections, centres, radii, malignant, image_labels and patients need one entry per image")
@@ -131,6 +224,16 @@ def mammo_metrics(detections: Sequence[dict], centres, radii, malignant, image_l
     res["lesion_sensitivity_ci"] = {f: _ci(s[:, j]) for j, f in enumerate(rates)}
     if plot_dir is not None:
         _plots(marks, y_abn, y_mal, res, plot_dir)
+    if lesion_types is not None:
+        if len(lesion_types) != b:
+            raise ValueError("lesion_types needs one entry per image")
+        thr = operating_threshold(marks, 1.0)
+        res["by_lesion_type"] = lesion_types_table(marks, lesion_types, thr)
+        res["by_lesion_type_operating_point"] = {"fp_per_image": 1.0,
+                                                 "score_threshold": thr if np.isfinite(thr) else None}
+    if thresholds is not None:
+        res["confusion"] = confusion_table([x["p_abnormal"] for x in marks], [x["p_malignant"] for x in marks], lab,
+                                           thresholds)
     res["images"] = b
     res["patients"] = len(uniq)
     res["lesions"] = int(sum(x["n_lesions"] for x in marks))

@@ -2,9 +2,10 @@
 ``configs/lineage_bccd.yaml`` (BCCD at half resolution).
 
 Sections: ``data`` (the dataset, its splits and classes, the working scale), ``steps`` (which steps ``train`` runs),
-``proposals`` (selective search, shared by R-CNN, Fast R-CNN and the recall study), then one section per step:
-``localizer`` (classification + localisation, whose network OverFeat turns convolutional), ``overfeat`` (the
-sliding-window inference), ``rcnn``, ``fast_rcnn``, ``faster_rcnn``, ``yolo``, ``retinanet``.
+``proposals`` (selective search, shared by R-CNN, Fast R-CNN and the recall study), ``localizer`` (classification +
+localisation, whose network OverFeat turns convolutional), ``overfeat`` (the sliding-window inference), ``rcnn``, and
+``detectors``: ONE detector and ONE optimisation for the four detector rows (Fast R-CNN, Faster R-CNN, YOLO,
+RetinaNet; each step only sets ``model.arch``), so that the table compares methods, not budgets.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from ..data.formats import FORMATS
 from ..schema import check, option
-from .detectors import DetectorStepConfig, default_detector_step
+from .detectors import DetectorStepConfig
 from .localizer import LocalizerStepConfig, OverFeatConfig
 from .proposals import ProposalConfig
 from .rcnn import RCNNStepConfig
@@ -64,14 +65,9 @@ class LineageConfig:
                                             doc="classification + localisation on one-object crops")
     overfeat: OverFeatConfig = option(default_factory=OverFeatConfig, doc="OverFeat sliding-window inference")
     rcnn: RCNNStepConfig = option(default_factory=RCNNStepConfig, doc="R-CNN: warped proposals, SVMs, regressors")
-    fast_rcnn: DetectorStepConfig = option(default_factory=lambda: default_detector_step("fast_rcnn"),
-                                           doc="Fast R-CNN: RoI pooling over selective-search proposals")
-    faster_rcnn: DetectorStepConfig = option(default_factory=lambda: default_detector_step("faster_rcnn"),
-                                             doc="Faster R-CNN: the RPN replaces selective search")
-    yolo: DetectorStepConfig = option(default_factory=lambda: default_detector_step("yolo"),
-                                      doc="YOLO v1-style grid detector (one stage)")
-    retinanet: DetectorStepConfig = option(default_factory=lambda: default_detector_step("retinanet"),
-                                           doc="RetinaNet (one stage, focal loss)")
+    detectors: DetectorStepConfig = option(default_factory=DetectorStepConfig,
+                                           doc="the detector and training shared by Fast R-CNN, Faster R-CNN, YOLO "
+                                           "and RetinaNet (each step sets model.arch)")
 
     def validate(self, prefix: str = "") -> None:
         check(self, prefix)

@@ -97,7 +97,9 @@ def train_step(key: str, train: LineageSet, val: LineageSet | None, cfg: Lineage
         return train_rcnn(train, val, cfg.rcnn, out, proposals=cfg.proposals, **kw)
     from .detectors import train_detector_step
 
-    return train_detector_step(key, train, val, getattr(cfg, key), out, proposals=cfg.proposals, **kw)
+    if val is None:
+        raise ValueError(f"the {key} step picks its best epoch on a validation split: set data.val_split (--val)")
+    return train_detector_step(key, train, val, cfg.detectors, out, proposals=cfg.proposals, **kw)
 
 
 def train_lineage(cfg: LineageConfig, out_dir: str | Path, *, steps=None, resume: bool = False,
@@ -118,6 +120,15 @@ def train_lineage(cfg: LineageConfig, out_dir: str | Path, *, steps=None, resume
     summary_file = out / "lineage.json"
     summary = json.loads(summary_file.read_text()) if resume and summary_file.is_file() else {}
     records = dict(summary.get("steps", {}))
+
+    def write() -> dict:
+        summary = {"config": cfg.to_dict(), "data": {"train": train.spec, "val": val.spec if val else None,
+                                                     "train_images": len(train), "train_objects": train.num_objects},
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+                   "steps": records}
+        atomic_write_text(summary_file, json.dumps(summary, indent=1, default=str))
+        return summary
+
     for key in keys:
         weights, rec_file = out / f"{key}.safetensors", out / f"{key}.json"
         if resume and weights.is_file() and rec_file.is_file():
@@ -132,9 +143,6 @@ def train_lineage(cfg: LineageConfig, out_dir: str | Path, *, steps=None, resume
         except ValueError as e:  # a data problem of this step: marked, the others still run
             warnings.warn(f"lineage step {key} failed: {e}", stacklevel=2)
             records[key] = {"status": "failed", "error": str(e), "seconds": time.perf_counter() - t0}
-        summary = {"config": cfg.to_dict(), "data": {"train": train.spec, "val": val.spec if val else None,
-                                                     "train_images": len(train), "train_objects": train.num_objects},
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-                   "steps": records}
-        atomic_write_text(summary_file, json.dumps(summary, indent=1, default=str))
+        write()
+    summary = write()
     return summary

@@ -1,9 +1,16 @@
-"""The composition root: image -> backbone -> FPN -> (RPN -> RoI heads | one-stage head) -> detections + losses.
+"""The composition root: image -> backbone -> FPN -> (proposals -> RoI heads | one-stage head) -> detections + losses.
 
-``Detector(images, targets=None)`` returns ``{"detections": [...], "losses": {...}}``: detections always in eval
+Architectures (``DetectorConfig.arch``): ``faster_rcnn`` (RPN proposals -> RoI heads), ``fast_rcnn`` (the same RoI
+heads on proposals given from outside, e.g. selective search; no RPN), ``retinanet`` (one-stage, focal loss) and
+``yolo`` (one-stage YOLO v1 grid, :mod:`medetect.models.yolo`).
+
+``Detector(images, targets=None, with_detections=None, proposals=None)`` returns ``{"detections": [...],
+"losses": {...}}`` (two-stage archs add ``"proposals"``, the boxes the RoI heads ran on): detections always in eval
 mode, losses whenever targets are given (also in eval mode, so a validation loss needs no mode switching; in train
 mode detections are skipped unless ``with_detections=True``). Targets per image: ``{"boxes": [G, 2d] float,
-"labels": [G] long in 0..K-1}``. Detections per image: ``{"boxes": [D, 2d], "scores": [D], "labels": [D]}``.
+"labels": [G] long in 0..K-1}`` (``fast_rcnn`` may also take ``"proposals"`` there, so a generic trainer works).
+Detections per image: ``{"boxes": [D, 2d], "scores": [D], "labels": [D]}``. ``proposals`` (``fast_rcnn`` only): one
+``[N_i, 2d]`` tensor per image; the ground-truth boxes join them in training (inside the RoI heads).
 """
 
 from __future__ import annotations
@@ -21,19 +28,22 @@ from ..layers.fpn import FPN
 from ..layers.nd import NORM_KINDS
 from ..schema import check, option
 from .retinanet import RetinaHead, RetinaNetHead
-from .roi_heads import FastRCNNPredictor, MultiLevelRoIAlign, RoIHeads, TwoMLPHead
+from .roi_heads import ROI_POOL_MODES, FastRCNNPredictor, MultiLevelRoIAlign, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
+from .yolo import LAMBDA_COORD, LAMBDA_NOOBJ, YoloHead
 
 __all__ = ["Detector", "DetectorConfig", "build_detector", "BACKBONES", "ARCHITECTURES"]
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16")
-ARCHITECTURES = ("faster_rcnn", "retinanet")
+ARCHITECTURES = ("faster_rcnn", "fast_rcnn", "retinanet", "yolo")
+TWO_STAGE = ("faster_rcnn", "fast_rcnn")  # RoI heads on proposals
 
 
 @dataclass
 class DetectorConfig:
-    arch: str = option("faster_rcnn", doc="detector: two-stage Faster R-CNN or one-stage RetinaNet (focal loss)",
-                       choices=ARCHITECTURES)
+    arch: str = option("faster_rcnn", doc="detector: two-stage Faster R-CNN (RPN proposals), Fast R-CNN (proposals "
+                       "given with the images, e.g. selective search), one-stage RetinaNet (focal loss) or YOLO (v1 "
+                       "grid)", choices=ARCHITECTURES)
     ndim: int = option(2, doc="spatial dims: 2 for images, 3 for volumes", choices=(1, 2, 3))
     in_channels: int = option(3, doc="image channels (1 for CT / mammograms, 3 for RGB microscopy)", ge=1)
     num_classes: int = option(1, doc="object classes, background excluded", ge=1)
@@ -64,9 +74,18 @@ class DetectorConfig:
     rpn_negative_sampling: str = option("random", doc="with bce: random negatives (paper) or the highest-loss "
                                         "negatives (hard negative mining)", choices=("random", "hard"))
     # RoI heads (Fast R-CNN)
-    roi_output_size: int = option(7, doc="RoIAlign output size per axis", ge=1)
+    roi_output_size: int = option(7, doc="RoI pooling output size per axis", ge=1)
+    roi_pool: str = option("align", doc="RoI pooling of the box head: RoIAlign (Mask R-CNN) or max (RoI max pooling, "
+                           "the Fast R-CNN paper's)", choices=ROI_POOL_MODES)
     roi_hidden: int = option(1024, doc="width of the two fully connected layers of the box head", ge=1)
     roi_batch_size_per_image: int = option(512, doc="proposals sampled per image for the box head loss", ge=1)
+    # YOLO v1 grid head (Redmon et al. 2016)
+    yolo_stride: int = option(0, doc="stride of the pyramid level the YOLO grid sits on (the cell size, so S = input "
+                              "size / stride); 0: the deepest level of model.levels", ge=0)
+    yolo_boxes_per_cell: int = option(2, doc="boxes B each YOLO cell predicts (the paper: 2)", ge=1)
+    yolo_lambda_coord: float = option(LAMBDA_COORD, doc="YOLO loss weight of the box coordinates (the paper: 5)", gt=0)
+    yolo_lambda_noobj: float = option(LAMBDA_NOOBJ, doc="YOLO loss weight of the confidence of boxes without an "
+                                      "object (the paper: 0.5)", ge=0)
     # inference
     score_thresh: float = option(0.05, doc="detections below this score are dropped", ge=0, le=1)
     nms_thresh: float = option(0.5, doc="IoU above which a detection of the same class is suppressed", ge=0, le=1)
@@ -124,7 +143,8 @@ class Detector(nn.Module):
         super().__init__()
         self.features, self.rpn, self.heads, self.config = features, rpn, heads, config
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None, with_detections: bool | None = None) -> dict:
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None,
+                with_detections: bool | None = None, proposals: list[torch.Tensor] | None = None) -> dict:
         cfg = self.config
         if images.ndim != cfg.ndim + 2 or images.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -133,19 +153,47 @@ class Detector(nn.Module):
             )
         if targets is not None and len(targets) != images.shape[0]:
             raise ValueError(f"targets must have one dict per image ({images.shape[0]}), got {len(targets)}")
+        if proposals is not None and cfg.arch != "fast_rcnn":
+            raise ValueError(f"proposals are taken by arch fast_rcnn only; this model is {cfg.arch}")
         if with_detections is None:
             with_detections = not self.training
         shape = images.shape[2:]
         feats = self.features(images)
         losses: dict[str, torch.Tensor] = {}
+        if cfg.arch not in TWO_STAGE:
+            dets, head_losses = self.heads(feats, shape, targets, with_detections=with_detections)
+            losses.update(head_losses)
+            return {"detections": dets, "losses": losses}
         if self.rpn is not None:
             proposals, rpn_losses = self.rpn(feats, shape, targets)
-            dets, head_losses = self.heads(feats, proposals, shape, targets, with_detections=with_detections)
             losses.update(rpn_losses)
         else:
-            dets, head_losses = self.heads(feats, shape, targets, with_detections=with_detections)
+            proposals = _given_proposals(proposals, targets, images)
+        dets, head_losses = self.heads(feats, proposals, shape, targets, with_detections=with_detections)
         losses.update(head_losses)
-        return {"detections": dets, "losses": losses}
+        return {"detections": dets, "losses": losses, "proposals": proposals}
+
+
+def _given_proposals(proposals, targets, images: torch.Tensor) -> list[torch.Tensor]:
+    """Fast R-CNN's proposals: the ``proposals`` argument, else ``targets[i]["proposals"]``; checked, on the images'
+    device as float ``[N_i, 2d]``."""
+    n, d = images.shape[0], images.ndim - 2
+    if proposals is None and targets is not None and all("proposals" in t for t in targets):
+        proposals = [t["proposals"] for t in targets]
+    if proposals is None:
+        raise ValueError("arch fast_rcnn needs proposals: pass proposals=[one [N_i, 2d] tensor per image] (or "
+                         "targets[i]['proposals'] in training)")
+    if len(proposals) != n:
+        raise ValueError(f"proposals must have one tensor per image ({n}), got {len(proposals)}")
+    out = []
+    for i, p in enumerate(proposals):  # loop over images
+        p = torch.as_tensor(p)
+        if p.numel() == 0:
+            p = p.reshape(0, 2 * d)
+        if p.ndim != 2 or p.shape[1] != 2 * d:
+            raise ValueError(f"proposals[{i}] must have shape [N, {2 * d}], got {tuple(p.shape)}")
+        out.append(p.to(device=images.device, dtype=torch.float32))
+    return out
 
 
 def _anchor_generator(cfg: DetectorConfig, strides: Sequence[int]) -> AnchorGenerator:
@@ -178,6 +226,13 @@ def build_detector(cfg: DetectorConfig) -> Detector:
     fpn = FPN(in_channels=[stage_channels[i] for i in cfg.levels], out_channels=cfg.fpn_channels, ndim=d)
     features = BackboneFPN(body=body, fpn=fpn, levels=cfg.levels)
     strides = [stage_strides[i] for i in cfg.levels]
+    if cfg.arch == "yolo":
+        level = _yolo_level(cfg, strides)
+        head = YoloHead(in_channels=cfg.fpn_channels, num_classes=cfg.num_classes, ndim=d, level=level,
+                        stride=strides[level], boxes_per_cell=cfg.yolo_boxes_per_cell, norm_kind=cfg.norm,
+                        lambda_coord=cfg.yolo_lambda_coord, lambda_noobj=cfg.yolo_lambda_noobj,
+                        score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)
+        return Detector(features=features, rpn=None, heads=head, config=cfg)
     anchors = _anchor_generator(cfg, strides)
     a = anchors.num_anchors_per_location[0]
     if any(n != a for n in anchors.num_anchors_per_location):
@@ -189,19 +244,21 @@ def build_detector(cfg: DetectorConfig) -> Detector:
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
         )
         return Detector(features=features, rpn=None, heads=head, config=cfg)
-    rpn = RegionProposalNetwork(
-        anchor_generator=anchors,
-        head=RPNHead(in_channels=cfg.fpn_channels, num_anchors=a, ndim=d),
-        pre_nms_top_n=tuple(cfg.rpn_pre_nms_top_n),
-        post_nms_top_n=tuple(cfg.rpn_post_nms_top_n),
-        nms_thresh=cfg.rpn_nms_thresh,
-        batch_size_per_image=cfg.rpn_batch_size_per_image,
-        objectness_loss=cfg.rpn_objectness_loss,
-        negative_sampling=cfg.rpn_negative_sampling,
-    )
+    rpn = None
+    if cfg.arch == "faster_rcnn":
+        rpn = RegionProposalNetwork(
+            anchor_generator=anchors,
+            head=RPNHead(in_channels=cfg.fpn_channels, num_anchors=a, ndim=d),
+            pre_nms_top_n=tuple(cfg.rpn_pre_nms_top_n),
+            post_nms_top_n=tuple(cfg.rpn_post_nms_top_n),
+            nms_thresh=cfg.rpn_nms_thresh,
+            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            objectness_loss=cfg.rpn_objectness_loss,
+            negative_sampling=cfg.rpn_negative_sampling,
+        )
     pooled = cfg.fpn_channels * cfg.roi_output_size**d
     heads = RoIHeads(
-        roi_pool=MultiLevelRoIAlign(strides=strides, output_size=cfg.roi_output_size),
+        roi_pool=MultiLevelRoIAlign(strides=strides, output_size=cfg.roi_output_size, mode=cfg.roi_pool),
         box_head=TwoMLPHead(in_features=pooled, hidden=cfg.roi_hidden),
         predictor=FastRCNNPredictor(in_features=cfg.roi_hidden, num_classes=cfg.num_classes, ndim=d),
         num_classes=cfg.num_classes,
@@ -212,3 +269,14 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         detections_per_img=cfg.detections_per_img,
     )
     return Detector(features=features, rpn=rpn, heads=heads, config=cfg)
+
+
+def _yolo_level(cfg: DetectorConfig, strides: Sequence[Sequence[int]]) -> int:
+    """Index (into the pyramid levels) of the YOLO grid: ``yolo_stride`` (largest per-axis stride), 0 = the deepest."""
+    if cfg.yolo_stride == 0:
+        return len(strides) - 1
+    have = [max(s) for s in strides]
+    if cfg.yolo_stride not in have:
+        raise ValueError(f"model.yolo_stride must be the stride of one of the levels {cfg.levels} ({have}) or 0, got "
+                         f"{cfg.yolo_stride}")
+    return have.index(cfg.yolo_stride)

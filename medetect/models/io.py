@@ -6,6 +6,8 @@ Metadata (every value a JSON string, as safetensors requires)::
     format_version  "2"
     kind            "detector" (2D/3D detectors, the LUNA stage one, the 2D slice model) | "fpr" (stage-two classifier)
                     | "attention" (attention classifier, medetect.models.attention)
+                    | "localizer" (classification + localisation of one window, medetect.models.localizer)
+                    | "rcnn" (R-CNN: warped-proposal CNN, SVMs and box regressors, medetect.models.rcnn)
     config          the model's config dict (DetectorConfig / FPRConfig)
     preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
     classes         class names, in label order
@@ -35,6 +37,8 @@ import torch
 from .attention import AttentionConfig, build_attention
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
+from .localizer import LocalizerConfig, build_localizer
+from .rcnn import RCNNConfig, build_rcnn
 
 __all__ = [
     "BUILDERS",
@@ -162,8 +166,17 @@ def _build_attention(config: dict) -> torch.nn.Module:
     return build_attention(AttentionConfig(**config))
 
 
+def _build_localizer(config: dict) -> torch.nn.Module:
+    return build_localizer(LocalizerConfig(**config))
+
+
+def _build_rcnn(config: dict) -> torch.nn.Module:
+    return build_rcnn(RCNNConfig(**config))
+
+
 BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_detector, "fpr": _build_fpr,
-                                                          "attention": _build_attention}
+                                                          "attention": _build_attention,
+                                                          "localizer": _build_localizer, "rcnn": _build_rcnn}
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -4,7 +4,7 @@ Shape key
     R  RoIs in the batch    K  object classes (background is index 0 inside the head, not in the API)
     C  feature channels     O  RoI output size per axis     d  spatial dims
 
-Each proposal is pooled (RoIAlign) from the pyramid level matched to its size (FPN Eq. 1, with the size of a d-box
+Each proposal is pooled (RoIAlign, or the Fast R-CNN paper's RoI max pooling) from the pyramid level matched to its size (FPN Eq. 1, with the size of a d-box
 taken as the geometric mean of its extents), passed through two fully connected layers, and classified (softmax over
 K + 1) with a class-specific box regression (K x 2d deltas, weights (10, .., 5, ..) as in Fast R-CNN / detectron2).
 API labels are 0..K-1; detections carry the same.
@@ -20,22 +20,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..boxes import BoxCoder, batched_nms, box_iou, box_sizes, clip_boxes
-from ..layers.roi_align import roi_align
+from ..layers.roi_align import roi_align, roi_pool
 from ..losses import smooth_l1_loss
 from ..matching import match_by_iou, sample_balanced
 
-__all__ = ["MultiLevelRoIAlign", "TwoMLPHead", "FastRCNNPredictor", "RoIHeads"]
+__all__ = ["MultiLevelRoIAlign", "TwoMLPHead", "FastRCNNPredictor", "RoIHeads", "ROI_POOL_MODES"]
 
 # FPN Eq. 1: k = floor(k0 + log2(sqrt(wh) / 224)) with k0 = 4, the level of a 224 px (ImageNet-sized) RoI.
 FPN_CANONICAL_SIZE = 224.0
 FPN_CANONICAL_LEVEL = 4
+# "align": RoIAlign (Mask R-CNN; bilinear samples, no rounding); "max": RoI max pooling (Fast R-CNN, Girshick 2015:
+# corners rounded to the feature grid, the max of each bin).
+ROI_POOL_MODES = ("align", "max")
 
 
 class MultiLevelRoIAlign(nn.Module):
-    """RoIAlign from the pyramid level that matches each RoI's size."""
+    """RoIAlign (``mode="align"``) or RoI max pooling (``mode="max"``) from the pyramid level that matches each RoI's
+    size."""
 
-    def __init__(self, *, strides: Sequence[int | Sequence[int]], output_size: int | Sequence[int], sampling_ratio: int = 2):
+    def __init__(self, *, strides: Sequence[int | Sequence[int]], output_size: int | Sequence[int], sampling_ratio: int = 2,
+                 mode: str = "align"):
         super().__init__()
+        if mode not in ROI_POOL_MODES:
+            raise ValueError(f"mode must be one of {ROI_POOL_MODES}, got {mode!r}")
+        self.mode = mode
         # Per level, per-axis strides (anisotropic stems give e.g. (2, 4, 4)); the level index uses the largest.
         self.strides = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in strides]
         self.output_size = output_size
@@ -57,7 +65,13 @@ class MultiLevelRoIAlign(nn.Module):
             idx = (lvl == i).nonzero().squeeze(1)
             if idx.numel():
                 scale = [1.0 / v for v in s] if len(s) > 1 else 1.0 / s[0]
-                out[idx] = roi_align(f, rois[idx], out_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio).to(out.dtype)
+                if self.mode == "max":  # the paper's boxes are inclusive pixel indices: half-open hi -> hi - 1
+                    r = rois[idx]
+                    r = torch.cat([r[:, : 1 + d], (r[:, 1 + d :] - 1).maximum(r[:, 1 : 1 + d])], 1)
+                    pooled = roi_pool(f, r, out_size, spatial_scale=scale)
+                else:
+                    pooled = roi_align(f, rois[idx], out_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio)
+                out[idx] = pooled.to(out.dtype)
         return out
 
 
