@@ -72,7 +72,7 @@ def _luna_predict(args) -> int:
         uids = layout.uids_in(args.subsets) if args.subsets else layout.uids
         if not uids:
             raise UsageError(f"{ins[0]} holds no scans in subset*/ folders (a LUNA16 layout); give scan files instead")
-        marks = predict_layout(model, pre, layout, uids, tile_size=args.tile)
+        marks = predict_layout(model, pre, layout, uids, tile_size=args.tile, lung_mask=args.lung_mask)
         sub = write_submission(out, marks)
         print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
         if args.froc:
@@ -85,7 +85,7 @@ def _luna_predict(args) -> int:
         if not f.exists():
             raise FileNotFoundError(f"input not found: {f}")
         uid = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
-        marks[uid] = predict_scan(model, pre, read_image(f), tile_size=args.tile)
+        marks[uid] = predict_scan(model, pre, read_image(f), tile_size=args.tile, lung_mask=args.lung_mask)
     sub = write_submission(out, marks)
     print(f"wrote {sum(len(m['probabilities']) for m in marks.values())} marks for {len(marks)} scans to {sub}")
     return 0
@@ -119,7 +119,7 @@ def _luna_lung_pet_ct(args) -> int:
         raise UsageError(f"--root {args.root} is not a folder (the Lung-PET-CT-Dx sample, e.g. "
                          "../shared/data/lung-pet-ct-dx-sample)")
     model, pre = load_luna_model(args.weights)
-    for r in lung_pet_ct_smoke(model, pre, args.root):
+    for r in lung_pet_ct_smoke(model, pre, args.root, lung_mask=not args.no_lung_mask):
         print_json(r)
     return 0
 
@@ -207,6 +207,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--tile", type=positive_int, default=256,
                     help="sliding-window tile in resampled voxels (default 256)")
     pr.add_argument("--froc", action="store_true", help="score against the folder's annotations.csv")
+    pr.add_argument("--lung-mask", action="store_true", help="whole chest CTs: keep only marks inside the lungs "
+                    "(never for crops of lung tissue such as the cube mosaics)")
     add_force(pr, "the --out file")
     add_runtime(pr)
     pr.set_defaults(luna_fn=_luna_predict)
@@ -232,6 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = ls.add_parser("lung-pet-ct", help="smoke test on the Lung-PET-CT-Dx sample: distance of marks to tumour")
     s.add_argument("--weights", required=True)
     s.add_argument("--root", required=True, help="the Lung-PET-CT-Dx sample folder (e.g. ../shared/data/lung-pet-ct-dx-sample)")
+    s.add_argument("--no-lung-mask", action="store_true", help="keep marks outside the lungs too")
     add_runtime(s, device=False)
     s.set_defaults(luna_fn=_luna_lung_pet_ct)
     tm = ls.add_parser("time", help="whole-scan inference time on a synthetic 512x512x256 volume")

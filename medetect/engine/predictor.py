@@ -196,16 +196,37 @@ class Predictor:
     def predict_image(self, image, preprocess, *, allow_range_mismatch: bool = False) -> dict[str, torch.Tensor]:
         """A :class:`MedicalImage` through the model's stored ``preprocess`` (:func:`medetect.data.preprocess.prepare`)
         -> ``{"boxes" [N, 2d] float64 in voxels of the INPUT grid, "scores", "labels", "centres_world" [N, d]
-        (x, y[, z] mm), "extent_mm" [N, d] (array order), "diameters_mm" [N]}``, sorted by score (descending)."""
+        (x, y[, z] mm), "extent_mm" [N, d] (array order), "diameters_mm" [N]}``, sorted by score (descending).
+        With ``preprocess.pyramid`` the model also runs on each coarser level; the levels' detections, on the input
+        grid, are merged by per-class NMS (``nms_thresh``) and cut to the cap; a coarser level keeps only detections
+        of at least ``preprocess.pyramid_min_size`` voxels (its own grid) on their longest side."""
+        import dataclasses
+
         from ..convert import boxes_to_luna
         from ..data.preprocess import prepare
 
         prep = prepare(image, preprocess, allow_range_mismatch=allow_range_mismatch)
         det = self.predict(prep.tensor)
-        order = torch.argsort(det["scores"], descending=True, stable=True)
-        boxes = prep.to_input(det["boxes"][order])
+        boxes = prep.to_input(det["boxes"])
+        scores, labels = det["scores"], det["labels"]
+        if preprocess.pyramid:
+            parts = [(boxes, scores, labels)]
+            for f in preprocess.pyramid:
+                level = dataclasses.replace(preprocess, scale=preprocess.scale * f, pyramid=None)
+                p = prepare(image, level, allow_range_mismatch=allow_range_mismatch)
+                dl = self.predict(p.tensor)
+                d = dl["boxes"].shape[1] // 2
+                big = (dl["boxes"][:, d:] - dl["boxes"][:, :d]).amax(1) >= preprocess.pyramid_min_size
+                parts.append((p.to_input(dl["boxes"][big]), dl["scores"][big], dl["labels"][big]))
+            boxes = torch.cat([b for b, _, _ in parts])
+            scores = torch.cat([s for _, s, _ in parts])
+            labels = torch.cat([lab for _, _, lab in parts])
+            keep = batched_nms(boxes.float(), scores, labels, self.nms_thresh)[: self._cap()]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        order = torch.argsort(scores, descending=True, stable=True)
+        boxes = boxes[order]
         centres, dia = boxes_to_luna(boxes, prep.geometry)
         d = boxes.shape[1] // 2
         extent = (boxes[:, d:] - boxes[:, :d]) * torch.tensor(prep.geometry.spacing, dtype=torch.float64)
-        return {"boxes": boxes, "scores": det["scores"][order], "labels": det["labels"][order],
+        return {"boxes": boxes, "scores": scores[order], "labels": labels[order],
                 "centres_world": centres.reshape(-1, d), "extent_mm": extent, "diameters_mm": dia.reshape(-1)}

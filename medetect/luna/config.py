@@ -83,6 +83,13 @@ class LunaPreprocessConfig:
                                           "[z, y, x])", gt=0)
     hu_lo: float = option(-1000.0, doc="HU mapped to 0 (lung window)")
     hu_hi: float = option(400.0, doc="HU mapped to 1 (lung window)")
+    pyramid: list[float] = option([], doc="extra coarser levels as zoom factors in (0, 1) (e.g. [0.333]: also at 3x "
+                                  "the spacing): training samples patches on every level and prediction runs on every "
+                                  "level, merging by NMS, so masses larger than any training nodule are found",
+                                  gt=0, lt=1)
+    pyramid_min_size: float = option(0.0, doc="on a coarser pyramid level, detections whose longest side is below "
+                                     "this many voxels of that level are dropped (each level answers for the objects "
+                                     "too large for the finer ones; SNIP's valid ranges)", ge=0)
 
     def validate(self, prefix: str = "preprocess") -> None:
         check(self, prefix)
@@ -96,7 +103,8 @@ class LunaPreprocessConfig:
         from .detection import LunaPreprocess
 
         sp = tuple(self.spacing) if isinstance(self.spacing, list) else self.spacing
-        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi)
+        return LunaPreprocess(spacing=sp, hu_lo=self.hu_lo, hu_hi=self.hu_hi, pyramid=tuple(self.pyramid),
+                              pyramid_min_size=self.pyramid_min_size)
 
 
 @dataclass

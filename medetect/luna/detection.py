@@ -254,6 +254,8 @@ class LunaPreprocess:
     spacing: float | tuple[float, float, float] = 1.0
     hu_lo: float = -1000.0
     hu_hi: float = 400.0
+    pyramid: tuple[float, ...] = ()  # extra coarser levels (zoom factors in (0, 1)); see Preprocess.pyramid
+    pyramid_min_size: float = 0.0  # voxels (of a coarser level) below which its detections are dropped
 
     def target(self) -> tuple[float, float, float]:
         s = self.spacing
@@ -291,21 +293,33 @@ class LunaPreprocess:
 
         HUWindow(lo=self.hu_lo, hi=self.hu_hi)  # validates the window
         return Preprocess(ndim=3, channels=1, spacing=list(self.target()), window=[self.hu_lo, self.hu_hi],
-                          value_range=list(CT_VALUE_RANGE))
+                          value_range=list(CT_VALUE_RANGE), pyramid=[float(f) for f in self.pyramid] or None,
+                          pyramid_min_size=float(self.pyramid_min_size))
+
+    def levels(self) -> list["LunaPreprocess"]:
+        """This preprocessing and one per pyramid level (the same window, spacing divided by the level's zoom)."""
+        return [self] + [LunaPreprocess(spacing=tuple(t / f for t in self.target()), hu_lo=self.hu_lo,
+                                        hu_hi=self.hu_hi) for f in self.pyramid]
 
     @classmethod
     def from_preprocess(cls, pre) -> "LunaPreprocess":
         """The inverse of :meth:`as_preprocess` (a 3D, 1-channel, windowed and resampled :class:`Preprocess`)."""
         if pre.ndim != 3 or pre.channels != 1 or pre.window is None or pre.spacing is None:
             raise ValueError("a LUNA16 nodule detector needs a 3D, 1-channel preprocess with spacing and HU window")
-        return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1])
+        return cls(spacing=tuple(pre.spacing), hu_lo=pre.window[0], hu_hi=pre.window[1],
+                   pyramid=tuple(pre.pyramid or ()), pyramid_min_size=float(pre.pyramid_min_size))
 
     def to_dict(self) -> dict:
-        return {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
+        d = {"spacing": list(self.target()), "hu_lo": self.hu_lo, "hu_hi": self.hu_hi}
+        if self.pyramid:
+            d["pyramid"] = [float(f) for f in self.pyramid]
+            d["pyramid_min_size"] = float(self.pyramid_min_size)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LunaPreprocess":
-        return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]))
+        return cls(spacing=tuple(d["spacing"]), hu_lo=float(d["hu_lo"]), hu_hi=float(d["hu_hi"]),
+                   pyramid=tuple(d.get("pyramid", ())), pyramid_min_size=float(d.get("pyramid_min_size", 0.0)))
 
 
 def resampled_geometry(geometry: Geometry, pre: LunaPreprocess) -> Geometry:
@@ -380,6 +394,14 @@ def _patches_cls():
             return len(self.base) * self.patches_per_volume
 
     return _Patches
+
+
+class _Levels(torch.utils.data.ConcatDataset):
+    """The patch sets of the pyramid levels as one dataset (new patches every epoch on each level)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
 
 
 def default_detector_config(**overrides) -> DetectorConfig:
@@ -464,10 +486,14 @@ def train_detector(
     prepare_run_dir(run_dir, run_config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if cache_dir is None:
         cache_dir = dc.cache_dir if dc.cache_dir is not None else run_dir / "cache"
-    base = LunaVolumes(layout, uids, pre, cache_dir)
     aug = Compose([RandomFlip(p=0.5), RandomRot90(axes=(-2, -1), p=0.5)])
-    data = _Patches(base, patch_size=(patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size),
-                        patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed)
+    size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    # one patch set per pyramid level: the scans resampled to the level's spacing (cached separately), so the model
+    # learns nodules at every size the levels show at inference
+    parts = [_Patches(LunaVolumes(layout, uids, level, cache_dir), patch_size=size,
+                      patches_per_volume=patches_per_volume, pos_prob=pos_prob, patch_transform=aug, seed=tc.seed + k)
+             for k, level in enumerate(pre.levels())]
+    data = parts[0] if len(parts) == 1 else _Levels(parts)
     seed_everything(tc.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
     trainer = Trainer(model=model, train_data=data, config=tc, run_dir=run_dir, run_config=run_config, device=device,
@@ -513,6 +539,7 @@ def predict_scan(
     max_marks: int = MAX_MARKS_PER_SCAN,
     score_thresh: float | None = None,
     predictor=None,
+    lung_mask: bool = False,
 ) -> dict[str, np.ndarray]:
     """Whole-scan detection -> marks in world mm, through the one predict path (:meth:`Predictor.predict_image`).
 
@@ -520,6 +547,9 @@ def predict_scan(
     :class:`MedicalImage` (its geometry is used) or an HU array ``[Z, Y, X]`` / ``[1, Z, Y, X]`` with ``geometry``.
     Returns ``centres_xyz [M, 3]`` (world mm), ``diameters_mm [M]``, ``probabilities [M]`` (sorted, descending,
     ``M <= max_marks``) and ``boxes [M, 6]`` on the ORIGINAL voxel grid.
+
+    ``lung_mask``: keep only marks inside the lungs (:func:`medetect.luna.lungs.lung_mask`; whole chest CTs only,
+    never crops of lung tissue such as the cube mosaics); the cap applies after the filter.
     """
     from ..engine.predictor import Predictor
 
@@ -545,10 +575,16 @@ def predict_scan(
             det = predictor.predict_image(image, spec, allow_range_mismatch=True)
     finally:
         predictor.max_detections, predictor.score_thresh = old_cap, old_thresh
-    n = min(max_marks, len(det["scores"]))
-    return {"centres_xyz": det["centres_world"][:n].numpy().reshape(-1, 3),
-            "diameters_mm": det["diameters_mm"][:n].numpy().reshape(-1),
-            "probabilities": det["scores"][:n].double().numpy(), "boxes": det["boxes"][:n].numpy().reshape(-1, 6)}
+    out = {"centres_xyz": det["centres_world"].numpy().reshape(-1, 3),
+           "diameters_mm": det["diameters_mm"].numpy().reshape(-1),
+           "probabilities": det["scores"].double().numpy(), "boxes": det["boxes"].numpy().reshape(-1, 6)}
+    if lung_mask:
+        from .lungs import lung_mask as _lungs, marks_in_lungs
+
+        mask, steps = _lungs(image.array, image.geometry.spacing)
+        keep = marks_in_lungs(mask, steps, image.geometry, out["centres_xyz"])
+        out = {k: v[keep] for k, v in out.items()}
+    return {k: v[:max_marks] for k, v in out.items()}
 
 
 def predict_layout(model: Detector, pre: LunaPreprocess, layout: LunaLayout, uids: Sequence[str] | None = None,
@@ -608,12 +644,14 @@ def _froc_summary(res) -> dict:
 
 
 def lung_pet_ct_smoke(model: Detector, pre: LunaPreprocess, root: str | os.PathLike, **kw) -> list[dict]:
-    """Run the detector on the Lung-PET-CT-Dx sample CTs; per patient the distance (mm) from the top mark to the
-    tumour box centre (world), the nearest of the top-10 marks, and whether any mark centre falls in the tumour box."""
+    """Run the detector on the Lung-PET-CT-Dx sample CTs (whole chest CTs: ``lung_mask`` on unless ``kw`` says
+    otherwise); per patient the distance (mm) from the top mark to the tumour box centre (world), the nearest of the
+    top-10 marks, and the rank of the first mark whose centre falls in the tumour box."""
     from ..data.datasets import lung_pet_ct_dx
 
     ds = lung_pet_ct_dx(root)
     out = []
+    kw.setdefault("lung_mask", True)  # whole chest CTs: marks outside the lungs are not nodules
     for i, rec in enumerate(ds.records):
         img = ds.image(i)
         t0 = time.perf_counter()
@@ -632,7 +670,7 @@ def lung_pet_ct_smoke(model: Detector, pre: LunaPreprocess, root: str | os.PathL
             "top_mark_distance_mm": float(d[0]) if len(d) else None,
             "nearest_of_top10_mm": float(d[:10].min()) if len(d) else None,
             "rank_of_first_mark_in_box": int(np.flatnonzero(inside)[0]) + 1 if inside.any() else None,
-            "seconds": round(dt, 1),
+            "lung_mask": bool(kw["lung_mask"]), "seconds": round(dt, 1),
         })
     return out
 

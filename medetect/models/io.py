@@ -68,7 +68,16 @@ class Preprocess:
     Intensity is ONE family: with ``window = [lo, hi]`` values are mapped ``lo -> 0, hi -> 1`` and clipped to [0, 1]
     (CT Hounsfield units); otherwise ``(x / max_value - mean) / std`` (per channel when ``mean``/``std`` have one
     entry per channel). ``bit_depth`` / ``value_range`` describe the raw inputs the model was trained on (e.g. 8 and
-    ``[0, 255]`` for PNG/JPEG photos, ``[-1024, 3071]`` HU for CT); ``None`` = not recorded (no check)."""
+    ``[0, 255]`` for PNG/JPEG photos, ``[-1024, 3071]`` HU for CT); ``None`` = not recorded (no check).
+
+    ``pyramid``: extra zoom factors (each in (0, 1): coarser grids) at which the model ALSO runs, the image pyramid
+    of the classic detectors: level ``f`` is the prepared image resized by ``f``, so an object ``1 / f`` times larger
+    than the largest the model learned at full resolution appears at a learned size. Detections of all levels are
+    mapped to the input grid and merged by NMS (:meth:`medetect.engine.predictor.Predictor.predict_image`).
+    ``None`` = the prepared grid only. A model should have been trained on the same levels (the LUNA16 trainer
+    samples patches from every level). ``pyramid_min_size``: on a coarser level, detections whose longest side is
+    below this many voxels OF THAT LEVEL are dropped, so each coarser level answers only for objects too large for
+    the finer ones (the valid ranges of SNIP, Singh & Davis 2018); 0 keeps all."""
 
     ndim: int = 2
     channels: int = 1
@@ -81,6 +90,8 @@ class Preprocess:
     scale: float = 1.0
     bit_depth: int | None = None
     value_range: list[float] | None = None
+    pyramid: list[float] | None = None
+    pyramid_min_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ndim not in (1, 2, 3):
@@ -107,6 +118,13 @@ class Preprocess:
             raise ValueError(f"preprocess.std must be positive, got {self.std!r}")
         if not self.scale > 0:
             raise ValueError(f"preprocess.scale must be positive, got {self.scale!r}")
+        if self.pyramid is not None:
+            f = [float(v) for v in (self.pyramid if isinstance(self.pyramid, (list, tuple)) else [self.pyramid])]
+            if not all(0 < v < 1 for v in f):
+                raise ValueError(f"preprocess.pyramid must be zoom factors in (0, 1), got {self.pyramid!r}")
+            self.pyramid = f or None
+        if not self.pyramid_min_size >= 0:
+            raise ValueError(f"preprocess.pyramid_min_size must be >= 0, got {self.pyramid_min_size!r}")
         if self.value_range is not None:
             r = [float(v) for v in self.value_range]
             if len(r) != 2 or not r[0] < r[1]:
