@@ -47,8 +47,9 @@ STEPS = ("fast_rcnn", "faster_rcnn", "yolo", "retinanet")
 NAMES = {"fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "yolo": "YOLO", "retinanet": "RetinaNet"}
 SIZE_DIVISOR = 32  # inputs are padded (high end) to a multiple of the deepest stride, as the trainer's collate does
 
-# What a lineage model file says about its input: LineageSet images as they are (scale 1.0), the lineage's intensity
-# rule (medetect.lineage.data.normalise).
+# What a lineage model file says about its input: the raw image resized by the lineage's working scale (set from the
+# training data when saved, so `medetect predict` on an original image does what the lineage did), the lineage's
+# intensity rule (medetect.lineage.data.normalise). The lineage itself feeds images already at that scale.
 PREPROCESS = Preprocess(ndim=2, channels=3, max_value=MAX_VALUE, mean=[MEAN], std=[STD], scale=1.0, bit_depth=8,
                         value_range=[0.0, 255.0])
 
@@ -231,7 +232,8 @@ def train_detector_step(step: str, train: LineageSet, val: LineageSet, cfg: Dete
              "val_data": val.spec}
     if step == "fast_rcnn":
         extra["proposals"] = prop_cfg.to_dict()
-    weights = save_model(model, out_dir / f"{step}.safetensors", kind="detector", preprocess=PREPROCESS,
+    weights = save_model(model, out_dir / f"{step}.safetensors", kind="detector",
+                         preprocess=dataclasses.replace(PREPROCESS, scale=float(train.scale)),
                          classes=list(train.class_names), extra=extra)
     record = {"step": step, "name": NAMES[step], "weights": str(weights), "train_seconds": seconds,
               "resumed": resumed, "best_epoch": epoch, "val_map50": val_map, "config": run_config,
