@@ -282,3 +282,13 @@ def test_shipped_lineage_runs_every_row_on_the_bundled_images(tmp_path, capsys):
     assert got == pytest.approx(SHIPPED_MAP, abs=2e-3)
     assert rows["Classification + localisation"]["accuracy"] > 0.9
     assert rows["Fast R-CNN"]["proposals_per_image"] > 300 and rows["Faster R-CNN"]["proposals_per_image"] == 300
+
+
+def test_predict_refuses_lineage_models_it_cannot_run_in_one_sentence(tmp_path, capsys):
+    image = str(ASSETS / "BloodImage_00000.jpg")
+    weights = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "lineage"
+    for name, words in (("fast_rcnn", "selective search"), ("rcnn", "lineage evaluate")):
+        assert main(["predict", "--weights", str(weights / f"{name}.safetensors"), image, "--out",
+                     str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1

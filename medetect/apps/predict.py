@@ -176,7 +176,11 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
         return predict_attention(loaded, image_files(paths), Path(out_dir), device=device,
                                  allow_range_mismatch=allow_range_mismatch)
     if loaded.kind != "detector":
-        raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r}")
+        raise ValueError(f"{weights}: predict needs a detector, this model is a {loaded.kind!r} (lineage models: "
+                         "medetect lineage evaluate)")
+    if getattr(loaded.model.config, "arch", None) == "fast_rcnn":
+        raise ValueError(f"{weights}: a Fast R-CNN detects in regions proposed from outside (selective search): run it "
+                         "through medetect lineage evaluate, not predict")
     if loaded.meta.get("extra", {}).get("task") == "organ-localisation":  # one box per organ + a three-view PNG
         return _predict_organs(loaded, paths, out_dir, series_uid=series_uid, allow_gaps=allow_gaps,
                                skip_errors=skip_errors)
