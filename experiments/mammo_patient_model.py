@@ -4,9 +4,9 @@ detector, plus the per-lesion-type and confusion figures of the README.
 One command reproduces every figure (the detector runs once per split; its detections are cached as CSV, so later
 calls take seconds)::
 
-    python experiments/mammo_patient_model.py all --out /work/mammo-out
+    python experiments/mammo_patient_model.py all --out ../mammo-out
     # the detector retrained on the preprocessed copy, scored the same way on that copy:
-    python experiments/mammo_patient_model.py all --weights RUN --data /work/mammo-out/mias-pre --tag pre_
+    python experiments/mammo_patient_model.py all --weights RUN --data ../mammo-out/mias-pre --tag pre_
 
 Steps (each is also a sub-command): ``preprocess`` (only on request, not part of ``all``: a preprocessed copy of the
 folder, :func:`medetect.mammo.preprocess.preprocess_folder` -> ``OUT/mias-pre``, for
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("step", choices=["preprocess", "score", "evaluate", "patient", "all"])
     ap.add_argument("--data", default=DEFAULT_DATA, help="mini-MIAS-layout folder (default: %(default)s)")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="benign/malignant detector (model file or run)")
-    ap.add_argument("--out", default="/work/mammo-out", help="output folder (detections cache, JSON results)")
+    ap.add_argument("--out", default="../mammo-out", help="output folder (detections cache, JSON results)")
     ap.add_argument("--tag", default="", help="prefix of the cached files (e.g. 'pre_' for another detector)")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="val")
