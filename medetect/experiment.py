@@ -103,6 +103,34 @@ def evaluate_model(model: Detector, data: DetectionDataset, *, device=None) -> d
     return out
 
 
+_BODY_PREFIXES = ("features.body.", "trunk.body.")  # a detector's backbone, a localizer's trunk
+
+
+def init_backbone(model, path) -> int:
+    """Load the backbone tensors of the model file ``path`` (a detector's ``features.body.*`` or a localizer's
+    ``trunk.body.*``) into ``model``'s backbone where name and shape match; returns how many. A file that gives none
+    is an error naming it (wrong kind, width or channels)."""
+    from safetensors import safe_open
+
+    from .models.io import read_metadata
+
+    read_metadata(path)  # refuses anything that is not a safetensors model file, naming it
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("features.body.")}
+    loaded = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            for prefix in _BODY_PREFIXES:
+                if key.startswith(prefix):
+                    name = "features.body." + key[len(prefix):]
+                    if name in own and tuple(own[name].shape) == tuple(f.get_slice(key).get_shape()):
+                        loaded[name] = f.get_tensor(key).to(own[name].dtype)
+    if not loaded:
+        raise ValueError(f"train.init_backbone {path}: no backbone tensor matches this model's (check the backbone, "
+                         "base_width, norm and in_channels)")
+    model.load_state_dict(loaded, strict=False)
+    return len(loaded)
+
+
 def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
                  allow_config_change: bool = False, device=None) -> list[dict]:
     """Train ``cfg`` in ``run_dir``; returns the history (one dict per epoch). The run folder rules
@@ -122,6 +150,9 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
         train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
     seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg.model)
+    if cfg.train.init_backbone:
+        n = init_backbone(model, cfg.train.init_backbone)
+        print(f"backbone: {n} tensors from {cfg.train.init_backbone}", flush=True)
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,

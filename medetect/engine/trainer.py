@@ -112,6 +112,10 @@ class TrainConfig:
     log_every: int = option(10, doc="steps between metric rows", ge=1)
     max_steps_per_epoch: int = option(0, doc="cap on steps per epoch (0: the whole dataset; for smoke tests)", ge=0)
     extra: dict = option({}, doc="free-form settings carried into the run record")
+    init_backbone: str = option("", doc="detection task: start the backbone from this model file's backbone (e.g. a "
+                                "localizer pretrained on lesion vs background patches, as Shen et al. 2019); tensors "
+                                "of matching name and shape are loaded, the rest keep their initialisation; empty: "
+                                "from scratch", path=True)
 
     def validate(self, prefix: str = "train") -> None:
         """Ranges and choices of every key (see :mod:`medetect.schema`)."""
