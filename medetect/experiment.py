@@ -144,15 +144,15 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
     if cfg.model.num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {len(train_ds.classes)} classes {list(train_ds.classes)}")
     run_dir = Path(run_dir)
+    seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order
+    model = build_detector(cfg.model)
+    if cfg.train.init_backbone:  # a bad file is refused before the run folder is touched
+        n = init_backbone(model, cfg.train.init_backbone)
+        print(f"backbone: {n} tensors from {cfg.train.init_backbone}", flush=True)
     prepare_run_dir(run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
                     defaults=type(cfg)().to_dict())  # keys a later medetect added are no change at their default
     if cfg.data.cache and cfg.train.num_workers > 0:
         train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
-    seed_everything(cfg.train.seed)  # the initial weights are part of the run: seeded like the data order
-    model = build_detector(cfg.model)
-    if cfg.train.init_backbone:
-        n = init_backbone(model, cfg.train.init_backbone)
-        print(f"backbone: {n} tensors from {cfg.train.init_backbone}", flush=True)
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,
