@@ -43,8 +43,8 @@ def _dets_path(args, split) -> Path:
 def cmd_preprocess(args) -> None:
     from medetect.mammo.preprocess import MammoPreprocess, preprocess_folder
 
-    dst = Path(args.out) / ("mias-pre-clahe" if args.clahe else "mias-pre")
-    rep = preprocess_folder(args.data, dst, MammoPreprocess(clahe=args.clahe))
+    dst = Path(args.out) / ("mias-pre" + ("-clahe" if args.clahe else "") + ("-pec" if args.pectoral == "remove" else ""))
+    rep = preprocess_folder(args.data, dst, MammoPreprocess(clahe=args.clahe, pectoral=args.pectoral))
     print(json.dumps(rep))
     print(f"written {dst} (research-only MIAS derivative: keep it out of the repository)")
 
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clahe", action="store_true", help="preprocess: also CLAHE (-> OUT/mias-pre-clahe)")
+    ap.add_argument("--pectoral", choices=["keep", "remove"], default="keep",
+                    help="preprocess: remove the pectoral muscle found (-> OUT/mias-pre-pec)")
     args = ap.parse_args(argv)
     args.splits = [args.train_split, args.val_split]
     try:

@@ -18,7 +18,7 @@ from .evaluation.detection import evaluate_detections
 from .models.detector import Detector, build_detector
 from .data.transforms import normalize_intensity
 
-__all__ = ["build_transform", "build_pre_transform", "build_dataset", "evaluate_model", "run_training",
+__all__ = ["build_transform", "build_pre_transform", "build_dataset", "evaluate_model", "highest_scores", "run_training",
            "predict_dataset"]
 
 
@@ -88,6 +88,17 @@ def predict_dataset(model: Detector, data: Iterable, *, device=None) -> tuple[li
     return preds, gts
 
 
+def highest_scores(model: Detector, samples: Iterable[dict], *, device=None) -> list[float]:
+    """Each sample's highest detection score (0 without a detection): how strongly the model calls it abnormal;
+    the hardness of a box-free image for ``train.hard_negative_images``."""
+    pred = Predictor(model, device=device)
+    out = []
+    for s in samples:
+        scores = pred.predict(s["image"])["scores"]
+        out.append(float(scores.max()) if scores.numel() else 0.0)
+    return out
+
+
 def evaluate_model(model: Detector, data: DetectionDataset, *, device=None) -> dict[str, float]:
     """Validation metrics for the training log: :func:`~medetect.evaluation.detection.evaluate_detections` with every
     key prefixed ``val_`` and the per-class dict flattened, i.e. ``val_images``, ``val_boxes``, ``val_map50``,
@@ -149,6 +160,16 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
     if cfg.train.init_backbone:  # a bad file is refused before the run folder is touched
         n = init_backbone(model, cfg.train.init_backbone)
         print(f"backbone: {n} tensors from {cfg.train.init_backbone}", flush=True)
+    negatives, score_negatives = None, None
+    if cfg.train.hard_negative_images:  # mining on the box-free images (e.g. normal breasts), seen unaugmented
+        negatives = [i for i, r in enumerate(train_ds.records) if len(r) == 0]
+        if not negatives:
+            raise ValueError(f"train.hard_negative_images is {cfg.train.hard_negative_images} but split "
+                             f"{cfg.data.train_split!r} has no image without boxes to mine")
+        plain = build_dataset(cfg.data, cfg.data.train_split, train=False)
+
+        def score_negatives(m, idx):
+            return highest_scores(m, (plain[i] for i in idx), device=trainer.device)
     prepare_run_dir(run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
                     defaults=type(cfg)().to_dict())  # keys a later medetect added are no change at their default
     if cfg.data.cache and cfg.train.num_workers > 0:
@@ -156,6 +177,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
         evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,
+        negatives=negatives, score_negatives=score_negatives,
     )
     if resume and trainer.resume():
         print(f"resumed {run_dir} after epoch {trainer.epoch} (step {trainer.step}); continuing with epoch "

@@ -223,3 +223,43 @@ def test_lesion_folder_warns_about_a_centre_outside_the_image(tmp_path):
     with pytest.warns(UserWarning, match="line 2: lesion centre .* outside the 40 x 50 image mdb001: kept"):
         recs = read_lesion_folder(tmp_path, "val")
     assert len(recs[0].radii) == 2 and recs[0].lesion_types.tolist() == ["CALC", "CIRC"]
+
+
+def _with_muscle(chest_wall: str = "left") -> np.ndarray:
+    """The synthetic mammogram with a brighter triangle in the top chest-wall corner (an MLO view's pectoral
+    muscle): the line from (y 0, x 60) to (y 90, x 0)."""
+    img = mammogram(label=False)
+    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
+    tri = (x / 60 + y / 90 < 1) & (img > 0.1)
+    img = np.where(tri, 0.95, img)
+    img[20:100, 0:2] = np.where(img[20:100, 0:2] > 0.1, img[20:100, 0:2], 0.6)  # the breast reaches the film edge
+    return img if chest_wall == "left" else img[:, ::-1].copy()
+
+
+@pytest.mark.parametrize("chest_wall", ["left", "right"])
+def test_pectoral_muscle_is_found_removed_and_counted(chest_wall):
+    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
+    truth = (x / 60 + y / 90 < 1) & breast_mask(mammogram(label=False))
+    rep = PreprocessReport()
+    lesion = np.array([[35.0, 5.0, 45.0, 15.0]])  # in the muscle
+    if chest_wall == "right":
+        lesion = np.array([[35.0, W - 15.0, 45.0, W - 5.0]])
+    res = MammoPreprocess(pectoral="remove", crop=False)(_with_muscle(chest_wall), lesion, report=rep, where="mlo.png")
+    assert res.pectoral is not None and rep.pectoral_found == 1 and rep.pectoral_not_found == 0
+    iou = (res.pectoral & truth).sum() / (res.pectoral | truth).sum()
+    assert iou > 0.8, iou
+    assert (res.image[res.pectoral] == 0).all() and res.image[150, 30] > 0.3  # muscle zeroed, breast kept
+    assert rep.lesions_in_pectoral == 1 and rep.lesions_outside_breast == 0 and len(res.boxes) == 1  # kept, counted
+    assert "pectoral='remove'" in repr(MammoPreprocess(pectoral="remove"))
+
+
+def test_no_muscle_is_counted_not_an_error_and_keep_is_the_default():
+    rep = PreprocessReport()
+    res = MammoPreprocess(pectoral="remove")(mammogram(), report=rep, where="cc.png")
+    assert res.pectoral is None and rep.pectoral_not_found == 1 and rep.events[-1][0] == "cc.png"
+    plain = MammoPreprocess()(_with_muscle())
+    assert plain.pectoral is None and plain.image.max() > 0.9  # keep: the muscle stays
+    with pytest.raises(ValueError, match="pectoral must be 'keep' or 'remove'"):
+        MammoPreprocess(pectoral="mask")
+    with pytest.raises(ValueError, match="needs orient=True"):
+        MammoPreprocess(pectoral="remove", orient=False)

@@ -116,6 +116,14 @@ class TrainConfig:
                                 "localizer pretrained on lesion vs background patches, as Shen et al. 2019); tensors "
                                 "of matching name and shape are loaded, the rest keep their initialisation; empty: "
                                 "from scratch", path=True)
+    hard_negative_images: float = option(0.0, doc="hard negative mining on box-free training images (e.g. normal "
+                                         "breasts): each epoch also draws this fraction of the training set from the "
+                                         "box-free images, the ones the current model scores highest (its highest "
+                                         "detection score) first; detection task only; 0: off", ge=0, le=4)
+    hard_negative_every: int = option(5, doc="epochs between re-scoring the box-free images for "
+                                      "hard_negative_images", ge=1)
+    hard_negative_start: int = option(10, doc="epochs trained before the first mining (until then the extra draws "
+                                      "of hard_negative_images are box-free images taken uniformly)", ge=0)
 
     def validate(self, prefix: str = "train") -> None:
         """Ranges and choices of every key (see :mod:`medetect.schema`)."""
@@ -162,20 +170,35 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """Random order that depends only on (seed, epoch): resuming at an epoch replays the same order."""
+    """Random order that depends only on (seed, epoch, ``hard``): resuming at an epoch replays the same order.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    With ``extra`` > 0 each epoch also draws ``extra`` indices from ``pool`` (hard negative mining): the first
+    ``extra`` of ``hard`` (hardest first, repeated when it is shorter) once it is set, else a seeded uniform draw."""
+
+    def __init__(self, n: int, seed: int, extra: int = 0, pool: list[int] | None = None):
+        self.n, self.seed, self.epoch, self.extra = n, seed, 0, int(extra)
+        self.pool = list(pool or [])
+        self.hard: list[int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def extras(self, g: torch.Generator) -> list[int]:
+        if not self.extra or not self.pool:
+            return []
+        if self.hard:
+            reps = -(-self.extra // len(self.hard))
+            return (self.hard * reps)[: self.extra]
+        pick = torch.randint(len(self.pool), (self.extra,), generator=g).tolist()
+        return [self.pool[i] for i in pick]
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = list(range(self.n)) + self.extras(g)
+        return iter([order[i] for i in torch.randperm(len(order), generator=g).tolist()])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n + (self.extra if self.pool else 0)
 
 
 class Trainer:
@@ -195,10 +218,14 @@ class Trainer:
         device: str | torch.device | None = None,
         progress: bool = True,
         best_metric: str | None = "val_map50",
+        negatives: list[int] | None = None,
+        score_negatives: Callable[[torch.nn.Module, list[int]], list[float]] | None = None,
     ):
         """``progress``: report progress (a tqdm bar when stderr is a terminal, else a plain line every
         ``log_every`` steps, and one line per epoch). ``best_metric``: the validation key (higher is better) that
-        picks the best epoch, whose weights are kept in ``best.safetensors`` with ``best.json``; None: no best."""
+        picks the best epoch, whose weights are kept in ``best.safetensors`` with ``best.json``; None: no best.
+        ``negatives`` (indices of ``train_data`` without boxes) and ``score_negatives(model, indices)`` (their
+        hardness, e.g. the highest detection score) drive ``config.hard_negative_images``."""
         config.validate()
         if len(train_data) == 0:
             raise ValueError("the training dataset is empty: check the data spec / split")
@@ -230,10 +257,17 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self.best_metric = best_metric
         self.best: dict | None = None
+        extra = int(round(config.hard_negative_images * len(train_data)))
+        if extra and (not negatives or score_negatives is None):
+            raise ValueError("train.hard_negative_images is set but the training split has no image without boxes "
+                             "to mine (or this task does not support it)")
+        if extra and self.world > 1:
+            raise ValueError("train.hard_negative_images needs a single training process (not torchrun)")
+        self.negatives, self.score_negatives = list(negatives or []), score_negatives
         if self.world > 1:
             self.sampler = DistributedSampler(train_data, num_replicas=self.world, rank=self.rank, shuffle=True, seed=config.seed)
         else:
-            self.sampler = _EpochSampler(len(train_data), config.seed)
+            self.sampler = _EpochSampler(len(train_data), config.seed, extra, self.negatives if extra else None)
         self.loader = DataLoader(
             train_data, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.num_workers,
             collate_fn=collate, drop_last=len(train_data) >= config.batch_size * self.world * 2,
@@ -263,6 +297,9 @@ class Trainer:
             state = load_checkpoint(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched)
             self.epoch, self.step = state["epoch"], state["step"]
             self.history = state.get("metrics", {}).get("history", [])
+            hard = state.get("metrics", {}).get("hard_negatives")
+            if isinstance(self.sampler, _EpochSampler):
+                self.sampler.hard = [int(i) for i in hard] if hard else None
         if self.rank == 0:
             truncate_metrics(self.run_dir / "metrics.csv", self.step)
             truncate_metrics(self.run_dir / "steps.csv", self.step)
@@ -275,8 +312,28 @@ class Trainer:
             return
         save_checkpoint(
             self.run_dir, epoch=self.epoch, step=self.step, model=self.model, optimizer=self.opt, scheduler=self.sched,
-            metrics={"history": self.history}, config=self.run_config, keep=self.cfg.keep_checkpoints,
+            metrics={"history": self.history, "hard_negatives": getattr(self.sampler, "hard", None)},
+            config=self.run_config, keep=self.cfg.keep_checkpoints,
         )
+
+    def _mine(self) -> dict:
+        """Hard negative mining at the start of an epoch (``train.hard_negative_*``): score the box-free training
+        images with the current model and draw the highest-scoring ones first from this epoch on. The model's state
+        at an epoch's start is its checkpoint, so a resumed run mines the same images."""
+        cfg, s = self.cfg, self.sampler
+        if not (isinstance(s, _EpochSampler) and s.extra and s.pool) or self.epoch < cfg.hard_negative_start:
+            return {}
+        if (self.epoch - cfg.hard_negative_start) % cfg.hard_negative_every:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            scores = np.asarray(self.score_negatives(self.model, self.negatives), dtype=np.float64)
+        self.model.train(was_training)
+        order = np.argsort(-scores, kind="stable")
+        s.hard = [self.negatives[i] for i in order]
+        top = scores[order[: min(s.extra, len(order))]]
+        return {"hard_negative_mean_score": float(top.mean()), "negative_mean_score": float(scores.mean())}
 
     def _update_best(self, row: dict) -> None:
         """Keep the weights of the best validation epoch so far (``best.safetensors``, written then renamed) and
@@ -358,6 +415,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         net = self.ddp or self.model
         while self.epoch < self.cfg.epochs:
+            mined = self._mine()
             self.model.train()
             self.sampler.set_epoch(self.epoch)
             if hasattr(self.train_data, "set_epoch"):  # e.g. PatchDataset: new patches every epoch
@@ -416,7 +474,7 @@ class Trainer:
                 bar.close()
             self.epoch += 1
             n = max(1, min(self.steps_per_epoch, i + 1))
-            row = {"epoch": self.epoch, "step": self.step, "train_loss": sum(sums.values()) / n, "images_per_s": seen / max(1e-9, time.perf_counter() - t0)}
+            row = {"epoch": self.epoch, "step": self.step, "train_loss": sum(sums.values()) / n, "images_per_s": seen / max(1e-9, time.perf_counter() - t0), **mined}
             if self.evaluate is not None and self.val_data is not None and self.cfg.val_every and self.epoch % self.cfg.val_every == 0 and self.rank == 0:
                 row.update(self.evaluate(self.model, self.val_data))
             self.history.append(row)

@@ -20,11 +20,19 @@ Steps of :class:`MammoPreprocess` (each optional except the intensity scaling), 
    laterality the image decides: the side (left / right half) holding more breast mask is the chest wall. Both cases
    are counted in :class:`PreprocessReport` (``no_laterality``; ``laterality_disagrees`` when the tag and the image
    rule disagree: the tag is followed and a warning names the file).
-4. **Burnt-in labels and markers removed**: everything outside the breast mask is set to 0.
-5. **Crop** to the mask's bounding box plus ``margin`` pixels; boxes and circle centres shift with it. A lesion whose
+4. **Pectoral muscle** (optional, ``pectoral="remove"``; :func:`pectoral_muscle`): on an MLO view the pectoral muscle
+   is a bright triangle in the top chest-wall corner that looks like dense tissue to a detector. On the oriented
+   image (chest wall left) the edges (Canny, scikit-image) in the top-left part of the breast vote in a straight-line
+   Hough transform restricted to lines that run from the top edge down to the chest wall; of the strongest lines, the
+   one whose corner triangle is brightest against a band of breast just beyond it (and covers 1-40 % of the breast)
+   is the muscle boundary. The triangle leaves the breast mask (so it is zeroed with the labels). Not found (a CC
+   view, a faint muscle) is counted in ``pectoral_not_found``, never an error; a lesion centre inside the removed
+   triangle is kept and counted in ``lesions_in_pectoral``.
+5. **Burnt-in labels and markers removed**: everything outside the breast mask is set to 0.
+6. **Crop** to the mask's bounding box plus ``margin`` pixels; boxes and circle centres shift with it. A lesion whose
    centre falls outside the crop (outside the breast found) is KEPT (its box clipped to the crop) and counted in
    ``report.lesions_outside_breast`` with a warning naming the file.
-6. **CLAHE** (optional, ``clahe=True``): ``skimage.exposure.equalize_adapthist`` (``clahe_clip``), the outside of the
+7. **CLAHE** (optional, ``clahe=True``): ``skimage.exposure.equalize_adapthist`` (``clahe_clip``), the outside of the
    breast kept at 0.
 
 :meth:`MammoResult.to_input` maps boxes on the preprocessed grid back to the input grid (exact inverse of crop and
@@ -47,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["NoBreastError", "PreprocessReport", "MammoResult", "MammoPreprocess", "to_unit", "breast_mask",
-           "chest_wall_side", "preprocess_folder"]
+           "chest_wall_side", "pectoral_muscle", "preprocess_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,9 @@ class PreprocessReport:
     no_laterality: int = 0
     laterality_disagrees: int = 0
     lesions_outside_breast: int = 0
+    pectoral_found: int = 0
+    pectoral_not_found: int = 0
+    lesions_in_pectoral: int = 0
     events: list[tuple[str, str]] = field(default_factory=list)
 
     def _event(self, counter: str, where: str, reason: str) -> None:
@@ -75,7 +86,8 @@ class PreprocessReport:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("images", "flipped", "laterality_from_tag", "no_laterality",
-                                               "laterality_disagrees", "lesions_outside_breast")}
+                                               "laterality_disagrees", "lesions_outside_breast",
+                                               "pectoral_found", "pectoral_not_found", "lesions_in_pectoral")}
 
 
 @dataclass
@@ -84,7 +96,8 @@ class MammoResult:
     ``boxes`` ``[N, 4]`` ``(y0, x0, y1, x1)`` and ``centres`` ``[N, 2]`` ``(y, x)`` on that grid, and the mapping:
     ``flipped`` (left-right, applied first), ``offset`` ``(y0, x0)`` of the crop in the (flipped) input,
     ``input_shape``; ``chest_wall`` (``"left"``/``"right"``: where it was in the input) and ``source``
-    (``"tag"``/``"image"``: what decided it)."""
+    (``"tag"``/``"image"``: what decided it); ``pectoral``: the removed pectoral muscle (bool, same grid as
+    ``image``) with ``pectoral="remove"`` when one was found, else None."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -95,6 +108,7 @@ class MammoResult:
     input_shape: tuple[int, int]
     chest_wall: str
     source: str
+    pectoral: np.ndarray | None = None
 
     def to_input(self, boxes) -> np.ndarray:
         """Boxes ``[N, 4]`` on the preprocessed grid -> the input grid (undo the crop, then the flip)."""
@@ -186,6 +200,66 @@ def chest_wall_side(mask: np.ndarray) -> str:
     return "left" if left >= right else "right"
 
 
+def pectoral_muscle(img: np.ndarray, mask: np.ndarray, *, max_fraction: float = 0.4, min_fraction: float = 0.01,
+                    min_contrast: float = 0.03, peaks: int = 8) -> np.ndarray | None:
+    """The pectoral muscle of an oriented MLO mammogram (chest wall on the LEFT; module docstring, step 4): a bool
+    mask on ``img``'s grid, or None when no line qualifies. Works on a copy reduced to <= 256 pixels per side."""
+    from scipy import ndimage
+    from skimage.feature import canny
+    from skimage.transform import hough_line, hough_line_peaks
+
+    h, w = img.shape
+    f = max(1, int(math.ceil(max(h, w) / 256)))
+    hs, ws = h // f, w // f
+    small = img[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
+    m = mask[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3)) > 0.5
+    if m.sum() < 64:
+        return None
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    y0, x0 = int(rows[0]), int(cols[0])
+    bh, bw = int(rows[-1]) + 1 - y0, int(cols[-1]) + 1 - x0
+    inner = ndimage.binary_erosion(m, iterations=3)  # not the skin line
+    edges = canny(small, sigma=2.0, mask=inner)
+    roi = np.zeros_like(edges)
+    roi[y0: y0 + int(0.7 * bh), x0: x0 + int(0.7 * bw)] = True
+    edges &= roi
+    if edges.sum() < 10:
+        return None
+    # lines x cos t + y sin t = r (origin at the breast's top-left corner) with the normal pointing into the breast
+    thetas = np.deg2rad(np.linspace(8.0, 75.0, 68))
+    acc, ang, dist = hough_line(np.pad(edges[y0:, x0:], ((0, 0), (0, 0))), theta=thetas)
+    _, angles, dists = hough_line_peaks(acc, ang, dist, num_peaks=peaks, threshold=0.2 * acc.max())
+    yy, xx = np.mgrid[0: hs - y0, 0: ws - x0]
+    sub_m, sub_img = m[y0:, x0:], small[y0:, x0:]
+    area = float(sub_m.sum())
+    best, best_contrast = None, min_contrast
+    band = max(3.0, 0.04 * max(bh, bw))
+    for t, r in zip(angles, dists):
+        if r <= 0:
+            continue
+        a, b = r / math.cos(t), r / math.sin(t)  # where the line meets the top row and the chest-wall column
+        if not (a < 0.9 * bw and b < 0.95 * bh):
+            continue
+        side = xx * math.cos(t) + yy * math.sin(t) - r
+        tri = (side < 0) & sub_m
+        frac = tri.sum() / area
+        if not (min_fraction <= frac <= max_fraction):
+            continue
+        beyond = (side >= 0) & (side < band) & sub_m
+        if beyond.sum() < 10:
+            continue
+        contrast = float(sub_img[tri].mean() - sub_img[beyond].mean())
+        if contrast > best_contrast:
+            best, best_contrast = tri, contrast
+    if best is None:
+        return None
+    out = np.zeros((hs, ws), bool)
+    out[y0:, x0:] = best
+    full = np.zeros((h, w), bool)
+    full[: hs * f, : ws * f] = np.repeat(np.repeat(out, f, axis=0), f, axis=1)
+    return full & mask
+
+
 def _laterality_side(lat) -> str | None:
     s = str(lat or "").strip().upper()
     if s in ("R", "RIGHT"):
@@ -205,7 +279,12 @@ class MammoPreprocess:
     lesion's centre; default: the box centres)."""
 
     def __init__(self, *, orient: bool = True, remove_labels: bool = True, crop: bool = True, margin: int = 8,
-                 clahe: bool = False, clahe_clip: float = 0.01, min_breast_fraction: float = 0.02) -> None:
+                 clahe: bool = False, clahe_clip: float = 0.01, min_breast_fraction: float = 0.02,
+                 pectoral: str = "keep") -> None:
+        if pectoral not in ("keep", "remove"):
+            raise ValueError(f"pectoral must be 'keep' or 'remove', got {pectoral!r}")
+        if pectoral == "remove" and not orient:
+            raise ValueError("pectoral='remove' needs orient=True (the muscle is looked for at the chest wall, left)")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if not 0 < clahe_clip <= 1:
@@ -214,10 +293,11 @@ class MammoPreprocess:
             raise ValueError(f"min_breast_fraction must be in [0, 1), got {min_breast_fraction}")
         self.orient, self.remove_labels, self.crop, self.margin = orient, remove_labels, crop, int(margin)
         self.clahe, self.clahe_clip, self.min_breast_fraction = clahe, float(clahe_clip), float(min_breast_fraction)
+        self.pectoral = pectoral
 
     def __repr__(self) -> str:
         return (f"MammoPreprocess(orient={self.orient}, remove_labels={self.remove_labels}, crop={self.crop}, "
-                f"margin={self.margin}, clahe={self.clahe}, clahe_clip={self.clahe_clip})")
+                f"margin={self.margin}, clahe={self.clahe}, clahe_clip={self.clahe_clip}, pectoral={self.pectoral!r})")
 
     def __call__(self, image, boxes=None, centres=None, *, laterality=None, where: str | None = None,
                  report: PreprocessReport | None = None) -> MammoResult:
@@ -250,6 +330,21 @@ class MammoPreprocess:
             img, mask = img[:, ::-1].copy(), mask[:, ::-1].copy()
             b = np.stack([b[:, 0], w - b[:, 3], b[:, 2], w - b[:, 1]], axis=1)
             c = np.stack([c[:, 0], w - c[:, 1]], axis=1)
+        pec = None
+        if self.pectoral == "remove":
+            pec = pectoral_muscle(img, mask)
+            if pec is None:
+                report._event("pectoral_not_found", where, "no pectoral muscle found (a CC view or a faint muscle): "
+                              "nothing removed")
+            else:
+                report.pectoral_found += 1
+                mask = mask & ~pec
+                if len(c):
+                    yi = np.clip(np.floor(c[:, 0]).astype(int), 0, h - 1)
+                    xi = np.clip(np.floor(c[:, 1]).astype(int), 0, w - 1)
+                    for j in np.nonzero(pec[yi, xi])[0]:
+                        report._event("lesions_in_pectoral", where, f"lesion {j} (centre y {c[j, 0]:.0f}, x "
+                                      f"{c[j, 1]:.0f}) lies in the pectoral muscle found: kept")
         if self.remove_labels:
             img = np.where(mask, img, 0.0).astype(np.float32)
         y0 = x0 = 0
@@ -258,13 +353,15 @@ class MammoPreprocess:
             y0, y1 = max(0, int(ys[0]) - self.margin), min(h, int(ys[-1]) + 1 + self.margin)
             x0, x1 = max(0, int(xs[0]) - self.margin), min(w, int(xs[-1]) + 1 + self.margin)
             img, mask = img[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+            pec = None if pec is None else pec[y0:y1, x0:x1]
             off = np.array([y0, x0] * 2, np.float64)
             b, c = b - off, c - off[:2]
         hh, ww = img.shape
         if len(c):
             yi = np.clip(np.floor(c[:, 0]).astype(int), 0, hh - 1)
             xi = np.clip(np.floor(c[:, 1]).astype(int), 0, ww - 1)
-            inside = (c[:, 0] >= 0) & (c[:, 0] < hh) & (c[:, 1] >= 0) & (c[:, 1] < ww) & mask[yi, xi]
+            breast = mask if pec is None else mask | pec  # a lesion in the removed muscle is counted there
+            inside = (c[:, 0] >= 0) & (c[:, 0] < hh) & (c[:, 1] >= 0) & (c[:, 1] < ww) & breast[yi, xi]
             for j in np.nonzero(~inside)[0]:
                 report._event("lesions_outside_breast", where, f"lesion {j} (centre y {c[j, 0]:.0f}, x {c[j, 1]:.0f} "
                               "after preprocessing) lies outside the breast found: kept, box clipped to the crop")
@@ -277,7 +374,8 @@ class MammoPreprocess:
                 eq = equalize_adapthist(img, clip_limit=self.clahe_clip).astype(np.float32)
             img = np.where(mask, eq, 0.0).astype(np.float32) if self.remove_labels else eq
         return MammoResult(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(mask), b, c, flipped,
-                           (y0, x0), (h, w), from_image if source == "image" else side, source)
+                           (y0, x0), (h, w), from_image if source == "image" else side, source,
+                           None if pec is None else np.ascontiguousarray(pec))
 
 
 # ============================================================================================ a folder
