@@ -28,6 +28,7 @@ __all__ = [
     "nms",
     "batched_nms",
     "nms_mask",
+    "fuse_views",
     "BoxCoder",
 ]
 
@@ -403,6 +404,36 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
         raise TypeError(f"labels must be a torch.Tensor of shape [N], got {type(labels).__name__}")
     order, keep_sorted = _nms_ranked(boxes, scores, iou_threshold, labels)
     return order[keep_sorted]
+
+
+def fuse_views(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, views: torch.Tensor, num_views: int,
+               iou_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fuse the detections of ``num_views`` views of one image (test-time augmentation, already mapped back to the
+    image), any d. Clusters are those of per-label NMS: each box joins the kept box of its label it overlaps most
+    (IoU > ``iou_threshold``; a kept box is its own cluster). A cluster's score is the mean over ALL views of the
+    view's best score in it (a view without a box there adds 0, so a mark seen in one view of four keeps a quarter
+    of its score); its box is the score-weighted mean of its members. Returns ``(boxes, scores, labels)`` in
+    decreasing fused score. Vectorised: no loop over boxes."""
+    check_boxes(boxes)
+    n = boxes.shape[0]
+    if n == 0:
+        return boxes, scores, labels
+    keep = batched_nms(boxes, scores, labels, iou_threshold)
+    iou = box_iou(boxes, boxes[keep])  # [N, K]
+    iou = torch.where(labels[:, None] == labels[keep][None, :], iou, torch.full_like(iou, -1.0))
+    iou[keep, torch.arange(len(keep), device=boxes.device)] = 2.0  # a kept box is its own cluster
+    best, cluster = iou.max(dim=1)
+    member = best > iou_threshold
+    cluster, v, sc, bx = cluster[member], views[member].long(), scores[member].float(), boxes[member].float()
+    k = len(keep)
+    per_view = torch.zeros(k * num_views, dtype=torch.float32, device=boxes.device)
+    per_view = per_view.scatter_reduce(0, cluster * num_views + v, sc, reduce="amax", include_self=True)
+    fused = per_view.view(k, num_views).sum(1) / num_views
+    w = torch.zeros(k, dtype=torch.float32, device=boxes.device).index_add_(0, cluster, sc)
+    wb = torch.zeros(k, bx.shape[1], dtype=torch.float32, device=boxes.device).index_add_(0, cluster, bx * sc[:, None])
+    fused_boxes = torch.where(w[:, None] > 0, wb / w.clamp_min(1e-12)[:, None], boxes[keep].float())
+    order = torch.argsort(fused, descending=True, stable=True)
+    return fused_boxes[order].to(boxes.dtype), fused[order].to(scores.dtype), labels[keep][order]
 
 
 # ----------------------------------------------------------------------------------------------- box coding

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from ..boxes import _intersection, batched_nms, box_area, clip_boxes
+from ..boxes import _intersection, batched_nms, box_area, clip_boxes, fuse_views
 
 
 def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,7 @@ class Predictor:
         score_thresh: float | None = None,
         min_size: int = 64,
         drop_padded: bool = True,
+        tta: str | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -87,6 +88,9 @@ class Predictor:
         self.border_penalty, self.size_divisor = border_penalty, size_divisor
         self.cut_containment = cut_containment
         self.autocast = self.device.type == "cuda" if autocast is None else autocast
+        self.tta = getattr(getattr(model, "config", None), "tta", "none") if tta is None else tta
+        if self.tta not in ("none", "flips"):
+            raise ValueError(f"tta must be 'none' or 'flips', got {self.tta!r}")
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad the spatial dims of ``[B, C, *S]`` at the high end up to a multiple of ``size_divisor``."""
@@ -99,6 +103,37 @@ class Predictor:
 
     @torch.no_grad()
     def _forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Detections per image of ``batch``; with ``tta="flips"`` each view (the batch flipped along a subset of
+        its axes, 2^d views) runs in turn, its boxes are flipped back and the views fused per image
+        (:func:`~medetect.boxes.fuse_views` at the model's NMS threshold), at most the cap per image."""
+        if self.tta == "none":
+            return self._forward_once(batch)
+        d = batch.ndim - 2
+        combos = [axes for r in range(d + 1) for axes in itertools.combinations(range(d), r)]
+        size = torch.tensor(batch.shape[2:], dtype=torch.float32, device=self.device)
+        per_image: list[list[dict]] = [[] for _ in range(batch.shape[0])]
+        for v, axes in enumerate(combos):  # loop over the 2^d views
+            dets = self._forward_once(batch.flip([2 + a for a in axes]) if axes else batch)
+            for i, det in enumerate(dets):  # loop over the images of a batch
+                b = det["boxes"].float()
+                if axes:
+                    ax = torch.zeros(d, dtype=torch.bool, device=b.device)
+                    ax[list(axes)] = True
+                    lo, hi = b[:, :d], b[:, d:]
+                    b = torch.cat([torch.where(ax, size - hi, lo), torch.where(ax, size - lo, hi)], dim=1)
+                per_image[i].append({**det, "boxes": b, "view": torch.full_like(det["labels"], v)})
+        cfg = getattr(self.model, "config", None)
+        iou = float(getattr(cfg, "nms_thresh", self.nms_thresh))
+        cap = self._cap()
+        out = []
+        for views in per_image:  # loop over the images of a batch, not over boxes
+            cat = {k: torch.cat([x[k] for x in views]) for k in ("boxes", "scores", "labels", "view")}
+            boxes, scores, labels = fuse_views(cat["boxes"], cat["scores"], cat["labels"], cat["view"], len(combos), iou)
+            out.append({"boxes": boxes[:cap], "scores": scores[:cap], "labels": labels[:cap]})
+        return out
+
+    @torch.no_grad()
+    def _forward_once(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             dets = self.model(self._pad(batch.to(self.device)))["detections"]
         if not self.drop_padded:

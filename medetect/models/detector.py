@@ -90,6 +90,10 @@ class DetectorConfig:
     score_thresh: float = option(0.05, doc="detections below this score are dropped", ge=0, le=1)
     nms_thresh: float = option(0.5, doc="IoU above which a detection of the same class is suppressed", ge=0, le=1)
     detections_per_img: int = option(100, doc="detections kept per image after NMS", ge=1)
+    tta: str = option("none", doc="test-time augmentation at prediction (medetect predict / evaluate, validation): "
+                      "flips = the image and its 2^d - 1 flips, detections mapped back and fused (a cluster's score "
+                      "is the mean over views of its best score, its box the score-weighted mean)",
+                      choices=("none", "flips"))
 
     def require_ct(self, prefix: str = "model") -> None:
         """A CT pipeline's check: a 3D, single-channel detector (``ValueError`` naming the keys otherwise)."""
