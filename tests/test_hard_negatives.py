@@ -15,13 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from medetect.config import config_from_dict
 from medetect.data.annotations import ImageAnnotation, write_voc
 from medetect.engine.trainer import _EpochSampler
 from medetect.experiment import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ddp_worker import tiny_detector_config  # noqa: E402
+from test_runs import _experiment as _runs_experiment  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -69,16 +68,11 @@ def _voc(root: Path, negatives: int = 4) -> None:
 
 
 def _experiment(root: Path, **train):
-    model = {k: v for k, v in tiny_detector_config(num_classes=1).__dict__.items() if k != "class_names"}
-    model["score_thresh"] = 0.0
-    return config_from_dict({
-        "model": model,
-        "train": {"epochs": 3, "batch_size": 2, "lr": 1e-3, "optimizer": "adamw", "warmup_iters": 1, "num_workers": 0,
-                  "log_every": 1, "val_every": 0, "keep_checkpoints": 3, "hard_negative_images": 0.5,
-                  "hard_negative_start": 1, "hard_negative_every": 2, **train},
-        "data": {"root": str(root), "classes": ["cell"], "mean": [0.2], "std": [0.3], "hflip": False, "vflip": False,
-                 "intensity": False},
-    })
+    """test_runs' tiny VOC experiment, with mining from epoch 2 (every 2 epochs) and every detection kept."""
+    cfg = _runs_experiment(root, epochs=3, val_every=0, keep_checkpoints=3, hard_negative_images=0.5,
+                           hard_negative_start=1, hard_negative_every=2, **train)
+    cfg.model.score_thresh = 0.0
+    return cfg
 
 
 def test_mining_runs_in_training_and_a_killed_run_resumes_exactly(tmp_path):
