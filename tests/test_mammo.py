@@ -179,7 +179,24 @@ def test_shipped_mammography_detector_loads():
     from medetect.apps import load_model
 
     m = load_model(Path(__file__).resolve().parents[1] / "medetect" / "weights" / "mammo_mias_faster_rcnn.safetensors")
-    assert m.kind == "detector" and list(m.classes) == ["benign", "malignant"] and m.preprocess.scale == 0.25
+    assert m.kind == "detector" and list(m.classes) == ["benign", "malignant"] and m.preprocess.scale == 0.5
+
+
+def test_shipped_mammography_detector_val_figures(shared_data):
+    """The model card's val figures, recomputed (README, issue 8): 15 of 19 lesions at 1 FP/image."""
+    from pathlib import Path
+
+    from medetect.apps import load_model
+    from medetect.mammo.evaluate import evaluate_mammo
+
+    torch.set_num_threads(2)
+    m = load_model(Path(__file__).resolve().parents[1] / "medetect" / "weights" / "mammo_mias_faster_rcnn.safetensors")
+    res = evaluate_mammo(m, shared_data / "mini-mias", "val", n_boot=0, threshold_split=None, device="cpu")
+    assert res["lesions"] == 19 and res["images"] == 44
+    assert res["lesion_sensitivity"]["1"] == pytest.approx(15 / 19, abs=1e-4)
+    assert res["lesion_froc_mean"] == pytest.approx(0.728, abs=0.01)
+    assert res["image_auc_abnormal"] == pytest.approx(0.895, abs=0.01)
+    assert res["image_auc_malignant"] == pytest.approx(0.784, abs=0.01)
 
 
 def test_by_lesion_type_at_one_false_mark_per_image():
