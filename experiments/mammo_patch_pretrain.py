@@ -3,11 +3,11 @@ lesion (benign / malignant) vs background on crops, then the whole-image Faster 
 
 Stage 1 trains the lineage's classification + localisation network (``medetect.lineage.localizer``; GroupNorm and the
 detector's width, so its trunk IS the detector's backbone) on one-lesion crops of the mini-MIAS train split at the
-detector's scale (0.25) and background crops of the same images; stage 2 is the ordinary detector training with
+first-release detector's scale (0.25, configs/mias_faster_rcnn_256.yaml) and background crops of the same images; stage 2 is the ordinary detector training with
 ``train.init_backbone`` pointing at stage 1's file::
 
     python experiments/mammo_patch_pretrain.py --data ../shared/data/mini-mias --out RUN_PATCHES
-    medetect train configs/mias_faster_rcnn.yaml --run-dir RUN --set train.init_backbone=RUN_PATCHES/localizer.safetensors --threads 1
+    medetect train configs/mias_faster_rcnn_256.yaml --run-dir RUN --set train.init_backbone=RUN_PATCHES/localizer.safetensors --threads 1
     medetect evaluate --weights RUN --data ../shared/data/mini-mias:val --json
 
 mini-MIAS is research only: the crops live in memory, nothing is written but the model file and its run folder.
