@@ -3,6 +3,7 @@ views mapped back, in 2D and 3D."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -71,3 +72,41 @@ def test_flipped_views_map_back_onto_the_image(ndim):
     assert plain["scores"].tolist() == pytest.approx([0.9, 0.8])
     with pytest.raises(ValueError, match="tta must be 'none' or 'flips'"):
         Predictor(_Brightest(ndim, corner=True), device="cpu", tta="rot90")
+
+
+def test_predict_and_evaluate_take_tta_from_the_command_line(tmp_path, capsys):
+    """``--tta flips`` on a model file trained without it: predict and evaluate run the flipped views (the fused
+    scores differ from the plain ones) and a bad value is refused in one sentence."""
+    import numpy as np
+    from PIL import Image
+
+    from medetect.cli import main
+    from medetect.data.annotations import ImageAnnotation, write_voc
+    from medetect.models.detector import DetectorConfig, build_detector
+    from medetect.models.io import Preprocess, save_model
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(ndim=2, in_channels=1, num_classes=1, class_names=["x"], base_width=8, fpn_channels=16,
+                         levels=[2, 3], anchor_sizes=[[8], [16]], aspect_ratios=[1.0], score_thresh=0.0)
+    w = tmp_path / "m.safetensors"
+    save_model(build_detector(cfg).eval(), w, kind="detector", classes=["x"],
+               preprocess=Preprocess(ndim=2, channels=1, bit_depth=8, value_range=[0, 255]))
+    voc = tmp_path / "voc"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    img = (np.random.default_rng(0).random((64, 48)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(voc / "JPEGImages" / "a.png")
+    write_voc(ImageAnnotation("JPEGImages/a.png", np.array([[10.0, 10, 30, 30]]), ["x"], image_shape=(64, 48)),
+              voc / "Annotations" / "a.xml")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("a\n")
+    scores = {}
+    for tta in ("none", "flips"):
+        assert main(["predict", "--weights", str(w), str(voc / "JPEGImages" / "a.png"), "--out", str(tmp_path / tta),
+                     "--score-thresh", "0", "--tta", tta]) == 0
+        scores[tta] = json.loads((tmp_path / tta / "predictions.json").read_text())
+        assert main(["evaluate", "--weights", str(w), "--data", f"{voc}:val", "--json", "--tta", tta]) == 0
+    assert scores["none"] != scores["flips"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--weights", str(w), "--data", f"{voc}:val", "--tta", "rot90"])
+    assert e.value.code == 2 and "--tta: invalid choice: 'rot90'" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def _open_spec(spec: str, names: list[str]) -> tuple[DetectionDataset, str]:
 
 def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range_mismatch: bool = False,
                   froc: bool = False, saliency: str | None = None, n_boot: int = 1000,
-                  threshold_split: str | None = "train") -> dict:
+                  threshold_split: str | None = "train", tta: str | None = None) -> dict:
     """Evaluate on ``--data`` (``CONFIG.yaml[:SPLIT]``, ``FORMAT:PATH:SPLIT`` or a VOC ``FOLDER:SPLIT``; see
     :func:`_open_spec`); returns VOC/COCO mAP and per-class AP@0.5, 2D or 3D, and with ``froc`` the box FROC per
     image / scan (:func:`~medetect.evaluation.box_froc.box_froc`: sensitivities at 1/8..8 FP per image, CPM).
@@ -76,7 +76,8 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
     per-organ metrics of :func:`medetect.organs.report.evaluate_organ_folder`. A detector with the classes
     ``benign``, ``malignant`` on a mini-MIAS-layout ``FOLDER:SPLIT`` gives the mammography metrics of
     :func:`medetect.mammo.evaluate.evaluate_mammo` (lesion FROC, image and lesion AUC, bootstrap CIs by patient; per
-    lesion type; the image confusion at thresholds picked on ``threshold_split``)."""
+    lesion type; the image confusion at thresholds picked on ``threshold_split``). ``tta`` (``--tta``): ``none`` or
+    ``flips`` overrides a detector's ``model.tta``."""
     organs = _organ_spec(spec)
     if organs is not None:
         return _evaluate_organs(weights, *organs, device=device)
@@ -90,6 +91,10 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
         return evaluate_attention(loaded, folder, split, method=saliency, n_boot=n_boot)
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
+    if tta is not None:
+        if tta not in ("none", "flips"):
+            raise ValueError(f"--tta must be none or flips, got {tta!r}")
+        loaded.model.config.tta = tta  # every Predictor below (mammography route included) reads it
     folder, _, split = spec.rpartition(":")
     if folder and split:
         from ..mammo.evaluate import evaluate_mammo, is_mammo_folder

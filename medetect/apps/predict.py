@@ -157,13 +157,14 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                   device=None, score_thresh: float = 0.05, max_detections: int | None = None,
                   skip_errors: bool = False, allow_range_mismatch: bool = False, progress: bool = True,
                   series_uid: str | None = None, allow_gaps: bool = False, formats: Sequence[str] = ("csv",),
-                  overlays: bool = False) -> list[Path]:
+                  overlays: bool = False, tta: str | None = None) -> list[Path]:
     """Detect in every image/volume of ``paths`` (files or folders) with the model ``weights`` (a model file or a
     run folder); writes one CSV per input, ``predictions.json`` and, with ``skip_errors``, ``errors.csv`` (module
     docstring); a detector with the classes ``benign``, ``malignant`` (mammography) also writes ``image_scores.csv``
     (``p_abnormal`` / ``p_malignant`` = the highest score of any / of the malignant detections, 0 without).
     ``tile_size`` is in INPUT voxels (``--tile``). ``series_uid`` / ``allow_gaps`` go to the DICOM series
-    reader for folder inputs (``--series-uid``, ``--allow-gaps``). Returns the CSV paths written."""
+    reader for folder inputs (``--series-uid``, ``--allow-gaps``). ``tta`` (``--tta``): ``none`` or ``flips``
+    overrides the detector's ``model.tta``. Returns the CSV paths written."""
     from .results import FORMATS, coco_results, write_dicom_sr, write_overlay, write_slicer_rois
 
     bad = [f for f in formats if f not in FORMATS]
@@ -190,7 +191,7 @@ def predict_paths(weights, paths: Sequence[str | Path], out_dir: str | Path, *, 
                                        or max_detections < 1):
         raise ValueError(f"--max-detections must be a positive integer, got {max_detections}")
     predictor = Predictor(loaded.model, device=device, overlap=overlap, max_detections=max_detections,
-                          score_thresh=score_thresh)
+                          score_thresh=score_thresh, tta=tta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = image_files(paths)

@@ -59,6 +59,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_tta(p) -> None:
+    p.add_argument("--tta", choices=("none", "flips"), default=None,
+                   help="detectors: test-time augmentation, flips = the image and its flips fused (default: the "
+                        "model's model.tta)")
+
+
 def cmd_predict(args) -> int:
     from ..apps.predict import predict_paths
 
@@ -68,7 +74,7 @@ def cmd_predict(args) -> int:
                             device=args.device, score_thresh=args.score_thresh, max_detections=args.max_detections,
                             skip_errors=args.skip_errors, allow_range_mismatch=args.allow_range_mismatch,
                             progress=not args.no_progress, series_uid=args.series_uid, allow_gaps=args.allow_gaps,
-                            formats=args.format, overlays=args.overlays)
+                            formats=args.format, overlays=args.overlays, tta=args.tta)
     print(f"wrote {len(written)} prediction files to {out}")
     return 0
 
@@ -81,7 +87,7 @@ def cmd_evaluate(args) -> int:
         check_out_dir(args.plots, "--plots")
     res = evaluate_spec(args.weights, args.data, device=args.device, plot_dir=args.plots,
                         allow_range_mismatch=args.allow_range_mismatch, froc=args.froc, saliency=args.saliency,
-                        n_boot=args.n_boot,
+                        n_boot=args.n_boot, tta=args.tta,
                         threshold_split=None if args.threshold_split.lower() == "none" else args.threshold_split)
     if args.json:
         print_json(res, indent=1)
@@ -187,6 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "3D Slicer ROIs in LPS mm), dicom-sr (<stem>.sr.dcm, TID 1500; needs highdicom); the CSVs "
                          "and predictions.json are always written")
     pr.add_argument("--overlays", action="store_true", help="also write overlays/<stem>.png with the boxes drawn")
+    add_tta(pr)
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 
@@ -210,6 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="mammography detectors: the split of the same folder whose images pick the image thresholds "
                          "of the confusion table (Youden's J; the detector runs on it too); 'none': no table "
                          "(default: %(default)s)")
+    add_tta(ev)
     add_runtime(ev)
     ev.set_defaults(fn=cmd_evaluate)
 
