@@ -106,3 +106,14 @@ def test_nothing_to_mine_is_refused_before_the_run_folder_exists(tmp_path):
     with pytest.raises(ValueError, match=r"train\.hard_negative_images is 0\.5 but split 'train' has no image without boxes"):
         run_training(_experiment(tmp_path / "voc"), run, device="cpu")
     assert not run.exists()
+
+
+def test_other_tasks_refuse_mining_before_the_run_folder_exists(tmp_path):
+    from medetect.apps.train import train
+    from medetect.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mias_attention.yaml",
+                      overrides=["train.hard_negative_images=0.2"])
+    with pytest.raises(ValueError, match="works with task: detection, this config's task is 'attention'"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

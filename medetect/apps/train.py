@@ -85,5 +85,8 @@ def train(cfg, run_dir: str | Path, *, resume: bool = False, overwrite: bool = F
     task = getattr(cfg, "task", "detection")
     if task not in TRAINERS:
         raise ValueError(f"task must be one of {sorted(TRAINERS)}, got {task!r}")
+    if task != "detection" and getattr(getattr(cfg, "train", None), "hard_negative_images", 0):
+        raise ValueError(f"train.hard_negative_images (mining box-free images) works with task: detection, this "
+                         f"config's task is {task!r}")
     return TRAINERS[task](cfg, Path(run_dir), resume=resume, overwrite=overwrite,
                           allow_config_change=allow_config_change, device=device)
