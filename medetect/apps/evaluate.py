@@ -92,9 +92,7 @@ def evaluate_spec(weights, spec: str, *, device=None, plot_dir=None, allow_range
     if loaded.kind != "detector":
         raise ValueError(f"{weights}: evaluate needs a detector, this model is a {loaded.kind!r}")
     if tta is not None:
-        if tta not in ("none", "flips"):
-            raise ValueError(f"--tta must be none or flips, got {tta!r}")
-        loaded.model.config.tta = tta  # every Predictor below (mammography route included) reads it
+        loaded.model.config.tta = tta  # every Predictor below (mammography route included) reads and checks it
     folder, _, split = spec.rpartition(":")
     if folder and split:
         from ..mammo.evaluate import evaluate_mammo, is_mammo_folder

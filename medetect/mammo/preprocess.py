@@ -152,6 +152,19 @@ def to_unit(image, meta: dict | None = None) -> np.ndarray:
     return a
 
 
+def _reduction(shape) -> int:
+    """The integer factor that brings a mammogram to <= 256 pixels per side."""
+    return max(1, int(math.ceil(max(shape) / 256)))
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """``a`` reduced by ``f`` on both axes (mean of f x f blocks; the rows / columns past a multiple of f dropped)."""
+    if f == 1:
+        return a
+    hs, ws = a.shape[0] // f, a.shape[1] // f
+    return a[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
+
+
 def breast_mask(img: np.ndarray, *, min_breast_fraction: float = 0.02, where: str = "<image>") -> np.ndarray:
     """The breast: Otsu + opening + largest connected component + filled holes (module docstring, step 2)."""
     from scipy import ndimage
@@ -160,10 +173,8 @@ def breast_mask(img: np.ndarray, *, min_breast_fraction: float = 0.02, where: st
     from skimage.transform import resize
 
     h, w = img.shape
-    f = max(1, int(math.ceil(max(h, w) / 256)))
-    small = img[: h - h % f or h, : w - w % f or w]
-    if f > 1:
-        small = small.reshape(small.shape[0] // f, f, small.shape[1] // f, f).mean(axis=(1, 3))
+    f = _reduction(img.shape)
+    small = _block_mean(img, f)
     if float(small.max()) - float(small.min()) < 1e-6:
         raise NoBreastError(f"{where}: no breast found: the image is constant ({float(img.max()):g} everywhere; "
                             "all black?)")
@@ -209,10 +220,10 @@ def pectoral_muscle(img: np.ndarray, mask: np.ndarray, *, max_fraction: float = 
     from skimage.transform import hough_line, hough_line_peaks
 
     h, w = img.shape
-    f = max(1, int(math.ceil(max(h, w) / 256)))
-    hs, ws = h // f, w // f
-    small = img[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
-    m = mask[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3)) > 0.5
+    f = _reduction(img.shape)
+    small = _block_mean(img, f)
+    m = _block_mean(mask.astype(np.float32), f) > 0.5
+    hs, ws = small.shape
     if m.sum() < 64:
         return None
     rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
@@ -227,7 +238,7 @@ def pectoral_muscle(img: np.ndarray, mask: np.ndarray, *, max_fraction: float = 
         return None
     # lines x cos t + y sin t = r (origin at the breast's top-left corner) with the normal pointing into the breast
     thetas = np.deg2rad(np.linspace(8.0, 75.0, 68))
-    acc, ang, dist = hough_line(np.pad(edges[y0:, x0:], ((0, 0), (0, 0))), theta=thetas)
+    acc, ang, dist = hough_line(edges[y0:, x0:], theta=thetas)
     _, angles, dists = hough_line_peaks(acc, ang, dist, num_peaks=peaks, threshold=0.2 * acc.max())
     yy, xx = np.mgrid[0: hs - y0, 0: ws - x0]
     sub_m, sub_img = m[y0:, x0:], small[y0:, x0:]
