@@ -145,7 +145,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_a
     class Crash(RuntimeError):
         pass
 
-    real_save_file, real_write = ckpt_mod.save_file, ckpt_mod.atomic_write_text
+    real_save_file, real_write = ckpt_mod.save_file, ckpt_mod.write_text_atomically
     calls = []
 
     def flaky_save_file(tensors, filename, *a, **kw):
@@ -161,7 +161,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_a
         return real_write(path, text)
 
     monkeypatch.setattr(ckpt_mod, "save_file", flaky_save_file)
-    monkeypatch.setattr(ckpt_mod, "atomic_write_text", flaky_write)
+    monkeypatch.setattr(ckpt_mod, "write_text_atomically", flaky_write)
     with pytest.raises(Crash):
         save_checkpoint(tmp_path, epoch=2, step=2, model=model, optimizer=opt, scheduler=sched)
     monkeypatch.undo()

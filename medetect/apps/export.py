@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.io import save_model, write_atomically
+from ..files import write_atomically
+from ..models.io import save_model
 from .models import load_model
 
 __all__ = ["export_from_run", "export_onnx"]

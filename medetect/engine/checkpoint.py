@@ -26,23 +26,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import write_atomically, write_text_atomically
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "load_weights", "save_weights",
-           "atomic_write_text", "CheckpointWarning"]
+           "CheckpointWarning"]
 
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint (or pointer) was skipped in favour of an older intact one."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
@@ -52,10 +43,7 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; checkpoints are as readable as the run's other files
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
 def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> dict[str, str]:
@@ -131,7 +119,7 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
         state["rng"] = rng_js
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         os.chmod(tmp / "optimizer.safetensors", 0o644)
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=float))
+        write_text_atomically(tmp / "state.json", json.dumps(state, indent=1, default=float))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took
         kept = f"the previous checkpoint {current} is intact" if current else "there is no previous checkpoint"
@@ -145,7 +133,7 @@ def save_checkpoint(run_dir: Path, *, epoch: int, step: int, model, optimizer=No
     if final.exists():
         shutil.rmtree(final)  # a stale folder nothing points at (e.g. from a crash before last.json moved)
     os.replace(tmp, final)
-    atomic_write_text(run_dir / "last.json", json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
+    write_text_atomically(run_dir / "last.json", json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
     # Damaged folders (e.g. the truncated checkpoint a resume skipped) are pruned before intact ones, oldest first.
     old = sorted((p for p in _checkpoint_dirs(run_dir) if p != final), key=lambda p: (checkpoint_problem(p) is None, p.name))
     for p in old[: max(0, len(old) - (keep - 1))]:

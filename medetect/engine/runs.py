@@ -23,7 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointWarning, atomic_write_text, latest_checkpoint
+from ..files import write_text_atomically
+from .checkpoint import CheckpointWarning, latest_checkpoint
 
 __all__ = ["prepare_run_dir", "config_diff"]
 
@@ -161,5 +162,5 @@ def prepare_run_dir(
                                run_dir, epoch, len(diff))
             else:
                 return moved  # same config: the file stays as it is
-    atomic_write_text(cfg_path, text)
+    write_text_atomically(cfg_path, text)
     return moved

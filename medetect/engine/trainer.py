@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..schema import check, option
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from ..files import write_text_atomically
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .curves import BEST_JSON, BEST_WEIGHTS, read_best, write_curves
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "seed_everything", "detection_collate",
@@ -78,7 +79,7 @@ def truncate_metrics(path: Path, step: int) -> int:
     w = csv.DictWriter(buf, fieldnames=header, restval="", extrasaction="ignore")
     w.writeheader()
     w.writerows(kept)
-    atomic_write_text(path, buf.getvalue())
+    write_text_atomically(path, buf.getvalue())
     return len(rows) - len(kept)
 
 
@@ -350,7 +351,7 @@ class Trainer:
         os.replace(tmp, self.run_dir / BEST_WEIGHTS)
         self.best = {"metric": self.best_metric, "value": float(value), "epoch": row["epoch"], "step": row["step"],
                      "weights": BEST_WEIGHTS}
-        atomic_write_text(self.run_dir / BEST_JSON, json.dumps(self.best, indent=1))
+        write_text_atomically(self.run_dir / BEST_JSON, json.dumps(self.best, indent=1))
 
     def _curves(self) -> None:
         if self.rank != 0:
@@ -378,7 +379,7 @@ class Trainer:
                 w = csv.DictWriter(buf, fieldnames=keys)
                 w.writeheader()
                 w.writerows(rows)
-                atomic_write_text(path, buf.getvalue())  # a kill during the rewrite leaves the old file whole
+                write_text_atomically(path, buf.getvalue())  # a kill during the rewrite leaves the old file whole
             else:
                 keys = header
         with open(path, "a", newline="") as f:

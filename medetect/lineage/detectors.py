@@ -35,7 +35,8 @@ from ..engine.runs import prepare_run_dir
 from ..engine.trainer import TrainConfig, Trainer, seed_everything
 from ..evaluation.detection import evaluate_voc
 from ..models.detector import Detector, DetectorConfig, build_detector
-from ..models.io import Preprocess, load_model, save_model, write_atomically
+from ..files import write_atomically
+from ..models.io import Preprocess, load_model, save_model
 from ..schema import check, option
 from .data import MAX_VALUE, MEAN, STD, LineageSet, normalise
 from .proposals import ProposalConfig, proposals_for, propose

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import atomic_write_text
+from ..files import write_text_atomically
 from ..evaluation.detection import evaluate_voc
 from .config import LineageConfig
 from .data import LineageSet, load_split
@@ -135,8 +135,8 @@ def evaluate_lineage(weights_dir: str | Path, spec: str, *, out_dir: str | Path 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "lineage_table.json", json.dumps(result, indent=1))
-        atomic_write_text(out / "lineage_table.md", format_table(result) + "\n")
+        write_text_atomically(out / "lineage_table.json", json.dumps(result, indent=1))
+        write_text_atomically(out / "lineage_table.md", format_table(result) + "\n")
         plot_table(result, out / "lineage_map_vs_time.png")
     return result
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import batched_nms, box_iou, clip_boxes, elementwise_box_iou
-from ..engine.checkpoint import atomic_write_text
+from ..files import write_text_atomically
 from ..engine.trainer import TrainConfig, Trainer, json_safe
 from ..models.io import Preprocess, load_model, save_model
 from ..models.localizer import BOX_LOSSES, LOCALIZER_BACKBONES, Localizer, LocalizerConfig
@@ -235,7 +235,7 @@ def train_localizer(train: LineageSet, val: LineageSet | None, cfg: LocalizerSte
               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if resumed:
         record["notes"] = "resumed: train_seconds counts the last invocation only"
-    atomic_write_text(out / f"{STEP}.json", json.dumps(json_safe(record), indent=1, allow_nan=False))
+    write_text_atomically(out / f"{STEP}.json", json.dumps(json_safe(record), indent=1, allow_nan=False))
     return record
 
 

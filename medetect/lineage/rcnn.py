@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..boxes import BoxCoder, box_iou
-from ..engine.checkpoint import atomic_write_text
+from ..files import write_text_atomically
 from ..engine.trainer import TrainConfig, Trainer
 from ..matching import NEGATIVE, sample_balanced
 from ..models.io import Preprocess, load_model, save_model
@@ -430,7 +430,7 @@ def train_rcnn(train: LineageSet, val: LineageSet | None, cfg: RCNNStepConfig | 
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "device": str(dev), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_text(out / "rcnn.json", json.dumps(record, indent=1, default=float))
+    write_text_atomically(out / "rcnn.json", json.dumps(record, indent=1, default=float))
     return {"weights": weights, "train_seconds": train_seconds, "record": record}
 
 

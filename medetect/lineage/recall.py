@@ -29,7 +29,8 @@ import torch
 from ..data.transforms import normalize_intensity
 from ..data.transforms import scale as scale_sample
 from ..evaluation.proposals import proposal_recall
-from ..models.io import load_model, write_atomically
+from ..files import write_atomically
+from ..models.io import load_model
 from ..proposals import sliding_windows, uniform_boxes
 from .data import LineageSet, load_split
 from .proposals import ProposalConfig, _key, proposals_for

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import atomic_write_text
+from ..files import write_text_atomically
 from ..engine.runs import _move_aside, config_diff
 from .config import LineageConfig
 from .data import LineageSet, load_split
@@ -79,7 +79,7 @@ def prepare_lineage_dir(out: Path, cfg: LineageConfig, *, resume: bool, overwrit
             with open(out / "config_changes.jsonl", "a") as f:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     "diff": [list(d) for d in diff]}) + "\n")
-    atomic_write_text(file, json.dumps(new, indent=1))
+    write_text_atomically(file, json.dumps(new, indent=1))
 
 
 def train_step(key: str, train: LineageSet, val: LineageSet | None, cfg: LineageConfig, out: Path, *,
@@ -126,7 +126,7 @@ def train_lineage(cfg: LineageConfig, out_dir: str | Path, *, steps=None, resume
                                                      "train_images": len(train), "train_objects": train.num_objects},
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
                    "steps": records}
-        atomic_write_text(summary_file, json.dumps(summary, indent=1, default=str))
+        write_text_atomically(summary_file, json.dumps(summary, indent=1, default=str))
         return summary
 
     for key in keys:

@@ -27,13 +27,13 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import write_atomically
 from .attention import AttentionConfig, build_attention
 from .detector import DetectorConfig, build_detector
 from .fp_reduction import FPRConfig, build_fpr
@@ -205,31 +205,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, pr
     if fp16:
         sd = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in sd.items()}
     blob = save(sd, metadata=meta)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return write_atomically(path, write)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], mode: int = 0o644) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then give it ``mode`` and rename it onto ``path``
-    (readers never see half a file; a failed write leaves ``path`` as it was and removes the temporary file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_bytes(blob))
 
 
 # ------------------------------------------------------------------------------------------------ reading
