@@ -19,7 +19,7 @@ from .data.annotations import read_voc
 from .data.io import read_image
 from .engine.predictor import Predictor
 from .evaluation.detection import evaluate_voc
-from .apps.models import load_model
+from .engine.load import load_model
 
 __all__ = ["run_demo", "ASSETS", "WEIGHTS"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from medetect.apps.models import load_model
+from medetect.engine.load import load_model
 from medetect.cli import main
 from medetect.engine.trainer import TrainConfig, Trainer
 from medetect.models.detector import build_detector

@@ -2,6 +2,6 @@
 :mod:`.evaluate` (mAP on a labelled folder), :mod:`.export` (run folder -> model file, ONNX), :mod:`.models` (the one
 loader: model files and run folders)."""
 
-from .models import load_model
+from ..engine.load import load_model
 
 __all__ = ["load_model"]

@@ -12,7 +12,7 @@ from ..data.datasets import DetectionDataset
 from ..data.formats import open_dataset, parse_data_spec, source_from_spec
 from ..engine.predictor import Predictor
 from ..evaluation.detection import evaluate_detections, evaluate_voc
-from .models import load_model
+from ..engine.load import load_model
 
 __all__ = ["evaluate_spec"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ..engine.load import load_model
 from ..files import write_atomically
 from ..models.io import save_model
-from .models import load_model
 
 __all__ = ["export_from_run", "export_onnx"]
 
@@ -68,5 +68,5 @@ def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = N
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     m = load_model(run_dir, best=best)
     info = {**m.meta.get("extra", {}), **(extra or {})}
-    return save_model(m.model, out, kind=m.kind, preprocess=m.preprocess, classes=m.classes, extra=info,
+    return save_model(m.model, out, kind=m.kind, preprocess=m.preprocess, classes=m.classes, task=m.task, extra=info,
                       fp16=m.kind == "detector")

@@ -56,7 +56,7 @@ from ..convert import Geometry
 from ..data.image import MedicalImageError
 from ..data.io import READ_EXTENSIONS, read_image
 from ..engine.predictor import Predictor
-from .models import load_model
+from ..engine.load import load_model
 
 __all__ = ["check_tile_size", "image_files", "predict_paths"]
 

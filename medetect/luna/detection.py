@@ -516,7 +516,7 @@ def save_luna_model(model: Detector, path: str | os.PathLike, pre: LunaPreproces
 
 def load_luna_model(path: str | os.PathLike, device=None) -> tuple[Detector, LunaPreprocess]:
     """Any nodule detector file (or run folder) -> (model in eval mode, its :class:`LunaPreprocess`)."""
-    from ..apps.models import load_model
+    from ..engine.load import load_model
 
     m = load_model(path, device=device)
     cfg = getattr(m.model, "config", None)

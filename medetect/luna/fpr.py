@@ -420,7 +420,7 @@ def save_fpr(model: FPRClassifier, path, *, extra: dict | None = None) -> Path:
 def load_fpr(path, device=None) -> FPRClassifier:
     """Any FPR model file (current or first-release format) or a training run folder (``fpr_config.json`` + its
     latest checkpoint, e.g. to score a run that is still training or was stopped)."""
-    from ..apps.models import load_model
+    from ..engine.load import load_model
 
     m = load_model(path, device=device or "cpu")
     if m.kind != "fpr":

@@ -160,7 +160,7 @@ def save_slice_model(model, path, *, context: int | None = None, extra: dict | N
 def load_slice_model(path, device=None, config: DetectorConfig | None = None):
     """Any slice-model file (current or first-release format) or a training run folder (its latest checkpoint;
     ``config`` defaults to :func:`default_slice_config` when the folder has no config.json)."""
-    from ..apps.models import load_model
+    from ..engine.load import load_model
 
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         from safetensors.torch import load_file

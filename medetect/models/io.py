@@ -11,6 +11,10 @@ Metadata (every value a JSON string, as safetensors requires)::
     config          the model's config dict (DetectorConfig / FPRConfig)
     preprocess      a :class:`Preprocess` dict: how a raw image becomes the model's input tensor
     classes         class names, in label order
+    task            the task that trained the model and whose predict / evaluate serve it (``medetect.apps.tasks``):
+                    ``detection``, ``mammography``, ``attention``, ``organ-localisation``, ``luna-detection``,
+                    ``luna-fpr``, ``lineage``. Files written before the key existed get the task of their kind
+                    (:func:`default_task`); nothing is guessed from class names or folders.
     extra           free-form provenance (run, epoch, training data, ...)
 
 A new kind of model is one entry in :data:`BUILDERS` (``{kind: (config dict) -> nn.Module}``). Files of the first
@@ -46,6 +50,7 @@ __all__ = [
     "LoadedModel",
     "Preprocess",
     "check_safetensors_file",
+    "default_task",
     "fpr_preprocess",
     "load_model",
     "read_metadata",
@@ -152,6 +157,7 @@ class LoadedModel:
     preprocess: Preprocess
     classes: list[str]
     meta: dict
+    task: str = "detection"
 
 
 def _build_detector(config: dict) -> torch.nn.Module:
@@ -183,7 +189,8 @@ BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {"detector": _build_det
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, preprocess: Preprocess,
-               classes: list[str] | tuple[str, ...], extra: dict | None = None, fp16: bool = True) -> Path:
+               classes: list[str] | tuple[str, ...], task: str | None = None, extra: dict | None = None,
+               fp16: bool = True) -> Path:
     """Write ``model`` (needs ``model.config.to_dict()``) as one self-describing file, atomically (temporary file in
     the same folder, fsync, ``os.replace``), mode 0644. ``fp16`` stores floating-point tensors in float16 (half the
     size; loading casts back to the model's float32)."""
@@ -199,6 +206,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, pr
         "config": json.dumps(model.config.to_dict()),
         "preprocess": json.dumps(preprocess.to_dict()),
         "classes": json.dumps([str(c) for c in classes]),
+        "task": task or default_task(kind, extra or {}),
         "extra": json.dumps(extra or {}),
     }
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -278,6 +286,16 @@ def fpr_preprocess(cfg: dict) -> Preprocess:
                       window=list(cfg.get("hu_window", [-1000.0, 400.0])))
 
 
+def default_task(kind: str, extra: Mapping[str, Any]) -> str:
+    """The task of a model file written before files recorded one: fixed by its kind (and, for the organ localiser
+    and the LUNA16 stage one, by what their first release wrote into ``extra``)."""
+    if kind == "detector":
+        if extra.get("task") == "organ-localisation":
+            return "organ-localisation"
+        return "luna-detection" if "luna" in extra else "detection"
+    return {"fpr": "luna-fpr", "attention": "attention", "localizer": "lineage", "rcnn": "lineage"}.get(kind, kind)
+
+
 def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Preprocess, list[str], dict]:
     """Any supported metadata (current or first-release) -> (kind, config, preprocess, classes, extra)."""
     if "format_version" in meta:
@@ -335,6 +353,7 @@ def load_from_metadata(meta: Mapping[str, str], weights: Path, source: Path,
     """Build the model that ``meta`` (file metadata, any supported format) describes and load ``weights`` into it.
     ``source`` names the file or folder in messages."""
     kind, cfg, pre, classes, extra = _normalise_meta(meta, source)
+    task = str(meta.get("task") or default_task(kind, extra))
     try:
         model = BUILDERS[kind](cfg)
     except TypeError as e:
@@ -344,5 +363,6 @@ def load_from_metadata(meta: Mapping[str, str], weights: Path, source: Path,
     if device is not None:
         model.to(device)
     out_meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": cfg, "preprocess": pre.to_dict(),
-                "classes": classes, "extra": extra, "source_format": meta.get("format", meta.get("format_version", ""))}
-    return LoadedModel(model=model, kind=kind, preprocess=pre, classes=classes, meta=out_meta)
+                "classes": classes, "task": task, "extra": extra,
+                "source_format": meta.get("format", meta.get("format_version", ""))}
+    return LoadedModel(model=model, kind=kind, preprocess=pre, classes=classes, meta=out_meta, task=task)
