@@ -57,7 +57,8 @@ def table(args) -> None:
     import torch
 
     from medetect.apps import load_model
-    from medetect.attention.data import LesionImages, read_lesion_folder
+    from medetect.attention.data import LesionImages
+    from medetect.data.lesion_folder import read_lesion_folder
     from medetect.attention.evaluate import evaluate_attention
     from medetect.attention.infer import saliency
     from medetect.attention.predict import overlay_rgb

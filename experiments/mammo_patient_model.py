@@ -31,7 +31,7 @@ DEFAULT_WEIGHTS = REPO / "medetect" / "weights" / "mammo_mias_faster_rcnn.safete
 
 
 def _records(args, split):
-    from medetect.attention.data import read_lesion_folder
+    from medetect.data.lesion_folder import read_lesion_folder
 
     return read_lesion_folder(args.data, split)
 

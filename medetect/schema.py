@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import types
 import typing
 from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-__all__ = ["option", "from_dict", "check", "apply_overrides", "expand_env", "reference", "field_doc"]
+__all__ = ["option", "from_dict", "check", "apply_overrides", "build_config", "expand_env", "reference", "field_doc"]
 
 _META = "medetect"  # key of our metadata inside dataclasses.field(metadata=...)
 
@@ -128,7 +127,9 @@ def _expected(tp: Any) -> str:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    """Field types of a config dataclass; each inherited field's annotation is read in its own class's module (a
+    task's config may extend another's)."""
+    return typing.get_type_hints(cls)
 
 
 # ============================================================================================ from_dict
@@ -451,3 +452,16 @@ def _rows(cls: type, prefix: str, instance: Any) -> list[str]:
         cells = [c.replace("|", "\\|") for c in cells]
         out.append(f"| `{key}` | {cells[0]} | {cells[1]} | {cells[2]} | {doc} |")
     return out
+
+
+def build_config(cls: type, raw: Any, base_dir: os.PathLike | str | None = None) -> Any:
+    """The checked config object of schema ``cls`` for a parsed mapping ``raw``: the schema's own ``prepare(raw)``
+    hook first (older key spellings), then :func:`from_dict`, paths expanded and resolved against ``base_dir``, and
+    ``validate()``. Every mistake is a ``ValueError`` naming the key."""
+    prepare = getattr(cls, "prepare", None)
+    if prepare is not None:
+        raw = prepare(raw)
+    cfg = from_dict(cls, raw)
+    resolve_paths(cfg, base_dir)
+    cfg.validate()
+    return cfg

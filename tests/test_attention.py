@@ -182,7 +182,8 @@ def _folder(tmp_path, n_pat=6, size=64, radius="6"):
 
 
 def test_lesion_folder_reader_and_bad_rows(tmp_path):
-    from medetect.attention.data import LesionImages, read_lesion_folder
+    from medetect.attention.data import LesionImages
+    from medetect.data.lesion_folder import read_lesion_folder
     from medetect.models.io import Preprocess
 
     root = _folder(tmp_path)
@@ -257,7 +258,8 @@ def test_shipped_mias_model_loads_and_points_at_val_lesions(shared_data):
     from pathlib import Path
 
     from medetect.apps import load_model
-    from medetect.attention.data import LesionImages, read_lesion_folder
+    from medetect.attention.data import LesionImages
+    from medetect.data.lesion_folder import read_lesion_folder
     from medetect.attention.train import score_dataset
     from medetect.models.io import check_safetensors_file
 

@@ -126,7 +126,7 @@ def _detector(tmp_path, classes):
 def test_evaluate_cli_on_a_mias_folder(tmp_path, capsys):
     from medetect.cli import main
 
-    from medetect.attention.data import read_lesion_folder
+    from medetect.data.lesion_folder import read_lesion_folder
 
     root = _folder(tmp_path)
     recs = read_lesion_folder(root, "val")  # per-lesion severity from annotations.csv

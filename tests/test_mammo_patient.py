@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medetect.attention.data import LesionImage
+from medetect.data.lesion_folder import LesionImage
 from medetect.mammo.patient import FEATURES, format_patient_table, patient_features, patient_study
 
 

@@ -179,7 +179,7 @@ def test_dicom_window_and_disagreeing_laterality(tmp_path):
 def test_preprocess_folder_maps_the_circles(tmp_path):
     from PIL import Image
 
-    from medetect.attention.data import read_lesion_folder
+    from medetect.data.lesion_folder import read_lesion_folder
 
     src = tmp_path / "src"
     (src / "images").mkdir(parents=True)
@@ -214,7 +214,7 @@ def test_preprocess_folder_maps_the_circles(tmp_path):
 
 
 def test_lesion_folder_warns_about_a_centre_outside_the_image(tmp_path):
-    from medetect.attention.data import read_lesion_folder
+    from medetect.data.lesion_folder import read_lesion_folder
 
     (tmp_path / "images.csv").write_text("image_id,file,split,patient_id,side,width,height,tissue,image_label\n"
                                          "mdb001,images/mdb001.png,val,p000,R,50,40,F,benign\n")

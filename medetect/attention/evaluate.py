@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..evaluation.attention import attention_metrics
-from .data import LesionImages, read_lesion_folder
+from ..data.lesion_folder import read_lesion_folder
+from .data import LesionImages
 from .infer import METHODS
 from .train import score_dataset
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..data.io import read_image
 from ..data.preprocess import prepare
+from ..engine.tasks import INPUT_ERRORS, first_line, write_errors
 from .infer import saliency
 
 __all__ = ["overlay_rgb", "predict_attention"]
@@ -49,8 +50,9 @@ def _panels(image: np.ndarray, sal: np.ndarray) -> np.ndarray:
 
 
 def predict_attention(loaded, files: Sequence[Path], out_dir: Path, *, method: str | None = None, device=None,
-                      allow_range_mismatch: bool = False) -> list[Path]:
-    """Score every input file and write the overlays (module docstring). Returns the overlay paths."""
+                      allow_range_mismatch: bool = False, skip_errors: bool = False) -> list[Path]:
+    """Score every input file and write the overlays (module docstring). With ``skip_errors`` an input that cannot
+    be read or prepared goes to ``errors.csv`` instead of stopping the run. Returns the overlay paths."""
     from PIL import Image
 
     model = loaded.model
@@ -58,10 +60,16 @@ def predict_attention(loaded, files: Sequence[Path], out_dir: Path, *, method: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
-    rows, everything, written = [], {}, []
+    rows, everything, written, errors = [], {}, [], []
     for f in files:  # one input at a time (files of different sizes)
-        img = read_image(f)
-        p = prepare(img, loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
+        try:
+            img = read_image(f)
+            p = prepare(img, loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
+        except INPUT_ERRORS as e:
+            if not skip_errors:
+                raise
+            errors.append((str(f), first_line(e)))
+            continue
         probs, sal = saliency(model, p.tensor[None].float().to(dev), method)
         d = sal.ndim - 1
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[d]
@@ -86,6 +94,7 @@ def predict_attention(loaded, files: Sequence[Path], out_dir: Path, *, method: s
         w.writerow(["input", *loaded.classes])
         w.writerows(rows)
     (out_dir / "predictions.json").write_text(json.dumps(everything))
+    write_errors(out_dir, errors, len(written))
     return written
 
 

@@ -12,7 +12,8 @@ import torch
 
 from ..models.io import Preprocess, save_model
 from .config import AttentionTaskConfig
-from .data import CLASSES, LesionImages, attention_collate, read_lesion_folder
+from ..data.lesion_folder import read_lesion_folder
+from .data import CLASSES, LesionImages, attention_collate
 
 __all__ = ["preprocess_of", "train_attention", "score_dataset"]
 

@@ -80,7 +80,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..apps.evaluate import evaluate_spec
+    from ..apps.evaluate import evaluate_spec, format_report
 
     apply_runtime(args)
     if args.plots:
@@ -92,47 +92,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print_json(res, indent=1)
         return 0
-    if "pointing_game" in res:  # an attention model (medetect.attention.evaluate)
-        for k in ("image_auc_abnormal", "image_auc_malignant", "pointing_game", "attention_in_lesion",
-                  "attention_froc_mean"):
-            lo, hi = res[f"{k}_ci"]
-            ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
-            print(f"{k:>22s}: {res[k]:.4f} {ci}")
-        return 0
-    if "lesion_froc_mean" in res:  # a benign/malignant detector on a mini-MIAS-layout folder (medetect.mammo)
-        print(f"images: {res['images']}  patients: {res['patients']}  lesions: {res['lesions']} "
-              f"(detected {res['detected_lesions']})")
-        for k in ("lesion_froc_mean", "image_auc_abnormal", "image_auc_malignant", "lesion_auc_malignant"):
-            lo, hi = res[f"{k}_ci"]
-            ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
-            print(f"{k:>22s}: {res[k]:.4f} {ci}" if res[k] is not None else f"{k:>22s}: undefined (one class only)")
-        print("lesion sensitivity at FP/image: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["lesion_sensitivity"].items()))
-        if "by_lesion_type" in res:
-            print("at 1 FP/image, detected / lesions by type: " + ", ".join(
-                f"{t} {v['detected']}/{v['lesions']}" for t, v in res["by_lesion_type"].items() if v["lesions"]))
-        c = res.get("confusion")
-        if c:
-            print(f"image confusion (rows true, columns predicted {'/'.join(c['labels'])}; thresholds by Youden on "
-                  f"{c['picked_on']}: p_abnormal >= {c['t_abnormal']:.3f}, p_malignant >= {c['t_malignant']:.3f}):")
-            for name, row in zip(c["labels"], c["matrix"]):
-                print(f"  {name:>9s}: " + " ".join(f"{v:4d}" for v in row))
-        elif res.get("confusion_note"):
-            print(res["confusion_note"])
-        return 0
-    if "organs_scored" in res:  # an organ folder with an organ localiser
-        from ..organs.report import format_organ_table
-
-        print(format_organ_table(res))
-        return 0
-    print(f"images: {res['images']}  boxes: {res['boxes']}")
-    print(f"VOC mAP@0.5 (all-point): {res['map50']:.4f}   VOC07 11-point: {res['map50_07']:.4f}   "
-          f"COCO mAP@[.5:.95]: {res['coco_map']:.4f}")
-    for name, ap in res["ap50_per_class"].items():
-        print(f"  AP@0.5 {name:>12s}: {ap:.4f}")
-    if "froc" in res:
-        f = res["froc"]
-        print(f"FROC (IoU > {f['iou_threshold']}, {f['lesions']} lesions in {f['images']} images): CPM {f['cpm']:.4f}; "
-              + ", ".join(f"{k} FP/img {v:.3f}" for k, v in f["sensitivity_at"].items()))
+    print(format_report(res))
     return 0
 
 

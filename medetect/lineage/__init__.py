@@ -16,3 +16,5 @@ Every step has the same three parts (one module per step):
 :mod:`medetect.lineage.train` runs the steps in order; :mod:`medetect.lineage.evaluate` times them on one split and
 writes the lecture's table.
 """
+
+from .task import TASK  # noqa: E402, F401  (the registry reads it)

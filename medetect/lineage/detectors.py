@@ -233,9 +233,11 @@ def train_detector_step(step: str, train: LineageSet, val: LineageSet, cfg: Dete
              "val_data": val.spec}
     if step == "fast_rcnn":
         extra["proposals"] = prop_cfg.to_dict()
+    # a Fast R-CNN needs proposals from outside (the lineage's own evaluation); the other steps are plain detectors
     weights = save_model(model, out_dir / f"{step}.safetensors", kind="detector",
                          preprocess=dataclasses.replace(PREPROCESS, scale=float(train.scale)),
-                         classes=list(train.class_names), extra=extra)
+                         classes=list(train.class_names), task="lineage" if step == "fast_rcnn" else "detection",
+                         extra=extra)
     record = {"step": step, "name": NAMES[step], "weights": str(weights), "train_seconds": seconds,
               "resumed": resumed, "best_epoch": epoch, "val_map50": val_map, "config": run_config,
               "data": {"train": train.spec, "val": val.spec, "scale": train.scale, "train_images": len(train),

@@ -23,6 +23,7 @@ import torch
 
 from ..files import write_text_atomically
 from ..engine.runs import _move_aside, config_diff
+from ..schema import build_config
 from .config import LineageConfig
 from .data import LineageSet, load_split
 from .steps import step
@@ -34,8 +35,6 @@ CONFIG_FILE = "config.json"
 
 def load_lineage_config(folder: str | Path) -> LineageConfig:
     """The lineage config stored in a lineage folder (``config.json``)."""
-    from ..config import config_from_dict  # the config route sits beside this package
-
     file = Path(folder) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{folder} is not a lineage folder: {CONFIG_FILE} is missing (train one with "
@@ -45,7 +44,7 @@ def load_lineage_config(folder: str | Path) -> LineageConfig:
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from e
     try:
-        return config_from_dict(raw)
+        return build_config(LineageConfig, raw)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
 

@@ -16,8 +16,12 @@ from .detection import (
     train_detector,
     write_submission,
 )
+from .task import LUNA_DETECTION, LUNA_FPR, TASKS
 
 __all__ = [
+    "LUNA_DETECTION",
+    "LUNA_FPR",
+    "TASKS",
     "LunaLayout",
     "LunaPreprocess",
     "LunaVolumes",

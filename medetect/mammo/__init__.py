@@ -1,4 +1,4 @@
-"""Mammography (issue 8): a Faster R-CNN with lesion classes ``benign`` and ``malignant`` on mini-MIAS-layout folders.
+"""Mammography: a Faster R-CNN with lesion classes ``benign`` and ``malignant`` on mini-MIAS-layout folders.
 
 ``evaluate.py``: ``medetect evaluate --weights W --data FOLDER:SPLIT`` for such a detector (lesion FROC, image and
 lesion ROC AUC with patient-bootstrap intervals, :mod:`medetect.evaluation.mammo`; sensitivity per lesion type and the
@@ -9,3 +9,7 @@ chest wall to the left from laterality or the image, label removal, crop, CLAHE)
 """
 
 CLASSES = ("benign", "malignant")
+
+from .task import TASK  # noqa: E402  (after CLASSES, which the task module reads)
+
+__all__ = ["CLASSES", "TASK"]

@@ -1,31 +1,28 @@
 """``medetect evaluate --weights W --data FOLDER:SPLIT`` for a ``benign``/``malignant`` lesion detector on a
-mini-MIAS-layout folder (``images.csv``, ``annotations.csv``, ``<split>.txt``; :mod:`medetect.attention.data`)."""
+mini-MIAS-layout folder (``images.csv``, ``annotations.csv``, ``<split>.txt``; :mod:`medetect.data.lesion_folder`),
+and the terminal report of its metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..attention.data import read_lesion_folder
 from ..data.io import read_image
+from ..data.lesion_folder import read_lesion_folder
 from ..engine.predictor import Predictor
+from ..engine.tasks import EvaluateOptions
 from ..evaluation.mammo import image_scores, mammo_metrics, youden_thresholds
 from . import CLASSES
 
-__all__ = ["is_mammo_folder", "detect_records", "mammo_metrics_for", "evaluate_mammo", "read_detections_csv", "write_detections_csv"]
+__all__ = ["detect_records", "mammo_metrics_for", "evaluate_mammo", "evaluate_mammography", "format_mammo_report",
+           "read_detections_csv", "write_detections_csv"]
 
 _DET_COLUMNS = ("image_id", "y0", "x0", "y1", "x1", "label", "score")
 
 
-def is_mammo_folder(folder) -> bool:
-    """A mini-MIAS-layout folder: ``images.csv`` and ``annotations.csv`` side by side."""
-    f = Path(folder)
-    return (f / "images.csv").is_file() and (f / "annotations.csv").is_file()
-
-
-def detect_records(loaded, recs, *, device=None, allow_range_mismatch: bool = False) -> list[dict]:
-    """The detector on each record's image (its own preprocessing): per image ``{"boxes" [M, 4] (y0, x0, y1, x1) on
-    the input grid, "scores" [M], "labels" [M]}`` as numpy arrays."""
-    predictor = Predictor(loaded.model, device=device)
+def detect_records(loaded, recs, *, device=None, allow_range_mismatch: bool = False, tta: str | None = None) -> list[dict]:
+    """The detector on each record's image (its own preprocessing; ``tta`` overrides the model's ``model.tta``): per
+    image ``{"boxes" [M, 4] (y0, x0, y1, x1) on the input grid, "scores" [M], "labels" [M]}`` as numpy arrays."""
+    predictor = Predictor(loaded.model, device=device, tta=tta)
     dets = []
     for r in recs:
         det = predictor.predict_image(read_image(r.path), loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
@@ -97,7 +94,8 @@ def mammo_metrics_for(recs, dets, *, train=None, train_split: str = "train", n_b
 
 
 def evaluate_mammo(loaded, folder, split: str, *, device=None, n_boot: int = 1000, seed: int = 0,
-                   plot_dir=None, allow_range_mismatch: bool = False, threshold_split: str | None = "train") -> dict:
+                   plot_dir=None, allow_range_mismatch: bool = False, threshold_split: str | None = "train",
+                   tta: str | None = None) -> dict:
     """Lesion FROC, image AUC (abnormal, malignant), lesion AUC malignant vs benign, each with ``_ci`` (bootstrap by
     patient): :func:`medetect.evaluation.mammo.mammo_metrics`, plus ``by_lesion_type`` and ``confusion`` (image
     thresholds by Youden's J on the ``threshold_split`` images of the same folder, default ``train``: the detector
@@ -108,7 +106,7 @@ def evaluate_mammo(loaded, folder, split: str, *, device=None, n_boot: int = 100
         raise ValueError(f"a mini-MIAS-layout folder is scored for a detector with the classes {list(CLASSES)}, this "
                          f"model has {names}")
     recs = read_lesion_folder(folder, split)
-    dets = detect_records(loaded, recs, device=device, allow_range_mismatch=allow_range_mismatch)
+    dets = detect_records(loaded, recs, device=device, allow_range_mismatch=allow_range_mismatch, tta=tta)
     train, note = None, None
     if threshold_split:
         if threshold_split == split:
@@ -120,7 +118,7 @@ def evaluate_mammo(loaded, folder, split: str, *, device=None, n_boot: int = 100
                 note = f"no confusion table: {e}"
             else:
                 train = (trecs, detect_records(loaded, trecs, device=device,
-                                               allow_range_mismatch=allow_range_mismatch))
+                                               allow_range_mismatch=allow_range_mismatch, tta=tta))
     else:
         note = "no confusion table: no threshold split asked"
     try:
@@ -137,3 +135,42 @@ def evaluate_mammo(loaded, folder, split: str, *, device=None, n_boot: int = 100
     res["unlocated_findings"] = int(sum(r.unlocated for r in recs))
     res["split"] = split
     return res
+
+
+def evaluate_mammography(loaded, spec: str, options: EvaluateOptions) -> dict:
+    """The mammography task's ``evaluate``: ``--data FOLDER:SPLIT`` (a mini-MIAS-layout folder) through
+    :func:`evaluate_mammo`."""
+    folder, _, split = spec.rpartition(":")
+    if not folder or not split:
+        raise ValueError(f"--data must be FOLDER:SPLIT for a mammography model (a mini-MIAS-layout folder with "
+                         f"images.csv and annotations.csv), got {spec!r}")
+    return evaluate_mammo(loaded, folder, split, device=options.device, n_boot=options.n_boot,
+                          plot_dir=options.plot_dir, allow_range_mismatch=options.allow_range_mismatch,
+                          threshold_split=options.threshold_split, tta=options.tta)
+
+
+def _ci(res: dict, k: str) -> str:
+    lo, hi = res.get(f"{k}_ci") or (None, None)
+    return f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
+
+
+def format_mammo_report(res: dict) -> str:
+    """The terminal summary of :func:`evaluate_mammo`'s result."""
+    lines = [f"images: {res['images']}  patients: {res['patients']}  lesions: {res['lesions']} "
+             f"(detected {res['detected_lesions']})"]
+    for k in ("lesion_froc_mean", "image_auc_abnormal", "image_auc_malignant", "lesion_auc_malignant"):
+        lines.append(f"{k:>22s}: {res[k]:.4f} {_ci(res, k)}" if res[k] is not None else
+                     f"{k:>22s}: undefined (one class only)")
+    lines.append("lesion sensitivity at FP/image: " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: undefined"
+                                                               for k, v in res["lesion_sensitivity"].items()))
+    if "by_lesion_type" in res:
+        lines.append("at 1 FP/image, detected / lesions by type: " + ", ".join(
+            f"{t} {v['detected']}/{v['lesions']}" for t, v in res["by_lesion_type"].items() if v["lesions"]))
+    c = res.get("confusion")
+    if c:
+        lines.append(f"image confusion (rows true, columns predicted {'/'.join(c['labels'])}; thresholds by Youden on "
+                     f"{c['picked_on']}: p_abnormal >= {c['t_abnormal']:.3f}, p_malignant >= {c['t_malignant']:.3f}):")
+        lines += [f"  {name:>9s}: " + " ".join(f"{v:4d}" for v in row) for name, row in zip(c["labels"], c["matrix"])]
+    elif res.get("confusion_note"):
+        lines.append(res["confusion_note"])
+    return "\n".join(lines)

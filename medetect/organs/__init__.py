@@ -4,4 +4,7 @@ Faster R-CNN with a focal-loss RPN on a downsampled whole CT that keeps one box 
 
 from .anatomy import ORGANS, organ_of
 
-__all__ = ["ORGANS", "organ_of"]
+
+from .task import TASK  # noqa: E402
+
+__all__ = ["ORGANS", "TASK", "organ_of"]

@@ -1,5 +1,5 @@
-"""Wiring for ``medetect train`` / ``evaluate``: datasets and transforms from a :class:`~medetect.config.DataConfig`,
-model from its config, evaluation on a validation split, and the trainer."""
+"""The detection task's training: datasets and transforms from a :class:`~medetect.detection.config.DataConfig`,
+the model from its config, evaluation on a validation split, and the trainer (:func:`run_training`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from typing import Iterable
 
 
 from .config import DataConfig, ExperimentConfig
-from .data import transforms as T
-from .data.datasets import DetectionDataset
-from .data.formats import open_dataset
-from .engine.predictor import Predictor
-from .engine.runs import prepare_run_dir
-from .engine.trainer import Trainer, seed_everything
-from .evaluation.detection import evaluate_detections
-from .models.detector import Detector, build_detector
-from .data.transforms import normalize_intensity
+from ..data import transforms as T
+from ..data.datasets import DetectionDataset
+from ..data.formats import open_dataset
+from ..engine.predictor import Predictor
+from ..engine.runs import prepare_run_dir
+from ..engine.trainer import Trainer, seed_everything
+from ..evaluation.detection import evaluate_detections
+from ..models.detector import Detector, build_detector
+from ..data.transforms import normalize_intensity
 
 __all__ = ["build_transform", "build_pre_transform", "build_dataset", "evaluate_model", "highest_scores", "run_training",
+           "train_detection",
            "predict_dataset"]
 
 
@@ -123,7 +124,7 @@ def init_backbone(model, path) -> int:
     is an error naming it (wrong kind, width or channels)."""
     from safetensors import safe_open
 
-    from .models.io import read_metadata
+    from ..models.io import read_metadata
 
     read_metadata(path)  # refuses anything that is not a safetensors model file, naming it
     own = {k: v for k, v in model.state_dict().items() if k.startswith("features.body.")}
@@ -183,3 +184,10 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
         print(f"resumed {run_dir} after epoch {trainer.epoch} (step {trainer.step}); continuing with epoch "
               f"{trainer.epoch + 1}", flush=True)
     return trainer.fit()
+
+
+def train_detection(cfg: ExperimentConfig, run_dir: Path, **kw) -> dict:
+    """The detection task's ``train`` (:mod:`medetect.engine.tasks`): :func:`run_training`, summarised by its last
+    metrics row."""
+    history = run_training(cfg, Path(run_dir), **kw)
+    return dict(history[-1]) if history else {}
