@@ -60,7 +60,7 @@ from medetect.data.datasets import DetectionDataset, PatchDataset  # noqa: E402
 from medetect.data.image import MedicalImage  # noqa: E402
 from medetect.data.io import write_image  # noqa: E402
 from medetect.engine.trainer import _EpochSampler, detection_collate  # noqa: E402
-from medetect.experiment import build_dataset, build_transform  # noqa: E402
+from medetect.detection.train import build_dataset, build_transform  # noqa: E402
 
 CONFIG = REPO / "configs" / "bccd_faster_rcnn.yaml"
 BCCD_TARGET = 200.0  # images/s

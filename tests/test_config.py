@@ -513,7 +513,13 @@ def test_partial_luna_model_section_keeps_the_luna_defaults():
     assert cfg.train.epochs == 3 and cfg.train.optimizer == "adamw" and cfg.train.warmup_iters == 50
 
 
-def test_tasks_constant_matches_the_schemas():
-    from medetect.config import TASKS, _tasks
+def test_every_task_schema_names_its_task():
+    """The registry is the one list of tasks: each task's config schema selects exactly that task, and a config
+    with an unknown task is one sentence listing them."""
+    from medetect.apps.tasks import TASKS
 
-    assert tuple(_tasks()) == TASKS
+    for name, task in TASKS.items():
+        assert task.name == name
+        assert config_from_dict({"task": name}).task == name
+    with pytest.raises(ValueError, match="task must be one of"):
+        config_from_dict({"task": "segmentation"})

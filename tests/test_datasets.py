@@ -370,7 +370,7 @@ def test_detection_collate_pads_and_keeps_targets(files2d):
                                                ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 1)])
 def test_experiment_rescale_values(mean, std, channels):
     """The normalisation step of experiment.build_transform: (x / max_value - mean) / std, input left untouched."""
-    from medetect.experiment import _Rescale
+    from medetect.detection.train import _Rescale
 
     x = torch.randint(0, 256, (channels, 5, 7), dtype=torch.uint8).float()
     before = x.clone()
@@ -489,7 +489,7 @@ def test_bccd_batch_through_collate(shared_data):
 
 def test_build_dataset_bccd_config(shared_data):
     from medetect.config import load_config
-    from medetect.experiment import build_dataset, build_transform
+    from medetect.detection.train import build_dataset, build_transform
 
     cfg = load_config(REPO / "configs" / "bccd_faster_rcnn.yaml")
     cfg.data.root = str(shared_data / "bccd")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from medetect.data.annotations import ImageAnnotation, write_voc
 from medetect.engine.trainer import _EpochSampler
-from medetect.experiment import run_training
+from medetect.detection.train import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_runs import _experiment as _runs_experiment  # noqa: E402

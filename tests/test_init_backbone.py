@@ -4,7 +4,7 @@ another detector's backbone, by name and shape; a file with nothing that fits is
 import pytest
 import torch
 
-from medetect.experiment import init_backbone
+from medetect.detection.train import init_backbone
 from medetect.models.detector import DetectorConfig, build_detector
 from medetect.models.io import Preprocess, save_model
 from medetect.models.localizer import LocalizerConfig, build_localizer

@@ -29,7 +29,7 @@ from medetect.engine.checkpoint import CheckpointWarning, checkpoint_problem, la
 from medetect.engine.runs import config_diff, prepare_run_dir
 from medetect.engine.trainer import TrainConfig, Trainer, json_safe, truncate_metrics
 from medetect.evaluation.detection import evaluate_coco, evaluate_detections, evaluate_voc
-from medetect.experiment import evaluate_model, run_training
+from medetect.detection.train import evaluate_model, run_training
 from medetect.models.detector import build_detector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
