@@ -239,7 +239,7 @@ def test_there_are_shipped_configs():
         ("task: luna-fpr\nscore:\n  fuse: max\n", r"score\.fuse must be one of \['product'"),
         ("task: luna-fpr\ndata:\n  pos_fraction: 0\n", r"data\.pos_fraction must be in \(0, 1\), got 0"),
         ("task: luna-fpr\nmodel:\n  scales: [1, 2]\n  in_channels: 1\n", r"model\.in_channels \(1\) must equal"),
-        ("task: detect\n", r"task must be one of \['detection', 'luna-detection', 'luna-fpr', 'attention', 'organ-localisation', 'lineage'\], got 'detect'"),
+        ("task: detect\n", r"task must be one of \['detection', 'mammography', 'attention', 'organ-localisation', 'luna-detection', 'luna-fpr', 'lineage'\], got 'detect'"),
     ],
 )
 def test_bad_values_fail_at_load_naming_file_and_key(tmp_path, text, message):

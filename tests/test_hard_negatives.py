@@ -114,6 +114,6 @@ def test_other_tasks_refuse_mining_before_the_run_folder_exists(tmp_path):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mias_attention.yaml",
                       overrides=["train.hard_negative_images=0.2"])
-    with pytest.raises(ValueError, match="works with task: detection, this config's task is 'attention'"):
+    with pytest.raises(ValueError, match="works with task: detection or mammography, this config's task is 'attention'"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

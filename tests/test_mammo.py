@@ -119,7 +119,8 @@ def _detector(tmp_path, classes):
                          rpn_pre_nms_top_n=[50, 50], rpn_post_nms_top_n=[20, 20], detections_per_img=50)
     torch.manual_seed(0)
     path = tmp_path / f"det{len(classes)}.safetensors"
-    save_model(build_detector(cfg).eval(), path, kind="detector", preprocess=Preprocess(), classes=list(classes))
+    save_model(build_detector(cfg).eval(), path, kind="detector", preprocess=Preprocess(), classes=list(classes),
+               task="mammography")
     return path
 
 
@@ -151,9 +152,33 @@ def test_evaluate_cli_on_a_mias_folder(tmp_path, capsys):
     assert rows[0] == "input,p_abnormal,p_malignant" and len(rows) == 2
     p_abn, p_mal = map(float, rows[1].split(",")[1:])
     assert 0 < p_abn <= 1 and 0 <= p_mal <= p_abn
-    other = _detector(tmp_path, ("lesion",))
+    other = _detector(tmp_path, ("lesion",))  # a mammography model file whose classes are not benign, malignant
     assert main(["evaluate", "--weights", str(other), "--data", f"{root}:val"]) == 2
     assert "benign" in capsys.readouterr().err
+
+
+def test_the_task_recorded_in_the_file_picks_the_evaluator_not_the_folder_or_classes(tmp_path, capsys):
+    """A benign/malignant detector recorded as a plain detection model is scored as a detector (mAP on the data's
+    format), never re-routed by sniffing the folder or its class names; the mammography file gets lesion metrics."""
+    from medetect.cli import main
+    from medetect.models.io import read_metadata
+
+    root = _folder(tmp_path)
+    w = _detector(tmp_path, ("benign", "malignant"))
+    assert read_metadata(w)["task"] == "mammography"
+    assert main(["evaluate", "--weights", str(w), "--data", f"{root}:val", "--json", "--n-boot", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "mammography"
+    from medetect.models.detector import DetectorConfig, build_detector
+    from medetect.models.io import Preprocess, save_model
+
+    cfg = DetectorConfig(in_channels=1, num_classes=2, class_names=["benign", "malignant"], base_width=4,
+                         fpn_channels=8, levels=[2, 3], anchor_sizes=[[8], [16]], roi_hidden=16)
+    plain = save_model(build_detector(cfg).eval(), tmp_path / "plain.safetensors", kind="detector",
+                       preprocess=Preprocess(), classes=["benign", "malignant"])
+    assert read_metadata(plain)["task"] == "detection"
+    assert main(["evaluate", "--weights", str(plain), "--data", f"mias:{root}:val", "--json"]) in (0, 2)
+    out = capsys.readouterr()
+    assert "lesion_froc_mean" not in out.out
 
 
 def test_mias_format_with_severity_classes(tmp_path):

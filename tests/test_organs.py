@@ -218,7 +218,8 @@ def test_predict_writes_one_row_per_organ_and_three_views(tmp_path, tiny_model):
 
     write_organ_dataset(tmp_path / "d", 1, 21, spacing=(8.0, 8.0, 8.0), fov="slab")
     with pytest.warns(UserWarning, match="no organ found"):  # a thin 8 mm slab: nothing above the threshold
-        out = predict_paths(tiny_model, [tmp_path / "d" / "volumes" / "phantom_0021.nii.gz"], tmp_path / "p")
+        out = predict_paths(tiny_model, [tmp_path / "d" / "volumes" / "phantom_0021.nii.gz"], tmp_path / "p",
+                            overlays=True)
     rows = list(csv.DictReader(open(out[0])))
     assert [r["organ"] for r in rows] == list(ORGANS)
     assert (tmp_path / "p" / "phantom_0021_organs.png").stat().st_size > 1000
@@ -269,3 +270,22 @@ def test_shipped_localiser_finds_the_organs_of_a_held_out_phantom():
     m = organ_metrics(res["boxes"][idx], torch.as_tensor(truth), geom.spacing, torch.as_tensor(inside))
     assert m["detected"].float().mean() >= 0.9
     assert float(np.nanmean(m["wall_distance_mm"].numpy())) < 15.0
+
+
+def test_predict_refuses_formats_an_organ_model_does_not_write_and_honours_overlays(tmp_path, tiny_model):
+    """--format slicer / coco on an organ localiser is one sentence before anything is written; without --overlays
+    no three-view PNG is made."""
+    from medetect.apps.predict import predict_paths
+
+    write_organ_dataset(tmp_path / "d", 1, 21, spacing=(8.0, 8.0, 8.0), fov="slab")
+    vol = tmp_path / "d" / "volumes" / "phantom_0021.nii.gz"
+    for fmt in ("slicer", "coco", "dicom-sr"):
+        with pytest.raises(ValueError, match=f"--format {fmt}: a organ-localisation model writes its own CSV"):
+            predict_paths(tiny_model, [vol], tmp_path / fmt, formats=("csv", fmt))
+        assert not (tmp_path / fmt).exists()
+    with pytest.raises(ValueError, match="--tile: a organ-localisation model runs on whole images only"):
+        predict_paths(tiny_model, [vol], tmp_path / "t", tile_size=[32])
+    with pytest.warns(UserWarning, match="no organ found"):
+        predict_paths(tiny_model, [vol], tmp_path / "p")
+    assert (tmp_path / "p" / "phantom_0021_organs.csv").is_file()
+    assert not (tmp_path / "p" / "phantom_0021_organs.png").exists()

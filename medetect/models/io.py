@@ -206,7 +206,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, pr
         "config": json.dumps(model.config.to_dict()),
         "preprocess": json.dumps(preprocess.to_dict()),
         "classes": json.dumps([str(c) for c in classes]),
-        "task": task or default_task(kind, extra or {}),
+        "task": task or default_task(kind, extra or {}, model.config.to_dict()),
         "extra": json.dumps(extra or {}),
     }
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -286,10 +286,13 @@ def fpr_preprocess(cfg: dict) -> Preprocess:
                       window=list(cfg.get("hu_window", [-1000.0, 400.0])))
 
 
-def default_task(kind: str, extra: Mapping[str, Any]) -> str:
+def default_task(kind: str, extra: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
     """The task of a model file written before files recorded one: fixed by its kind (and, for the organ localiser
-    and the LUNA16 stage one, by what their first release wrote into ``extra``)."""
+    and the LUNA16 stage one, by what their first release wrote into ``extra``; a Fast R-CNN, which needs proposals
+    from outside, belongs to the lineage)."""
     if kind == "detector":
+        if (config or {}).get("arch") == "fast_rcnn":
+            return "lineage"
         if extra.get("task") == "organ-localisation":
             return "organ-localisation"
         return "luna-detection" if "luna" in extra else "detection"
@@ -353,7 +356,7 @@ def load_from_metadata(meta: Mapping[str, str], weights: Path, source: Path,
     """Build the model that ``meta`` (file metadata, any supported format) describes and load ``weights`` into it.
     ``source`` names the file or folder in messages."""
     kind, cfg, pre, classes, extra = _normalise_meta(meta, source)
-    task = str(meta.get("task") or default_task(kind, extra))
+    task = str(meta.get("task") or default_task(kind, extra, cfg))
     try:
         model = BUILDERS[kind](cfg)
     except TypeError as e:
