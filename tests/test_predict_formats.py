@@ -128,7 +128,7 @@ def test_dicom_sr_of_a_one_component_patient_name_warns_nothing(tmp_path):
     import warnings
 
     hd = pytest.importorskip("highdicom")
-    from medetect.apps.results import write_dicom_sr
+    from medetect.detection.outputs import write_dicom_sr
     from medetect.data.io import read_image
 
     folder = _series(tmp_path / "series", patient_name="ANONYMOUS")  # anonymised data: no "^" in the name
@@ -151,3 +151,8 @@ def test_dicom_sr_without_highdicom_says_how_to_install_it(tmp_path, monkeypatch
                  str(tmp_path / "out"), "--format", "dicom-sr"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install -e ".[dicom-sr]"' in err and "pip install highdicom" in err
+    from medetect.detection.outputs import write_dicom_sr
+
+    det = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[dicom-sr\]".*pip install highdicom'):
+        write_dicom_sr(det, MedicalImage(a[None], Geometry.identity(2)), tmp_path / "img.png", ["cell"], tmp_path / "r.dcm")

@@ -22,6 +22,8 @@ from ..data.image import MedicalImage
 __all__ = ["FORMATS", "coco_results", "write_slicer_rois", "write_overlay", "write_dicom_sr"]
 
 FORMATS = ("csv", "coco", "slicer", "dicom-sr")
+NEEDS_HIGHDICOM = ('--format dicom-sr needs the optional package highdicom: pip install -e ".[dicom-sr]" in a medetect '
+                   "checkout, or pip install highdicom")
 SLICER_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
                  "markups-schema-v1.0.3.json#")
 
@@ -121,8 +123,7 @@ def write_dicom_sr(det: dict, image: MedicalImage, source: Path, names: Sequence
         import pydicom
         from pydicom.sr.codedict import codes
     except ImportError as e:
-        raise ValueError('--format dicom-sr needs the optional package highdicom: pip install -e ".[dicom-sr]" in a '
-                         "medetect checkout, or pip install highdicom") from e
+        raise ValueError(NEEDS_HIGHDICOM) from e
     files = sorted(source.glob("*")) if source.is_dir() else [source]
     refs = []
     for f in files:

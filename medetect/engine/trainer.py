@@ -389,7 +389,7 @@ class Trainer:
             w.writeheader()
         w.writerow(row)
         if new:
-            atomic_write_text(path, buf.getvalue())  # header and first row together: never a file without its header
+            write_text_atomically(path, buf.getvalue())  # header and first row together: never a file without its header
         else:
             with open(path, "a", newline="") as f:
                 f.write(buf.getvalue())  # one write of one whole line

@@ -334,9 +334,8 @@ def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Pre
 
 
 def _load_state(model: torch.nn.Module, weights: Path) -> None:
-    from safetensors.torch import load_file
-
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     check_safetensors_file(weights)
     try:
