@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,19 @@ def test_cli_errors_name_the_problem(tmp_path, tiny_weights, capsys):
     bad.write_text("model:\n  backbone: resnet19\n")
     assert main(["train", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
     assert "model.backbone" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys):
+    import subprocess
+    import sys
+
+    import medetect
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"medetect {medetect.__version__}\n"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "medetect", "--version"], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"medetect {medetect.__version__}\n", "")

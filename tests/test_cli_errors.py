@@ -205,3 +205,15 @@ def test_grey_image_for_a_colour_model_warns_in_one_line(tmp_path, capsys):
     from medetect.cli import _format_warning
 
     assert _format_warning("x: y", UserWarning, "f.py", 1) == "medetect: warning: x: y\n"
+
+
+def test_a_truncated_model_file_is_one_sentence_naming_it(tmp_path, capsys):
+    blob = (SHIPPED / "bccd_faster_rcnn.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[: len(blob) // 2])
+    img = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 24)).save(img)
+    assert main(["predict", "--weights", str(cut), str(img), "--out", str(tmp_path / "out")]) == 2
+    _one_sentence(capsys, f"medetect predict: error: {cut} is truncated or damaged")

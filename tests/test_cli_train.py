@@ -4,6 +4,7 @@ before the run folder exists, and the final line is strict JSON (issue 14, trial
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
@@ -102,3 +103,88 @@ def test_luna_train_refuses_a_used_run_folder(tmp_path, capsys):
     assert main(["luna", "train", "--config", str(Path(__file__).parents[1] / "configs" / "luna_fpr.yaml"),
                  "--run-dir", str(tmp_path / "r2")]) == 2
     assert "task: luna-detection" in capsys.readouterr().err
+
+
+def _resume_line(capsys, prog: str) -> list[str]:
+    """The one line a Ctrl-C leaves on stderr -> the resume command's words (without the leading ``medetect``)."""
+    import shlex
+
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    head, sep, cmd = lines[0].partition("; resume with: ")
+    assert head == f"{prog}: interrupted" and sep, lines[0]
+    words = shlex.split(cmd)
+    assert words[0] == "medetect" and words[-1] == "--resume"
+    return words[1:]
+
+
+def test_ctrl_c_during_train_names_the_resume_command_and_it_resumes(tiny_cfg, tmp_path, capsys, monkeypatch):
+    from medetect.engine.trainer import Trainer
+
+    run = tmp_path / "run dir"  # a space: the command must be quoted for the shell
+    real_save = Trainer._save
+
+    def save_then_ctrl_c(self):
+        real_save(self)
+        raise KeyboardInterrupt  # Ctrl-C right after the first epoch's checkpoint
+
+    monkeypatch.setattr(Trainer, "_save", save_then_ctrl_c)
+    argv = ["train", str(tiny_cfg), "--run-dir", str(run), "--epochs", "2", "--threads", "1"]
+    assert main(argv) == 130
+    words = _resume_line(capsys, "medetect train")
+    assert words == argv + ["--resume"]
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    assert main(words) == 0  # the command it names continues the run
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [1, 2]
+
+
+def test_ctrl_c_resume_command_drops_overwrite_and_names_the_default_run_dir(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import medetect.apps.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medetect.apps.train, "train", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "tiny.yaml", "--over", "--set", "train.lr=0.01"]) == 130  # --over: argparse's abbreviation
+    assert _resume_line(capsys, "medetect train") == ["train", "tiny.yaml", "--set", "train.lr=0.01", "--run-dir",
+                                                      str(Path("runs") / "tiny"), "--resume"]
+    assert main(["train", "tiny.yaml", "--resume", "--run-dir=r"]) == 130
+    assert _resume_line(capsys, "medetect train") == ["train", "tiny.yaml", "--run-dir=r", "--resume"]
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        main(["train", "tiny.yaml", "--debug"])
+
+
+def test_ctrl_c_during_luna_and_lineage_training_names_the_resume_command(tmp_path, capsys, monkeypatch):
+    import medetect.apps.train
+    import medetect.lineage.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medetect.apps.train, "train", interrupted)
+    monkeypatch.setattr(medetect.lineage.train, "train_lineage", interrupted)
+    (tmp_path / "luna").mkdir()
+    (tmp_path / "voc").mkdir()
+    cases = [
+        ("medetect luna train", ["luna", "train", str(tmp_path / "luna"), "--run-dir", str(tmp_path / "r1")]),
+        ("medetect luna-fpr train", ["luna-fpr", "train", str(tmp_path / "luna"), "--run-dir", str(tmp_path / "r2"),
+                                     "--overwrite"]),
+        ("medetect lineage train", ["lineage", "train", "--data", f"{tmp_path / 'voc'}:train", "--out",
+                                    str(tmp_path / "lin"), "--steps", "yolo"]),
+    ]
+    for prog, argv in cases:
+        assert main(argv) == 130, prog
+        assert _resume_line(capsys, prog) == [w for w in argv if w != "--overwrite"] + ["--resume"]
+
+
+def test_ctrl_c_elsewhere_is_one_line_without_a_resume_command(tmp_path, capsys, monkeypatch):
+    import medetect.apps.predict
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medetect.apps.predict, "predict_paths", interrupted)
+    assert main(["predict", "--weights", "w.safetensors", "x.png", "--out", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "medetect predict: interrupted"

@@ -358,6 +358,38 @@ def test_metrics_csv_has_header_and_rows(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
 
 
+def test_steps_csv_is_written_for_epochs_shorter_than_log_every_and_resumes(tmp_path):
+    cfg = _train_config(epochs=2, log_every=10, optimizer="sgd", lr=0.1)  # 2 steps per epoch, a row every 10 steps
+    first = Trainer(model=NaNAfter(k=100), train_data=SquaresDataset(4), config=cfg, run_dir=tmp_path, progress=False)
+    real_save = first._save
+
+    def save_then_die():
+        real_save()
+        if first.epoch == 2:
+            raise _Killed
+
+    first._save = save_then_die
+    with pytest.raises(_Killed):
+        first.fit()
+    lines = (tmp_path / "steps.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["epoch", "fit", "images_per_s", "loss", "lr", "other", "step"]
+    rows = list(csv.DictReader(lines))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(1, 2), (2, 4)]  # each epoch's last step
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    with open(tmp_path / "steps.csv", "a", newline="") as f:  # a row the killed run logged after its checkpoint
+        f.write("3,0.1,1.0,0.1,0.01,0.5,5\r\n")
+    cfg3 = _train_config(epochs=3, log_every=10, optimizer="sgd", lr=0.1)
+    second = Trainer(model=NaNAfter(k=100), train_data=SquaresDataset(4), config=cfg3, run_dir=tmp_path, progress=False)
+    assert second.resume() and second.step == 4
+    second.fit()
+    rows = list(csv.DictReader(open(tmp_path / "steps.csv", newline="")))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(1, 2), (2, 4), (3, 6)]
+    cfg_every = _train_config(epochs=1, log_every=2, optimizer="sgd", lr=0.1)  # the last step is already logged
+    Trainer(model=NaNAfter(k=100), train_data=SquaresDataset(4), config=cfg_every, run_dir=tmp_path / "b",
+            progress=False).fit()
+    assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "steps.csv", newline=""))] == [2]
+
+
 @pytest.mark.parametrize(
     "change,key",
     [

@@ -155,6 +155,32 @@ def test_missing_file_and_foreign_safetensors(tmp_path):
         load_model(tmp_path / "foreign.safetensors")
 
 
+def test_a_model_file_cut_short_or_lengthened_names_the_file(tmp_path, monkeypatch):
+    import medetect.apps
+    import safetensors.torch
+
+    path = save_model(_tiny_fpr(), tmp_path / "m.safetensors", kind="fpr", preprocess=Preprocess(ndim=3),
+                      classes=["nodule"])
+    blob = path.read_bytes()
+    header = 8 + int.from_bytes(blob[:8], "little")
+    cut, long = tmp_path / "cut.safetensors", tmp_path / "long.safetensors"
+    cut.write_bytes(blob[: header + (len(blob) - header) // 2])  # the header intact, half of the tensor data
+    long.write_bytes(blob + b"\0" * 16)
+
+    def boom(*a, **k):  # the length check comes BEFORE safetensors reads the file
+        raise AssertionError("safetensors read a file that failed the length check")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", boom)
+    for f, have in ((cut, (len(blob) - header) // 2), (long, len(blob) - header + 16)):
+        msg = f"{f} is truncated or damaged: its header describes {len(blob) - header} bytes of tensor data but the file holds {have}"
+        for load in (load_model, medetect.apps.load_model, read_metadata):
+            with pytest.raises(ValueError) as e:
+                load(f)
+            assert str(e.value).startswith(msg), str(e.value)
+    monkeypatch.undo()
+    assert load_model(path).kind == "fpr"  # the intact file still loads
+
+
 # ------------------------------------------------------------------------------------------------ old formats, run folders
 
 

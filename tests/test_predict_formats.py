@@ -104,3 +104,55 @@ def test_dicom_sr_reads_back_and_references_the_series(tmp_path):
     assert str(groups[0].roi.GraphicType) == "POLYGON"
     refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert len(refs) == 6
+
+
+def _series(folder: Path, patient_name: str | None = None) -> Path:
+    import pydicom
+
+    from test_io import make_dicom
+
+    folder.mkdir()
+    for k in range(3):
+        px = np.full((24, 28), 100, np.uint16)
+        px[6:14, 8:18] = 1500
+        f = make_dicom(folder / f"s{k}.dcm", px, ipp=(0.0, 0.0, 2.0 * k), instance=k + 1)
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = "1.2.3.4.99"
+        if patient_name is not None:
+            ds.PatientName = patient_name
+        ds.save_as(f)
+    return folder
+
+
+def test_dicom_sr_of_a_one_component_patient_name_warns_nothing(tmp_path):
+    import warnings
+
+    hd = pytest.importorskip("highdicom")
+    from medetect.detection.outputs import write_dicom_sr
+    from medetect.data.io import read_image
+
+    folder = _series(tmp_path / "series", patient_name="ANONYMOUS")  # anonymised data: no "^" in the name
+    det = {"boxes": torch.tensor([[0.0, 4, 6, 2, 14, 18]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.8])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_dicom_sr(det, read_image(folder), folder, ["cell", "blob"], tmp_path / "r.sr.dcm")
+        warnings.warn("a later warning still shows", UserWarning)  # the filter ends with the call
+    assert [str(w.message) for w in caught] == ["a later warning still shows"]
+    sr = hd.sr.srread(tmp_path / "r.sr.dcm")
+    assert str(sr.PatientName) == "ANONYMOUS"  # copied from the scan as it is
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 1
+
+
+def test_dicom_sr_without_highdicom_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom -> ImportError, installed or not
+    a = np.full((24, 32), 30, np.uint8)
+    Image.fromarray(a).save(tmp_path / "img.png")
+    assert main(["predict", "--weights", str(_weights(tmp_path, 2)), str(tmp_path / "img.png"), "--out",
+                 str(tmp_path / "out"), "--format", "dicom-sr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install -e ".[dicom-sr]"' in err and "pip install highdicom" in err
+    from medetect.detection.outputs import write_dicom_sr
+
+    det = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[dicom-sr\]".*pip install highdicom'):
+        write_dicom_sr(det, MedicalImage(a[None], Geometry.identity(2)), tmp_path / "img.png", ["cell"], tmp_path / "r.dcm")

@@ -62,15 +62,16 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-def run_guarded(fn: Callable[[], int], prog: str, debug: bool = False) -> int:
-    """Run ``fn`` and map exceptions to one sentence + exit code (see the module docstring)."""
+def run_guarded(fn: Callable[[], int], prog: str, debug: bool = False, resume: str | None = None) -> int:
+    """Run ``fn`` and map exceptions to one sentence + exit code (see the module docstring). Ctrl-C is one line and
+    exit code 130; ``resume`` (a training command's resuming command line) is named in it."""
     debug = debug or os.environ.get("MEDETECT_DEBUG", "") not in ("", "0")
     try:
         return int(fn() or 0)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted" + (f"; resume with: {resume}" if resume else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         raise

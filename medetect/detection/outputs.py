@@ -10,6 +10,7 @@ Every writer takes one input's detections as :meth:`medetect.engine.predictor.Pr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,8 @@ from ..data.image import MedicalImage
 __all__ = ["FORMATS", "coco_results", "write_slicer_rois", "write_overlay", "write_dicom_sr"]
 
 FORMATS = ("csv", "coco", "slicer", "dicom-sr")
+NEEDS_HIGHDICOM = ('--format dicom-sr needs the optional package highdicom: pip install -e ".[dicom-sr]" in a medetect '
+                   "checkout, or pip install highdicom")
 SLICER_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
                  "markups-schema-v1.0.3.json#")
 
@@ -119,8 +122,8 @@ def write_dicom_sr(det: dict, image: MedicalImage, source: Path, names: Sequence
         import highdicom as hd
         import pydicom
         from pydicom.sr.codedict import codes
-    except ImportError as e:  # pragma: no cover - the optional group
-        raise ValueError("--format dicom-sr needs highdicom: pip install 'medetect[dicom-sr]'") from e
+    except ImportError as e:
+        raise ValueError(NEEDS_HIGHDICOM) from e
     files = sorted(source.glob("*")) if source.is_dir() else [source]
     refs = []
     for f in files:
@@ -175,9 +178,14 @@ def write_dicom_sr(det: dict, image: MedicalImage, source: Path, names: Sequence
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion if getattr(refs[0], "Modality", "") == "CT"
         else codes.DCM.ImagingProcedure,
         imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport)
-    sr = hd.sr.Comprehensive3DSR(evidence=refs, content=report[0], series_number=999, series_instance_uid=hd.UID(),
-                                 sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medetect",
-                                 series_description="medetect detections")
+    with warnings.catch_warnings():
+        # highdicom warns when the evidence's PatientName has one component (no "^", e.g. an anonymised "ANONYMOUS"),
+        # which the standard allows; the report copies the name as the scan has it, so that warning only is silenced
+        warnings.filterwarnings("ignore", message=r'The string ".*" is unlikely to represent the intended person name',
+                                category=UserWarning, module=r"highdicom\.")
+        sr = hd.sr.Comprehensive3DSR(evidence=refs, content=report[0], series_number=999,
+                                     series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(), instance_number=1,
+                                     manufacturer="medetect", series_description="medetect detections")
     path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(path)
     return path

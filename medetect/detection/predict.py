@@ -56,7 +56,7 @@ from ..convert import Geometry
 from ..data.io import DICOM_EXTENSIONS, _ext, _has_dicom_preamble
 from ..engine.predictor import Predictor
 from ..engine.tasks import INPUT_ERRORS, PredictInput, PredictOptions, first_line, read_input, stem, write_errors
-from .outputs import coco_results, write_dicom_sr, write_overlay, write_slicer_rois
+from .outputs import NEEDS_HIGHDICOM, coco_results, write_dicom_sr, write_overlay, write_slicer_rois
 
 __all__ = ["check_tile_size", "predict_detections", "predict_named"]
 
@@ -124,7 +124,7 @@ def _check_dicom_sr(inputs: Sequence[PredictInput]) -> None:
     try:
         import highdicom  # noqa: F401
     except ImportError:
-        raise ValueError("--format dicom-sr needs highdicom: pip install 'medetect[dicom-sr]'") from None
+        raise ValueError(NEEDS_HIGHDICOM) from None
     for inp in inputs:
         p = inp.path
         if not (p.is_dir() or _ext(p) in DICOM_EXTENSIONS or (p.is_file() and _has_dicom_preamble(p))):

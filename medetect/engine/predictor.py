@@ -14,8 +14,9 @@ zero-padded at the high end (a stride-32 backbone needs more than one voxel per 
 detections centred in the padding are dropped (``drop_padded``; the first release kept them, clipped to the image
 border, which gave a 1-voxel volume dozens of marks) and boxes are clipped back to the real image.
 
-:meth:`Predictor.predict_image` is the one application path: a :class:`medetect.data.image.MedicalImage` and the
-model's stored :class:`medetect.models.io.Preprocess` -> detections in voxels of the INPUT grid and in world mm.
+:meth:`Predictor.predict_image` is the one application path: an image (a :class:`medetect.data.image.MedicalImage`,
+a numpy array or a file, see :func:`as_medical_image`) and the model's stored :class:`medetect.models.io.Preprocess`
+-> detections in voxels of the INPUT grid and in world mm.
 """
 
 from __future__ import annotations
@@ -23,19 +24,76 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 from ..boxes import _intersection, batched_nms, box_area, clip_boxes, fuse_views
+
+if TYPE_CHECKING:
+    from ..data.image import MedicalImage
+    from ..models.io import Preprocess
 
 
 def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[N, 2d] x [M, 2d] -> [N, M]`` intersection volumes."""
     return _intersection(a[:, None, :], b[None, :, :], a.shape[1] // 2)
 
-__all__ = ["Predictor", "tile_origins"]
+__all__ = ["Predictor", "as_medical_image", "tile_origins"]
+
+
+def as_medical_image(image, preprocess: Preprocess, *, spacing: Sequence[float] | None = None,
+                     origin: Sequence[float] | None = None) -> MedicalImage:
+    """What :meth:`Predictor.predict_image` takes -> a :class:`~medetect.data.image.MedicalImage`.
+
+    * a ``MedicalImage``: as is;
+    * a path (``str`` / ``os.PathLike``): :func:`medetect.data.io.read_image` (any supported file or DICOM folder);
+    * a numpy array, read the way the model's ``preprocess`` says: for a 2D model ``H x W`` (grey) or
+      ``H x W x C`` with C = 1, 3 or 4 (channels last, as ``np.asarray(PIL.Image.open(...))`` gives; a 4th, alpha,
+      channel is dropped as the image readers drop it, unless the model takes 4 channels); for a 3D model a volume
+      ``Z x Y x X``. The array becomes channels first ``[C, *spatial]`` (a view, values and dtype unchanged) with
+      ``spacing`` (mm per array axis, default 1) and ``origin`` (world ``x, y[, z]`` mm of voxel 0's centre,
+      default 0) and the identity direction.
+
+    ``spacing`` and ``origin`` go with arrays only: a MedicalImage or a file carries its own geometry."""
+    from ..convert import Geometry
+    from ..data.image import MedicalImage
+
+    if isinstance(image, MedicalImage) or isinstance(image, (str, os.PathLike)):
+        if spacing is not None or origin is not None:
+            raise ValueError("spacing and origin go with a numpy array; a MedicalImage or a file carries its own "
+                             "geometry")
+        if isinstance(image, MedicalImage):
+            return image
+        from ..data.io import read_image
+
+        return read_image(image)
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a MedicalImage, a numpy array or a path, got {type(image).__name__}")
+    d, shape = preprocess.ndim, tuple(image.shape)
+    meta: dict = {"format": "array"}
+    if image.ndim == d:
+        array = image[None]
+    elif d == 2 and image.ndim == 3 and shape[2] in (1, 3, 4):
+        array = np.moveaxis(image, -1, 0)
+        if shape[2] == 4 and preprocess.channels != 4:
+            array, meta["alpha_dropped"] = array[:3], True
+    else:
+        want = ("H x W (grey) or H x W x C with C = 1, 3 or 4 (channels last)" if d == 2 else
+                "Z x Y x X" if d == 3 else f"{d} axes")
+        raise ValueError(f"image: the model takes {d}D inputs, as a numpy array of shape {want}; got shape {shape}")
+    if array.shape[0] in (1, 3):
+        meta["photometric"] = "MONOCHROME2" if array.shape[0] == 1 else "RGB"
+    for name, value in (("spacing", spacing), ("origin", origin)):
+        if value is not None and len(value) != d:
+            raise ValueError(f"{name} must have {d} entries for a {d}D image, got {tuple(value)}")
+    geometry = Geometry.identity(d, spacing)
+    if origin is not None:
+        geometry = Geometry(geometry.spacing, tuple(origin), geometry.direction)
+    return MedicalImage(array, geometry, meta)
 
 
 def tile_origins(size: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
@@ -228,8 +286,11 @@ class Predictor:
     def predict_many(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return [self.predict(im) for im in images]
 
-    def predict_image(self, image, preprocess, *, allow_range_mismatch: bool = False) -> dict[str, torch.Tensor]:
-        """A :class:`MedicalImage` through the model's stored ``preprocess`` (:func:`medetect.data.preprocess.prepare`)
+    def predict_image(self, image, preprocess: Preprocess, *, allow_range_mismatch: bool = False,
+                      spacing: Sequence[float] | None = None,
+                      origin: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+        """An image (a :class:`MedicalImage`, a numpy array with optional ``spacing`` and ``origin``, or a path; see
+        :func:`as_medical_image`) through the model's stored ``preprocess`` (:func:`medetect.data.preprocess.prepare`)
         -> ``{"boxes" [N, 2d] float64 in voxels of the INPUT grid, "scores", "labels", "centres_world" [N, d]
         (x, y[, z] mm), "extent_mm" [N, d] (array order), "diameters_mm" [N]}``, sorted by score (descending).
         With ``preprocess.pyramid`` the model also runs on each coarser level; the levels' detections, on the input
@@ -240,6 +301,7 @@ class Predictor:
         from ..convert import boxes_to_luna
         from ..data.preprocess import prepare
 
+        image = as_medical_image(image, preprocess, spacing=spacing, origin=origin)
         prep = prepare(image, preprocess, allow_range_mismatch=allow_range_mismatch)
         det = self.predict(prep.tensor)
         boxes = prep.to_input(det["boxes"])

@@ -1,7 +1,8 @@
 """Training loop: bf16 autocast on GPU, gradient clipping, warm-up + cosine/step schedule, a checkpoint every epoch,
 exact ``resume``, a NaN-loss guard, progress bar (on a terminal; plain lines in a log), CSV metrics (``metrics.csv``
-one row per epoch, ``steps.csv`` every ``log_every`` steps; TensorBoard when installed), ``curves.png`` and the best
-validation epoch (``best.json`` + ``best.safetensors``, see :mod:`medetect.engine.curves`), seeds, DDP via torchrun.
+one row per epoch, ``steps.csv`` every ``log_every`` steps and at the last step of every epoch, so a short epoch
+logs too; a new file is written whole, rows are appended one whole line at a time; TensorBoard when installed),
+``curves.png`` and the best validation epoch (``best.json`` + ``best.safetensors``, see :mod:`medetect.engine.curves`), seeds, DDP via torchrun.
 
 Resuming is exact at epoch granularity: the data order of epoch ``e`` depends only on ``(seed, e)``, and the model,
 optimizer, scheduler and RNG states are restored from the last complete checkpoint.
@@ -365,7 +366,7 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.run_dir / name
-        new = not path.exists()
+        new = not path.exists() or path.stat().st_size == 0
         keys = sorted(row)
         if not new:
             with open(path) as f:
@@ -382,11 +383,16 @@ class Trainer:
                 write_text_atomically(path, buf.getvalue())  # a kill during the rewrite leaves the old file whole
             else:
                 keys = header
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, restval="")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, restval="")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        if new:
+            write_text_atomically(path, buf.getvalue())  # header and first row together: never a file without its header
+        else:
+            with open(path, "a", newline="") as f:
+                f.write(buf.getvalue())  # one write of one whole line
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -464,11 +470,12 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{total:.3f}", img_s=f"{rate:.1f}")
                     bar.update(1)
-                if self.step % self.cfg.log_every == 0:
+                last = i + 1 >= self.steps_per_epoch or i + 1 >= len(self.loader)
+                if self.step % self.cfg.log_every == 0 or last:  # and the epoch's last step: short epochs too
                     lr = self.sched.get_last_lr()[0]
                     self._log({"epoch": self.epoch + 1, "step": self.step, "loss": total, "lr": lr, "images_per_s": rate,
                                **vals}, "steps.csv")
-                    if self.progress and bar is None:
+                    if self.progress and bar is None and self.step % self.cfg.log_every == 0:
                         print(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {i + 1}/{self.steps_per_epoch} "
                               f"loss={total:.4g} lr={lr:.3g} images_per_s={rate:.3g}", flush=True)
             if bar is not None:

@@ -221,7 +221,9 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, kind: str, pr
 
 def check_safetensors_file(path: str | os.PathLike) -> dict:
     """The JSON header of a safetensors file, read by hand BEFORE safetensors opens it: anything that is not one
-    (a pickle ``.pt``, a renamed pickle, a text file, a truncated file) raises one friendly ``ValueError``."""
+    (a pickle ``.pt``, a renamed pickle, a text file, a truncated file) raises one friendly ``ValueError``. A file
+    whose header is intact but whose tensor data is shorter (or longer) than the header's offsets say, e.g. a copy
+    cut short, is "truncated or damaged", with both lengths."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -243,6 +245,14 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
         raise bad from None
     if not isinstance(header, dict):
         raise bad
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2]
+    if not all(isinstance(v, int) for v in ends):
+        raise bad
+    need, have = max(ends, default=0), size - 8 - n
+    if have != need:
+        raise ValueError(f"{path} is truncated or damaged: its header describes {need} bytes of tensor data but the "
+                         f"file holds {have} (an interrupted download or copy?); fetch or copy it again")
     return header
 
 
@@ -327,10 +337,14 @@ def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Pre
 
 
 def _load_state(model: torch.nn.Module, weights: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     check_safetensors_file(weights)
-    sd = load_file(str(weights))
+    try:
+        sd = load_file(str(weights))
+    except SafetensorError as e:  # damage the header check cannot see (e.g. overlapping offsets)
+        raise ValueError(f"{weights} is truncated or damaged: {e}") from None
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
