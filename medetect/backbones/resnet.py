@@ -99,6 +99,7 @@ class ResNet(nn.Module):
                 cin = width * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
+        self.levels = (2, 3, 4, 5)
         self.out_channels = [base_width * 2**i * block.expansion for i in range(4)]
         s0 = (stem_stride,) * ndim if isinstance(stem_stride, int) else tuple(int(s) for s in stem_stride)
         if len(s0) != ndim:

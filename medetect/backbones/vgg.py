@@ -31,6 +31,8 @@ class VGG16(nn.Module):
                 cin = w
             stages.append(nn.Sequential(*mods))
         self.stages = nn.ModuleList(stages)
+        self.ndim = ndim
+        self.levels = (3, 4, 5)
         self.out_channels = widths[2:]
         self.strides = [(4,) * ndim, (8,) * ndim, (16,) * ndim]
 

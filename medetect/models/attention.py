@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.pretrained import check_pretrained_options, load_pretrained
 from ..backbones.resnet import RESNET_DEPTHS, ResNet
-from ..layers.nd import NORM_KINDS, conv
+from ..layers.nd import NORM_KINDS, conv, freeze_batch_norm
 from ..schema import check, option
 
 __all__ = ["ATTENTION_KINDS", "AttentionConfig", "AttentionClassifier", "build_attention", "grad_cam",
@@ -58,7 +59,14 @@ class AttentionConfig:
     feature_level: int = option(4, doc="feature map used (c2: stride 4, c3: stride 8, c4: stride 16, c5: stride 32; "
                                 "halved without stem_pool)", ge=2, le=5)
     stem_pool: bool = option(True, doc="max-pool after the stem (false: every stride halved, a finer attention map)")
-    norm: str = option("group", doc="normalisation layer (see medetect.layers.nd.norm)", choices=NORM_KINDS)
+    norm: str = option("group", doc="normalisation layer (see medetect.layers.nd.norm); pretrained weights need "
+                       "batch", choices=NORM_KINDS)
+    backbone_weights: str = option("", doc="start the ResNet from a torchvision-format state dict of the same depth "
+                                   "(.pth/.pt read as tensors only, or .safetensors; base_width 64, norm batch): fc "
+                                   "skipped, 3D kernels inflated from 2D, in_channels 1 sums the RGB kernels of the "
+                                   "first conv (see medetect.backbones.pretrained); empty: random start", path=True)
+    freeze_bn: bool = option(False, doc="freeze the ResNet's BatchNorm statistics and affine; only with "
+                             "backbone_weights (a random start always trains its normalisation)")
     attention: str = option("softmax", doc="softmax (a distribution over the grid), sigmoid (per-voxel gate) or "
                             "none (plain classifier, global average pooling; saliency by Grad-CAM)",
                             choices=ATTENTION_KINDS)
@@ -73,6 +81,8 @@ class AttentionConfig:
 
     def validate(self, prefix: str = "model") -> None:
         check(self, prefix)
+        check_pretrained_options(backbone=f"resnet{self.depth}", norm=self.norm, weights=self.backbone_weights,
+                                 freeze_bn=self.freeze_bn, prefix=prefix)
         if self.attention == "none" and self.attention_weight > 0:
             raise ValueError(f"{prefix}.attention_weight must be 0 when {prefix}.attention is none (the plain "
                              f"classifier has no attention map to supervise), got {self.attention_weight:g}")
@@ -214,7 +224,15 @@ def grad_cam(model: AttentionClassifier, images: torch.Tensor, class_index: int 
     return {"logits": out["logits"].detach(), "saliency": cam.reshape(feats.shape[0], *feats.shape[2:])}
 
 
-def build_attention(config: AttentionConfig | dict | None = None) -> AttentionClassifier:
+def build_attention(config: AttentionConfig | dict | None = None, *, pretrained: bool = True) -> AttentionClassifier:
+    """The classifier of ``config``; ``pretrained``: load ``backbone_weights`` into its ResNet (False when a model
+    file's own weights follow). ``freeze_bn`` freezes the ResNet's BatchNorm."""
     if isinstance(config, dict):
         config = AttentionConfig(**config)
-    return AttentionClassifier(config)
+    model = AttentionClassifier(config)
+    cfg = model.config
+    if pretrained and cfg.backbone_weights:
+        load_pretrained(model.backbone, f"resnet{cfg.depth}", cfg.backbone_weights, key="model.backbone_weights")
+    if cfg.freeze_bn:
+        freeze_batch_norm(model.backbone)
+    return model

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ..anchors import AnchorGenerator
-from ..backbones.resnet import ResNet
-from ..backbones.vgg import VGG16
+from ..backbones import BACKBONES, build_backbone
+from ..backbones.pretrained import NAMED_WEIGHTS, check_pretrained_options, load_pretrained
 from ..layers.fpn import FPN
-from ..layers.nd import NORM_KINDS
+from ..layers.nd import NORM_KINDS, freeze_batch_norm
 from ..schema import check, option
 from .retinanet import RetinaHead, RetinaNetHead
 from .roi_heads import ROI_POOL_MODES, FastRCNNPredictor, MultiLevelRoIAlign, RoIHeads, TwoMLPHead
@@ -34,7 +34,6 @@ from .yolo import LAMBDA_COORD, LAMBDA_NOOBJ, YoloHead
 
 __all__ = ["Detector", "DetectorConfig", "build_detector", "BACKBONES", "ARCHITECTURES"]
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16")
 ARCHITECTURES = ("faster_rcnn", "fast_rcnn", "retinanet", "yolo")
 TWO_STAGE = ("faster_rcnn", "fast_rcnn")  # RoI heads on proposals
 
@@ -48,10 +47,23 @@ class DetectorConfig:
     in_channels: int = option(3, doc="image channels (1 for CT / mammograms, 3 for RGB microscopy)", ge=1)
     num_classes: int = option(1, doc="object classes, background excluded", ge=1)
     class_names: list[str] = option([], doc="names of labels 0..K-1 (optional; carried into reports)")
-    backbone: str = option("resnet18", doc="feature extractor", choices=BACKBONES)
-    base_width: int = option(64, doc="channels of the first stage (64 = the papers; smaller for CPU training)", ge=1)
-    norm: str = option("group", doc="normalisation layer; GroupNorm trains from scratch with small batches",
-                       choices=NORM_KINDS)
+    backbone: str = option("resnet18", doc="feature extractor (efficientnet_lite0: MBConv blocks with ReLU6, "
+                           "features at strides 4-32 like ResNet's)", choices=BACKBONES)
+    backbone_weights: str = option("", doc="start the backbone from pretrained weights: a torchvision-format state "
+                                   "dict (.pth/.pt, read as tensors only, or .safetensors) of resnet18/34/50 or "
+                                   "vgg16 (norm none; vgg16_bn: norm batch), or " + ", ".join(NAMED_WEIGHTS) +
+                                   " (the extra medetect[pretrained]); the classifier is skipped, 3D kernels are "
+                                   "inflated from 2D (repeated along depth / depth), in_channels 1 sums the RGB "
+                                   "kernels of the first conv; inputs should be normalised like the weights' "
+                                   "training data (ImageNet: data.mean [0.485, 0.456, 0.406], data.std [0.229, "
+                                   "0.224, 0.225]); empty: random start", path=True)
+    freeze_bn: bool = option(False, doc="freeze the backbone's BatchNorm statistics and affine (as torchvision's "
+                             "detection models do with small batches); only with backbone_weights and norm batch: "
+                             "a random start always trains its normalisation")
+    base_width: int = option(64, doc="channels of the first stage (64 = the papers; smaller for CPU training; "
+                             "efficientnet_lite0 scales its published widths by base_width / 64)", ge=1)
+    norm: str = option("group", doc="normalisation layer; GroupNorm trains from scratch with small batches; "
+                       "pretrained ResNet / EfficientNet weights need batch", choices=NORM_KINDS)
     stem_stride: list[int] | int = option(2, doc="first conv stride; a list gives one per axis for anisotropic "
                                           "volumes, e.g. [1, 2, 2]", ge=1)
     fpn_channels: int = option(256, doc="channels of every pyramid level", ge=1)
@@ -105,6 +117,8 @@ class DetectorConfig:
         """Check ranges, choices and cross-field rules that need no building (called when a config is loaded,
         before any data is read, and again by :func:`build_detector`)."""
         check(self, prefix)
+        check_pretrained_options(backbone=self.backbone, norm=self.norm, weights=self.backbone_weights,
+                                 freeze_bn=self.freeze_bn, prefix=prefix)
         for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
             if len(getattr(self, key)) != 2:
                 raise ValueError(f"{prefix}.{key} must be [train, test] (2 numbers), got {getattr(self, key)}")
@@ -211,19 +225,20 @@ def _anchor_generator(cfg: DetectorConfig, strides: Sequence[int]) -> AnchorGene
     return AnchorGenerator.from_sizes(sizes=cfg.anchor_sizes, strides=list(strides), aspect_ratios=ratios, ndim=cfg.ndim)
 
 
-def build_detector(cfg: DetectorConfig) -> Detector:
-    """Build a detector from its config (the one place where parts are chosen)."""
+def build_detector(cfg: DetectorConfig, *, pretrained: bool = True) -> Detector:
+    """Build a detector from its config (the one place where parts are chosen). ``pretrained``: load
+    ``backbone_weights`` (False when a model file's own weights follow, so the file need not be there)."""
     cfg.validate()
     d = cfg.ndim
     stem = cfg.stem_stride if isinstance(cfg.stem_stride, int) else tuple(cfg.stem_stride)
-    if cfg.backbone == "vgg16":
-        body = VGG16(ndim=d, in_channels=cfg.in_channels, base_width=cfg.base_width, norm_kind=cfg.norm)
-        stage_channels = dict(zip((3, 4, 5), body.out_channels))
-        stage_strides = dict(zip((3, 4, 5), body.strides))
-    else:
-        body = ResNet(depth=int(cfg.backbone[6:]), ndim=d, in_channels=cfg.in_channels, base_width=cfg.base_width, norm_kind=cfg.norm, stem_stride=stem)
-        stage_channels = dict(zip((2, 3, 4, 5), body.out_channels))
-        stage_strides = dict(zip((2, 3, 4, 5), body.strides))
+    body = build_backbone(cfg.backbone, ndim=d, in_channels=cfg.in_channels, base_width=cfg.base_width,
+                          norm_kind=cfg.norm, stem_stride=stem)
+    if pretrained and cfg.backbone_weights:
+        load_pretrained(body, cfg.backbone, cfg.backbone_weights, key="model.backbone_weights")
+    if cfg.freeze_bn:  # validate() allows it only with backbone_weights
+        freeze_batch_norm(body)
+    stage_channels = dict(zip(body.levels, body.out_channels))
+    stage_strides = dict(zip(body.levels, body.strides))
     bad = [lv for lv in cfg.levels if lv not in stage_channels]
     if bad:
         raise ValueError(f"model.levels {cfg.levels} includes {bad}; {cfg.backbone} offers {sorted(stage_channels)}")

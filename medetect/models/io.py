@@ -161,7 +161,7 @@ class LoadedModel:
 
 
 def _build_detector(config: dict) -> torch.nn.Module:
-    return build_detector(DetectorConfig(**config))
+    return build_detector(DetectorConfig(**config), pretrained=False)  # the file holds the weights
 
 
 def _build_fpr(config: dict) -> torch.nn.Module:
@@ -169,7 +169,7 @@ def _build_fpr(config: dict) -> torch.nn.Module:
 
 
 def _build_attention(config: dict) -> torch.nn.Module:
-    return build_attention(AttentionConfig(**config))
+    return build_attention(AttentionConfig(**config), pretrained=False)
 
 
 def _build_localizer(config: dict) -> torch.nn.Module:
