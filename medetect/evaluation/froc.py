@@ -379,7 +379,8 @@ class FROCResult:
     ``fps`` are the 7 operating points (FPs per scan), ``sensitivities`` the interpolated
     sensitivities there, ``cpm`` their mean. ``*_ci_low``/``*_ci_high`` are the bootstrap bounds
     (None without bootstrap). ``curve_*`` is the official FROC curve (``computeFROC`` output);
-    ``bootstrap_*`` the official bootstrap band on ``np.linspace(0.125, 8, 10000)``.
+    ``bootstrap_*`` the official bootstrap band on ``np.linspace(0.125, 8, 10000)``. :meth:`to_dict` is the JSON
+    report; its ``undefined`` mapping gives the reason of each null interval.
     """
 
     fps: np.ndarray
@@ -452,7 +453,13 @@ class FROCResult:
             "n_bootstrap_valid": self.n_bootstrap_valid,
             "seed": self.seed,
             "max_marks_per_scan": self.max_marks_per_scan,
+            "undefined": {},  # {key: reason} of the null metrics (medetect.evaluation.froc_core's convention)
         }
+        if self.sensitivities_ci_low is None:
+            why = ("no bootstrap (n_bootstrap is 0)" if self.n_bootstrap == 0
+                   else "no bootstrap resample holds a nodule")
+            out["undefined"] = dict.fromkeys(("sensitivities_ci_low", "sensitivities_ci_high", "cpm_ci_low",
+                                              "cpm_ci_high"), why)
         if include_curve:
             thr = self.curve_thresholds.tolist()
             out["curve"] = {
