@@ -176,10 +176,11 @@ def attention_metrics(scores, labels, saliencies, centres, radii, patients, *, c
     for k, v in full.items():
         set_metric(res, k, v, reasons[k])
     sens = points.sensitivity_at(FROC_FP_RATES)
-    res["attention_froc"] = {f"{f:g}": (round(float(v), 4) if np.isfinite(v) else None)
-                             for f, v in zip(FROC_FP_RATES, sens)}
-    if not np.isfinite(sens).all():
-        note_undefined(res, "attention_froc", reasons["attention_froc_mean"])
+    res["attention_froc"] = {}
+    for f, v in zip(FROC_FP_RATES, sens):
+        res["attention_froc"][f"{f:g}"] = round(float(v), 4) if np.isfinite(v) else None
+        if not np.isfinite(v):
+            note_undefined(res, f"attention_froc/{f:g}", reasons["attention_froc_mean"])
     pats = np.asarray([str(p) for p in patients])
     uniq, inv = np.unique(pats, return_inverse=True)
     members = [np.nonzero(inv == j)[0] for j in range(len(uniq))]
