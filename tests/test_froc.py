@@ -293,6 +293,17 @@ def test_hand_computed_case(hand_files):
     np.testing.assert_array_equal(r.sensitivities, ref["sens"])
 
 
+def test_report_names_why_the_intervals_are_null(hand_files):
+    r = F.froc(hand_files["ann"], hand_files["pred"], excluded=hand_files["exc"],
+               seriesuids=hand_files["series"], n_bootstrap=0)
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["cpm_ci_low"] is None and d["undefined"]["cpm_ci_low"] == "no bootstrap (n_bootstrap is 0)"
+    assert set(d["undefined"]) == {"sensitivities_ci_low", "sensitivities_ci_high", "cpm_ci_low", "cpm_ci_high"}
+    r = F.froc(hand_files["ann"], hand_files["pred"], excluded=hand_files["exc"],
+               seriesuids=hand_files["series"], n_bootstrap=20)
+    assert r.to_dict()["undefined"] == {}
+
+
 def test_without_excluded_file_the_mark_on_the_excluded_finding_is_fp(hand_files):
     r = F.froc(hand_files["ann"], hand_files["pred"], seriesuids=hand_files["series"], n_bootstrap=0)
     assert (r.n_fp, r.n_ignored) == (5, 0)

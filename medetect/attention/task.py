@@ -37,7 +37,8 @@ def _report(res: dict) -> str:
               "attention_froc_mean"):
         lo, hi = res.get(f"{k}_ci") or (None, None)
         ci = f"({lo:.3f}-{hi:.3f})" if lo is not None else ""
-        lines.append(f"{k:>22s}: {res[k]:.4f} {ci}" if res[k] is not None else f"{k:>22s}: undefined")
+        lines.append(f"{k:>22s}: {res[k]:.4f} {ci}" if res[k] is not None
+                     else f"{k:>22s}: undefined ({res.get('undefined', {}).get(k, 'no value')})")
     return "\n".join(lines)
 
 

@@ -53,7 +53,9 @@ def _val_metrics(method: str):
         # radii are in input pixels: spacing 1 / zoom turns them into prepared-grid voxels
         m = attention_metrics(r["scores"], r["labels"], r["saliencies"], r["centres"], r["radii"], r["patients"],
                               spacing=r["spacings"][0], n_boot=0)
-        return {f"val_{k}": v for k, v in m.items() if isinstance(v, float)}
+        # the scalar metrics; an undefined one (None in the report) is NaN here, which the trainer skips
+        return {f"val_{k}": float("nan") if v is None else v for k, v in m.items()
+                if isinstance(v, float) or (v is None and k in m["undefined"])}
 
     return evaluate
 

@@ -99,6 +99,9 @@ def format_detection_report(res: dict) -> str:
     lines += [f"  AP@0.5 {name:>12s}: {ap:.4f}" for name, ap in res["ap50_per_class"].items()]
     if "froc" in res:
         f = res["froc"]
-        lines.append(f"FROC (IoU > {f['iou_threshold']}, {f['lesions']} lesions in {f['images']} images): CPM "
-                     f"{f['cpm']:.4f}; " + ", ".join(f"{k} FP/img {v:.3f}" for k, v in f["sensitivity_at"].items()))
+        if f["cpm"] is None:  # no ground-truth box
+            lines.append(f"FROC: undefined ({f['undefined']['cpm']})")
+        else:
+            lines.append(f"FROC (IoU >= {f['iou_threshold']}, {f['lesions']} lesions in {f['images']} images): CPM "
+                         f"{f['cpm']:.4f}; " + ", ".join(f"{k} FP/img {v:.3f}" for k, v in f["sensitivity_at"].items()))
     return "\n".join(lines)

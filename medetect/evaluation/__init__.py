@@ -1,4 +1,5 @@
-"""Evaluation: VOC/COCO mAP for any d, LUNA16 FROC/CPM (``medetect.evaluation.froc.froc``), PR-curve plots.
+"""Evaluation: VOC/COCO mAP for any d, LUNA16 FROC/CPM (``medetect.evaluation.froc.froc``), PR-curve plots. Every
+lesion FROC (LUNA16, mammography, attention, box) runs on the one FROC core, :mod:`medetect.evaluation.froc_core`.
 
 The FROC function is not re-exported here: it would shadow its module ``medetect.evaluation.froc``."""
 

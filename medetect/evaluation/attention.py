@@ -11,12 +11,18 @@ Inputs per image (any d; maps are on the grid of the image they describe, lesion
 * ``attention_in_lesion``: over images with lesions, the mean fraction of the saliency mass inside the union of the
   lesions (voxel centres inside).
 * ``attention_froc``: marks = local maxima of each image's saliency (3^d max filter, at most ``max_marks`` per
-  image, those >= ``min_peak`` x the image's maximum), scored ``p_abnormal x saliency / max saliency``. A mark inside
-  a lesion is a true positive for that lesion (a lesion counts once, by its best mark; further marks in an already-hit
-  lesion are neither TP nor FP); any other mark is a false positive. Sensitivity = hit lesions / all lesions, at mean
-  FP per image (over ALL images, normal ones included) of :data:`FROC_FP_RATES`; ``attention_froc_mean`` their mean
-  (the mammography FROC convention: lesion sensitivity against false marks per image).
+  image, those >= ``min_peak`` x the image's maximum), scored ``p_abnormal x saliency / max saliency``. The FROC is
+  the library's FROC core (:mod:`medetect.evaluation.froc_core`) with the circle hit test (mark inside the lesion
+  circle, distance <= radius): a lesion counts once, by its best mark (one mark inside overlapping circles finds them
+  all); further marks in an already-hit lesion are neither TP nor FP; any other mark is a false positive. Sensitivity
+  = hit lesions / all lesions at the mean FP per image (over ALL images, normal ones included) of
+  :data:`FROC_FP_RATES` (the core's ``MAMMO_FP_RATES``), read at distinct mark scores only (tied marks enter
+  together, so the image order does not matter); ``attention_froc_mean`` their mean (the mammography FROC
+  convention: lesion sensitivity against false marks per image).
 * ``_ci``: ``[lo, hi]`` 95% percentile bootstrap, resampling PATIENTS with replacement (``n_boot`` draws, seeded).
+* undefined metrics (an AUC with one class only, the localisation metrics without a located lesion, the FROC without
+  lesions, an interval without a draw where the metric is defined) are ``None``, with the reason under the same key in
+  the report's ``"undefined"`` mapping (the convention of :mod:`medetect.evaluation.froc_core`).
 """
 
 from __future__ import annotations
@@ -28,28 +34,42 @@ import torch
 import torch.nn.functional as F
 
 from ..heatmaps import circle_mask, points_in_circles
+from .froc_core import MAMMO_FP_RATES, FROCPoints, as_float64, ci_or_reason, circle_hit, match, note_undefined, set_metric
 
-__all__ = ["FROC_FP_RATES", "image_auc", "local_maxima", "image_localisation", "froc_curve", "attention_metrics"]
+__all__ = ["FROC_FP_RATES", "image_auc", "auc_reason", "local_maxima", "image_localisation", "froc_points", "froc_curve",
+           "attention_metrics"]
 
-FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+FROC_FP_RATES = MAMMO_FP_RATES
 
 
-def image_auc(scores, labels) -> float:
-    """ROC AUC (scikit-learn); ``nan`` when only one class is present."""
+def image_auc(scores, labels) -> float | None:
+    """ROC AUC (scikit-learn) of ``scores`` against binary ``labels`` (tensors of any dtype, bfloat16 included, or
+    arrays; cast to float64 first); ``None`` when only one class is present (undefined; :func:`auc_reason` says
+    why)."""
     from sklearn.metrics import roc_auc_score
 
-    y = np.asarray(labels).astype(int)
+    y = as_float64(labels).reshape(-1).astype(int)
     if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+        return None
+    return float(roc_auc_score(y, as_float64(scores).reshape(-1)))
+
+
+def auc_reason(labels, what: str = "labels") -> str:
+    """Why the AUC of ``labels`` is undefined: no sample, or only one class (which one)."""
+    y = as_float64(labels).reshape(-1).astype(bool)
+    if not len(y):
+        return f"no {what}"
+    return f"only one class in the {what} (all {'positive' if y.all() else 'negative'})"
 
 
 def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """The same AUC as :func:`image_auc` (Mann-Whitney U with average ranks for ties), without scikit-learn's
-    per-call overhead: used for the bootstrap draws (tested equal to scikit-learn)."""
+    per-call overhead: used for the bootstrap draws (tested equal to scikit-learn). ``nan`` when only one class is
+    present (the draws leave it out)."""
     from scipy.stats import rankdata
 
-    y = labels.astype(bool)
+    scores = as_float64(scores)
+    y = as_float64(labels).astype(bool)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -76,10 +96,13 @@ def local_maxima(saliency: torch.Tensor, max_marks: int = 5, min_peak: float = 0
 def image_localisation(saliency, centres, radii, *, spacing=None, score: float = 1.0, max_marks: int = 5,
                        min_peak: float = 0.1) -> dict:
     """Per-image localisation: ``pointing`` (bool or None without lesions), ``mass`` (float or None), and the FROC
-    marks ``mark_scores [M]``, ``mark_tp [M]`` (first/best hit of a lesion), ``mark_fp [M]``, ``n_lesions``."""
-    s = torch.as_tensor(np.asarray(saliency), dtype=torch.float32)
-    c = torch.as_tensor(np.asarray(centres, dtype=np.float64).reshape(-1, s.ndim), dtype=torch.float32)
-    r = torch.as_tensor(np.asarray(radii, dtype=np.float64).reshape(-1), dtype=torch.float32)
+    marks (the core's :func:`~medetect.evaluation.froc_core.match`, circle hit): ``mark_scores [M]``, ``mark_tp [M]``
+    (how many lesions the mark is the first/best hit of), ``mark_fp [M]``, ``n_lesions``."""
+    s = torch.as_tensor(as_float64(saliency), dtype=torch.float32)
+    c64 = as_float64(centres).reshape(-1, s.ndim)
+    r64 = as_float64(radii).reshape(-1)
+    c = torch.as_tensor(c64, dtype=torch.float32)
+    r = torch.as_tensor(r64, dtype=torch.float32)
     n = int(r.numel())
     out: dict = {"n_lesions": n, "pointing": None, "mass": None}
     if n:
@@ -90,46 +113,41 @@ def image_localisation(saliency, centres, radii, *, spacing=None, score: float =
         out["mass"] = float((s * union).sum() / s.sum().clamp_min(1e-30))
     pts, vals = local_maxima(s, max_marks, min_peak)
     sc = score * vals.numpy().astype(np.float64)
-    tp = np.zeros(len(sc), bool)
-    fp = np.ones(len(sc), bool)
-    if n and len(sc):
-        hit = points_in_circles(pts, c, r, spacing=spacing).numpy()  # [M, N]
-        fp = ~hit.any(1)
-        # a lesion is found by its best (first, marks sorted by value) hitting mark
-        first = np.where(hit.any(0), hit.argmax(0), -1)
-        tp[first[first >= 0]] = True
-    out.update(mark_scores=sc, mark_tp=tp, mark_fp=fp)
+    m = match(np.zeros(len(sc)), sc, pts.numpy(), np.zeros(n), (c64, r64), circle_hit(spacing), 1)
+    out.update(mark_scores=sc, mark_tp=m.tp, mark_fp=m.fp)
     return out
 
 
+def froc_points(locs: Sequence[dict]) -> FROCPoints:
+    """The FROC core's curve points of the images ``locs`` (:func:`image_localisation` or
+    :func:`~medetect.evaluation.mammo.image_marks`: ``mark_scores``, ``mark_tp``, ``mark_fp``, ``n_lesions``)."""
+    image = np.repeat(np.arange(len(locs)), [len(loc["mark_scores"]) for loc in locs])
+    cat = [np.concatenate([np.zeros(0)] + [np.asarray(loc[k], dtype=np.float64) for loc in locs])
+           for k in ("mark_scores", "mark_tp", "mark_fp")]
+    return FROCPoints(image, cat[0], cat[1], cat[2].astype(bool), [loc["n_lesions"] for loc in locs])
+
+
 def froc_curve(locs: Sequence[dict], fp_rates: Sequence[float] = FROC_FP_RATES) -> np.ndarray:
-    """Lesion sensitivity at each mean-FP-per-image rate, over the images ``locs`` (:func:`image_localisation`)."""
-    n_les = sum(loc["n_lesions"] for loc in locs)
-    if not n_les or not locs:
+    """Lesion sensitivity at each mean-FP-per-image rate, over the images ``locs`` (:func:`froc_points`; tied
+    scores enter together); NaN when there is no lesion (undefined: the reports write ``None``)."""
+    if not locs:
         return np.full(len(fp_rates), np.nan)
-    sc = np.concatenate([loc["mark_scores"] for loc in locs])
-    tp = np.concatenate([loc["mark_tp"] for loc in locs])
-    fp = np.concatenate([loc["mark_fp"] for loc in locs])
-    order = np.argsort(-sc, kind="stable")
-    ctp = np.cumsum(tp[order]) / n_les
-    cfp = np.cumsum(fp[order]) / len(locs)
-    out = []
-    for f in fp_rates:
-        ok = cfp <= f
-        out.append(float(ctp[ok].max()) if ok.any() else 0.0)
-    return np.asarray(out)
+    return froc_points(locs).sensitivity_at(fp_rates)
 
 
-def _metrics(idx: np.ndarray, scores, labels, locs, class_names, auc=image_auc) -> dict:
+def _metrics(idx: np.ndarray, scores, labels, locs, class_names, points: FROCPoints, auc=_rank_auc) -> dict:
+    """The scalar metrics over the images ``idx`` (a bootstrap draw repeats images); NaN where undefined."""
     res = {}
     for k, name in enumerate(class_names):
-        res[f"image_auc_{name}"] = auc(scores[idx, k], labels[idx, k])
+        a = auc(scores[idx, k], labels[idx, k])
+        res[f"image_auc_{name}"] = float("nan") if a is None else a
     loc = [locs[i] for i in idx]
     pg = [x["pointing"] for x in loc if x["pointing"] is not None]
     ms = [x["mass"] for x in loc if x["mass"] is not None]
     res["pointing_game"] = float(np.mean(pg)) if pg else float("nan")
     res["attention_in_lesion"] = float(np.mean(ms)) if ms else float("nan")
-    res["attention_froc_mean"] = float(np.mean(froc_curve(loc)))
+    sens = points.sensitivity_at(FROC_FP_RATES, np.bincount(idx, minlength=len(locs)))
+    res["attention_froc_mean"] = float(np.mean(sens))
     return res
 
 
@@ -137,9 +155,10 @@ def attention_metrics(scores, labels, saliencies, centres, radii, patients, *, c
                       spacing=None, n_boot: int = 1000, seed: int = 0, max_marks: int = 5,
                       min_peak: float = 0.1) -> dict:
     """Every metric of the module docstring plus ``<key>_ci``, ``attention_froc`` (sensitivities at
-    ``FROC_FP_RATES``) and counts. ``scores``/``labels`` ``[B, K]``; the other arguments per image."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
+    ``FROC_FP_RATES``), counts and ``undefined`` (``{key: reason}`` of the ``None`` metrics). ``scores``/``labels``
+    ``[B, K]`` (tensors of any dtype or arrays; float64 inside); the other arguments per image."""
+    scores = as_float64(scores)
+    labels = as_float64(labels)
     b = len(scores)
     if not (len(saliencies) == len(centres) == len(radii) == len(patients) == b == len(labels)):
         raise ValueError("scores, labels, saliencies, centres, radii and patients need one entry per image")
@@ -147,26 +166,40 @@ def attention_metrics(scores, labels, saliencies, centres, radii, patients, *, c
         raise ValueError("no images to evaluate")
     locs = [image_localisation(s, c, r, spacing=spacing, score=float(scores[i, 0]), max_marks=max_marks,
                                min_peak=min_peak) for i, (s, c, r) in enumerate(zip(saliencies, centres, radii))]
-    res = _metrics(np.arange(b), scores, labels, locs, class_names)
-    res["attention_froc"] = dict(zip((f"{f:g}" for f in FROC_FP_RATES), froc_curve(locs).round(4).tolist()))
+    points = froc_points(locs)
+    every = np.arange(b)
+    full = _metrics(every, scores, labels, locs, class_names, points, auc=image_auc)
+    res: dict = {}
+    reasons = {f"image_auc_{name}": auc_reason(labels[:, k]) for k, name in enumerate(class_names)}
+    reasons.update(pointing_game="no image with a located lesion", attention_in_lesion="no image with a located lesion",
+                   attention_froc_mean="no lesion: the sensitivity is undefined")
+    for k, v in full.items():
+        set_metric(res, k, v, reasons[k])
+    sens = points.sensitivity_at(FROC_FP_RATES)
+    res["attention_froc"] = {}
+    for f, v in zip(FROC_FP_RATES, sens):
+        res["attention_froc"][f"{f:g}"] = round(float(v), 4) if np.isfinite(v) else None
+        if not np.isfinite(v):
+            note_undefined(res, f"attention_froc/{f:g}", reasons["attention_froc_mean"])
     pats = np.asarray([str(p) for p in patients])
     uniq, inv = np.unique(pats, return_inverse=True)
     members = [np.nonzero(inv == j)[0] for j in range(len(uniq))]
     rng = np.random.default_rng(seed)
-    keys = [k for k in res if k != "attention_froc"]
+    keys = list(full)
     draws = {k: [] for k in keys}
     for _ in range(n_boot):  # bootstrap draws (each one vectorised over its images)
         pick = rng.integers(0, len(uniq), len(uniq))
         idx = np.concatenate([members[j] for j in pick])
-        m = _metrics(idx, scores, labels, locs, class_names, auc=_rank_auc)
+        m = _metrics(idx, scores, labels, locs, class_names, points)
         for k in keys:
             draws[k].append(m[k])
     for k in keys:
-        v = np.asarray(draws[k], dtype=np.float64)
-        v = v[np.isfinite(v)]
-        res[f"{k}_ci"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [None, None]
+        res[f"{k}_ci"], why = ci_or_reason(draws[k], n_boot)
+        if why:
+            note_undefined(res, f"{k}_ci", why)
     res["n_images"] = b
     res["n_patients"] = len(uniq)
     res["n_localised_images"] = sum(x["pointing"] is not None for x in locs)
     res["n_lesions"] = sum(x["n_lesions"] for x in locs)
+    res["undefined"] = res.pop("undefined", {})  # last, empty when every metric is defined
     return res

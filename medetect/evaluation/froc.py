@@ -21,7 +21,10 @@ does not matter and extra columns are ignored.
 The three point files are read by :func:`medetect.data.annotations.read_world_points` into one
 record, :class:`~medetect.data.annotations.WorldPoints` (its errors are raised here as
 :class:`FROCInputError`), and rule 3 below is :func:`medetect.data.annotations.hits`, the one hit test
-of the library (stage-two training labels use it too).
+of the library (stage-two training labels use it too). Rules 3-9 are the matching step of the library's FROC
+core (:func:`medetect.evaluation.froc_core.match` with its sphere test, excluded findings not counted) and
+rule 10 counts the core's curve points (:class:`~medetect.evaluation.froc_core.FROCPoints`); what is
+LUNA16-specific (the mark cap, ``roc_curve``'s point dropping, ``np.interp``, the bootstrap) stays here.
 
 Rules of the official script, and where they come from
 ------------------------------------------------------
@@ -135,8 +138,9 @@ from typing import Union
 
 import numpy as np
 
-from ..data.annotations import WorldPoints, WorldPointsError, hits, read_world_points
+from ..data.annotations import WorldPoints, WorldPointsError, read_world_points
 from ..data.annotations.luna import _check_diameters, _check_scores
+from .froc_core import CPM_FP_RATES, FROCPoints, match, sphere_hit
 from .plots import plot_froc  # noqa: F401  (moved there; kept importable from here)
 
 __all__ = [
@@ -155,7 +159,7 @@ __all__ = [
 ]
 
 #: FP rates (false positives per scan) at which the LUNA16 CPM averages the sensitivity.
-OPERATING_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+OPERATING_POINTS = CPM_FP_RATES
 #: ``maxNumberOfCADMarks`` of the official script.
 MAX_MARKS_PER_SCAN = 100
 #: Diameter used by the official script for findings with a negative (unknown) diameter.
@@ -310,42 +314,6 @@ def _froc_from_counts(tps: np.ndarray, fps: np.ndarray, thresholds: np.ndarray, 
     return curve_fps, curve_sens, thresholds
 
 
-class _Entries:
-    """The FROC entries (one per detected nodule, one per FP mark), sorted once by probability."""
-
-    def __init__(self, scan: np.ndarray, positive: np.ndarray, score: np.ndarray,
-                 lesions_per_scan: np.ndarray, n_scans: int):
-        order = np.argsort(-score, kind="stable")
-        s = score[order]
-        new = np.ones(s.size, dtype=bool)
-        new[1:] = s[1:] != s[:-1]
-        group = np.cumsum(new) - 1
-        self.n_groups = int(new.sum())
-        self.group_score = s[new]
-        pos = positive[order]
-        scan = scan[order]
-        self.pos_group, self.pos_scan = group[pos], scan[pos]
-        self.neg_group, self.neg_scan = group[~pos], scan[~pos]
-        self.lesions_per_scan = lesions_per_scan.astype(np.float64)
-        self.n_scans = int(n_scans)
-
-    def curve(self, scan_weights: np.ndarray | None = None):
-        g = self.n_groups
-        if scan_weights is None:
-            g_tp = np.bincount(self.pos_group, minlength=g).astype(np.float64)
-            g_fp = np.bincount(self.neg_group, minlength=g).astype(np.float64)
-            n_lesions = float(self.lesions_per_scan.sum())
-            present = slice(None)
-        else:
-            g_tp = np.bincount(self.pos_group, weights=scan_weights[self.pos_scan], minlength=g)
-            g_fp = np.bincount(self.neg_group, weights=scan_weights[self.neg_scan], minlength=g)
-            n_lesions = float(scan_weights @ self.lesions_per_scan)
-            present = (g_tp + g_fp) > 0  # probabilities that occur in the resample
-        tps = np.cumsum(g_tp)[present]
-        fps = np.cumsum(g_fp)[present]
-        return _froc_from_counts(tps, fps, self.group_score[present], n_lesions, self.n_scans)
-
-
 def froc_curve(labels, probabilities, n_lesions: float, n_scans: int):
     """``computeFROC`` of the official script on already matched entries.
 
@@ -356,7 +324,15 @@ def froc_curve(labels, probabilities, n_lesions: float, n_scans: int):
     labels = np.asarray(labels).astype(bool).reshape(-1)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
     scan = np.zeros(labels.size, dtype=np.int64)  # one pseudo-scan holding every entry
-    return _Entries(scan, labels, probabilities, np.array([float(n_lesions)]), n_scans).curve()
+    thr, tps, fps, _, _ = FROCPoints(scan, probabilities, labels, ~labels, np.zeros(1, np.int64)).counts()
+    return _froc_from_counts(tps.astype(np.float64), fps.astype(np.float64), thr, float(n_lesions), n_scans)
+
+
+def _official_curve(points: FROCPoints, n_scans: int, weights: np.ndarray | None = None):
+    """``computeFROC`` of the core's points (:class:`~medetect.evaluation.froc_core.FROCPoints`): one point per
+    distinct probability with cumulative TP / FP counts, as ``roc_curve``; ``weights``: a bootstrap resample."""
+    thr, tps, fps, n_lesions, _ = points.counts(weights)
+    return _froc_from_counts(tps.astype(np.float64), fps.astype(np.float64), thr, float(n_lesions), n_scans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,33 +354,6 @@ def _truncate(mark_scan, mark_prob, n_scans, max_marks):
     threshold = np.full(n_scans, -np.inf)
     threshold[over] = mark_prob[order[starts[over] + max_marks]]
     return ~over[mark_scan] | (mark_prob > threshold[mark_scan])
-
-
-def _same_scan_pairs(nod_scan, mark_scan, n_scans):
-    """All (nodule, mark) index pairs on the same scan."""
-    order = np.argsort(mark_scan, kind="stable")
-    mcount = np.bincount(mark_scan, minlength=n_scans)
-    mstart = np.cumsum(mcount) - mcount
-    per_nod = mcount[nod_scan]
-    total = int(per_nod.sum())
-    pair_nod = np.repeat(np.arange(nod_scan.shape[0]), per_nod)
-    offset = np.cumsum(per_nod) - per_nod
-    pos = mstart[nod_scan][pair_nod] + (np.arange(total) - offset[pair_nod])
-    return pair_nod, order[pos]
-
-
-def _match(n_scans, nod_scan, nod_xyz, nod_diam, nod_included, mark_scan, mark_xyz, mark_prob):
-    pair_nod, pair_mark = _same_scan_pairs(nod_scan, mark_scan, n_scans)
-    hit = hits(mark_xyz[pair_mark], nod_xyz[pair_nod], nod_diam[pair_nod], unknown_diameter=UNKNOWN_DIAMETER_MM)
-    inc = hit & nod_included[pair_nod]
-    exc = hit & ~nod_included[pair_nod]
-    n_nod, n_mark = nod_scan.shape[0], mark_scan.shape[0]
-    mark_inc = np.bincount(pair_mark[inc], minlength=n_mark)
-    mark_exc = np.bincount(pair_mark[exc], minlength=n_mark)
-    nod_hits = np.bincount(pair_nod[inc], minlength=n_nod)
-    best = np.full(n_nod, -np.inf)
-    np.maximum.at(best, pair_nod[inc], mark_prob[pair_mark[inc]])
-    return mark_inc, mark_exc, nod_hits, best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +379,8 @@ class FROCResult:
     ``fps`` are the 7 operating points (FPs per scan), ``sensitivities`` the interpolated
     sensitivities there, ``cpm`` their mean. ``*_ci_low``/``*_ci_high`` are the bootstrap bounds
     (None without bootstrap). ``curve_*`` is the official FROC curve (``computeFROC`` output);
-    ``bootstrap_*`` the official bootstrap band on ``np.linspace(0.125, 8, 10000)``.
+    ``bootstrap_*`` the official bootstrap band on ``np.linspace(0.125, 8, 10000)``. :meth:`to_dict` is the JSON
+    report; its ``undefined`` mapping gives the reason of each null interval.
     """
 
     fps: np.ndarray
@@ -503,7 +453,13 @@ class FROCResult:
             "n_bootstrap_valid": self.n_bootstrap_valid,
             "seed": self.seed,
             "max_marks_per_scan": self.max_marks_per_scan,
+            "undefined": {},  # {key: reason} of the null metrics (medetect.evaluation.froc_core's convention)
         }
+        if self.sensitivities_ci_low is None:
+            why = ("no bootstrap (n_bootstrap is 0)" if self.n_bootstrap == 0
+                   else "no bootstrap resample holds a nodule")
+            out["undefined"] = dict.fromkeys(("sensitivities_ci_low", "sensitivities_ci_high", "cpm_ci_low",
+                                              "cpm_ci_high"), why)
         if include_curve:
             thr = self.curve_thresholds.tolist()
             out["curve"] = {
@@ -657,23 +613,17 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
     nod_diam = np.concatenate(parts_diam)
     nod_inc = np.concatenate(parts_inc)
 
-    mark_inc, mark_exc, nod_hits, best = _match(n_scans, nod_scan, nod_xyz, nod_diam, nod_inc,
-                                                mark_scan, mark_xyz, mark_prob)
+    # rules 3-8: the core's matching with the official sphere test; excluded findings are not counted
+    m = match(mark_scan, mark_prob, mark_xyz, nod_scan, (nod_xyz, nod_diam), sphere_hit(UNKNOWN_DIAMETER_MM),
+              n_scans, counted=nod_inc)
     n_nodules = int(nod_inc.sum())
     if n_nodules == 0:
         raise FROCError("no included nodule on the evaluated scans: the sensitivity is undefined")
-    detected = nod_inc & (nod_hits > 0)
-    is_fp = (mark_inc == 0) & (mark_exc == 0)
-    ignored = (mark_inc == 0) & (mark_exc > 0)
+    detected = m.lesion_hit
+    ignored = (m.n_hits == 0) & (m.n_hits_uncounted > 0)
+    points = m.points()  # rule 6: a detected nodule enters once, with its best mark's probability
 
-    entry_scan = np.concatenate([nod_scan[detected], mark_scan[is_fp]])
-    entry_pos = np.concatenate([np.ones(int(detected.sum()), dtype=bool),
-                                np.zeros(int(is_fp.sum()), dtype=bool)])
-    entry_score = np.concatenate([best[detected], mark_prob[is_fp]])
-    lesions_per_scan = np.bincount(nod_scan[nod_inc], minlength=n_scans)
-    entries = _Entries(entry_scan, entry_pos, entry_score, lesions_per_scan, n_scans)
-
-    curve_fps, curve_sens, curve_thr = entries.curve()
+    curve_fps, curve_sens, curve_thr = _official_curve(points, n_scans)
     op = np.asarray(OPERATING_POINTS, dtype=np.float64)
     sens = np.interp(op, curve_fps, curve_sens)
     cpm = float(np.mean(sens))
@@ -689,8 +639,7 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
         on_grid = np.full((n_bootstrap, bs_fps.size), np.nan, dtype=np.float32)
         for b in range(n_bootstrap):  # one vectorised curve per resample
             draw = rs.randint(n_scans, size=n_scans)
-            weights = np.bincount(draw, minlength=n_scans).astype(np.float64)
-            f, s, _ = entries.curve(weights)
+            f, s, _ = _official_curve(points, n_scans, np.bincount(draw, minlength=n_scans))
             if np.isnan(s[-1]):  # no nodule in this resample
                 continue
             at_op[b] = np.interp(op, f, s)
@@ -717,9 +666,9 @@ def froc(annotations, predictions, excluded=None, seriesuids=None, n_bootstrap: 
         curve_fps=curve_fps, curve_sensitivities=curve_sens, curve_thresholds=curve_thr,
         bootstrap_fps=bs_fps, bootstrap_mean=bs_mean, bootstrap_low=bs_low, bootstrap_high=bs_high,
         n_scans=n_scans, n_nodules=n_nodules, n_tp=int(detected.sum()),
-        n_fn=n_nodules - int(detected.sum()), n_fp=int(is_fp.sum()), n_ignored=int(ignored.sum()),
-        n_double_hits=int(np.maximum(nod_hits[nod_inc] - 1, 0).sum()),
-        n_marks_on_several_nodules=int((mark_inc > 1).sum()),
+        n_fn=n_nodules - int(detected.sum()), n_fp=int(m.fp.sum()), n_ignored=int(ignored.sum()),
+        n_double_hits=int(np.maximum(m.lesion_n_hits[nod_inc] - 1, 0).sum()),
+        n_marks_on_several_nodules=int((m.n_hits > 1).sum()),
         n_marks=n_marks, n_marks_truncated=int(keep.size - n_marks),
         n_excluded_findings=n_excluded_findings,
         n_bootstrap=n_bootstrap, n_bootstrap_valid=n_valid, confidence=float(confidence),

@@ -160,7 +160,7 @@ def format_mammo_report(res: dict) -> str:
              f"(detected {res['detected_lesions']})"]
     for k in ("lesion_froc_mean", "image_auc_abnormal", "image_auc_malignant", "lesion_auc_malignant"):
         lines.append(f"{k:>22s}: {res[k]:.4f} {_ci(res, k)}" if res[k] is not None else
-                     f"{k:>22s}: undefined (one class only)")
+                     f"{k:>22s}: undefined ({res.get('undefined', {}).get(k, 'one class only')})")
     lines.append("lesion sensitivity at FP/image: " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: undefined"
                                                                for k, v in res["lesion_sensitivity"].items()))
     if "by_lesion_type" in res:

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..evaluation.attention import _rank_auc, image_auc
+from ..evaluation.attention import _rank_auc, auc_reason, image_auc
+from ..evaluation.froc_core import note_undefined
 from ..evaluation.mammo import image_scores
 from . import CLASSES
 
@@ -120,7 +121,8 @@ def patient_study(train_recs, train_dets, val_recs, val_dets, *, n_boot: int = 1
     """The study of the module docstring -> a JSON-ready dict: per target (``abnormal``, ``malignant``) the chosen
     ``C``, the cross-validated train AUC per ``C`` (``cv_auc``) and of the baseline, the val AUCs of the model and the
     baseline with ``_ci``, ``auc_gain`` (model - baseline) with ``auc_gain_ci`` and ``adds_auc``, the standardised
-    coefficients per feature; plus patient counts."""
+    coefficients per feature; plus patient counts and ``undefined`` (``{"<target>/<key>": reason}`` of the null values,
+    e.g. an AUC on val patients of one class: :mod:`medetect.evaluation.froc_core`'s convention)."""
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     tr, va = patient_features(train_recs, train_dets), patient_features(val_recs, val_dets)
@@ -143,16 +145,25 @@ def patient_study(train_recs, train_dets, val_recs, val_dets, *, n_boot: int = 1
             "train_positive": int(y.sum()), "val_positive": int(yv.sum()),
             "val_auc_model": _r(auc_m), "val_auc_model_ci": ci_m,
             "val_auc_baseline": _r(auc_b), "val_auc_baseline_ci": ci_b,
-            "auc_gain": _r(auc_m - auc_b), "auc_gain_ci": ci_d,
+            "auc_gain": None if auc_m is None or auc_b is None else _r(auc_m - auc_b), "auc_gain_ci": ci_d,
             "adds_auc": bool(ci_d[0] is not None and ci_d[0] > 0),
             "coefficients": {f: round(float(c), 4) for f, c in zip(FEATURES, lr.coef_[0])},
             "val_scores": {pid: round(float(s), 4) for pid, s in zip(va["patients"], p)},
         }
+        if auc_m is None:  # one class among the val patients: the AUCs and their gain are undefined
+            why = auc_reason(yv, "val patients")
+            for k in ("val_auc_model", "val_auc_baseline", "auc_gain"):
+                note_undefined(res, f"{target}/{k}", why)
+        for k in ("val_auc_model_ci", "val_auc_baseline_ci", "auc_gain_ci"):
+            if res[target][k][0] is None:
+                note_undefined(res, f"{target}/{k}", "no bootstrap draws (n_boot is 0)" if n_boot == 0
+                               else "undefined in every bootstrap draw")
+    res["undefined"] = res.pop("undefined", {})  # {key: reason} of the null values (medetect.evaluation.froc_core)
     return res
 
 
-def _r(x: float):
-    return round(float(x), 4) if np.isfinite(x) else None
+def _r(x: float | None):
+    return round(float(x), 4) if x is not None and np.isfinite(x) else None
 
 
 def format_patient_table(res: dict) -> str:
