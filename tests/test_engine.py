@@ -22,7 +22,8 @@ from torch import nn
 
 import medetect.engine.checkpoint as ckpt_mod
 from medetect.boxes import box_iou
-from medetect.engine.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from medetect.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from medetect.models.io import load_state
 from medetect.engine.predictor import Predictor, tile_origins
 from medetect.engine.trainer import TrainConfig, Trainer, TrainingDiverged, detection_collate
 from medetect.models.detector import DetectorConfig, build_detector
@@ -183,7 +184,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_a
 # ------------------------------------------------------------------------------------------------ weights files
 
 
-def test_load_weights_errors_name_the_tensor(tmp_path):
+def test_load_state_errors_name_the_tensor(tmp_path):
     torch.manual_seed(0)
     model = build_detector(tiny_detector_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -192,23 +193,23 @@ def test_load_weights_errors_name_the_tensor(tmp_path):
     sd[name] = torch.zeros(5, sd[name].shape[1])
     save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=rf"tensor {name} has shape \(5, 32\) but the model expects \(3, 32\)"):
-        load_weights(model, tmp_path / "bad.safetensors")
+        load_state(model, tmp_path / "bad.safetensors")
     _assert_same_state(before, model.state_dict())  # nothing was loaded
     # a whole model of another width: some tensor is named with both shapes
     other = build_detector(tiny_detector_config(fpn_channels=8))
     save_weights(other, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"tensor features\.\S+ has shape \(\d+(, \d+)*,?\) but the model expects"):
-        load_weights(model, tmp_path / "other.safetensors")
+        load_state(model, tmp_path / "other.safetensors")
     # missing tensors (strict)
     sd = {k: v for k, v in model.state_dict().items() if k != name}
     save_file(sd, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=name):
-        load_weights(model, tmp_path / "missing.safetensors")
+        load_state(model, tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError):
-        load_weights(model, tmp_path / "nope.safetensors")
+        load_state(model, tmp_path / "nope.safetensors")
     torch.save(model.state_dict(), tmp_path / "w.pt")
     with pytest.raises(ValueError, match="safetensors"):
-        load_weights(model, tmp_path / "w.pt")
+        load_state(model, tmp_path / "w.pt")
 
 
 @pytest.mark.parametrize("d", [2, 3])

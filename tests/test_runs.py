@@ -213,7 +213,7 @@ def test_loading_a_damaged_file_directly_names_it(tmp_path):
     _saved_run(run, epochs=1)
     f = run / "epoch_0001" / "model.safetensors"
     os.truncate(f, f.stat().st_size - 3)
-    with pytest.raises(ValueError, match=rf"{f} is truncated or corrupt"):
+    with pytest.raises(ValueError, match=rf"{f} is truncated or damaged"):
         load_checkpoint(run / "epoch_0001", model=torch.nn.Linear(3, 2))
 
 

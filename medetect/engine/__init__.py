@@ -1,7 +1,7 @@
 """Training, run folders, checkpoints and inference."""
 
 from .checkpoint import (
-    CheckpointWarning, checkpoint_problem, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights,
+    CheckpointWarning, checkpoint_problem, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights,
 )
 from .predictor import Predictor, tile_origins
 from .runs import config_diff, prepare_run_dir
@@ -15,5 +15,5 @@ __all__ = [
     "prepare_run_dir", "config_diff",
     "Predictor", "tile_origins",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "CheckpointWarning",
-    "save_weights", "load_weights",
+    "save_weights",
 ]

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..files import write_atomically, write_text_atomically
+from ..models.io import check_safetensors_file, load_state, read_tensors
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "load_weights", "save_weights",
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_problem", "save_weights",
            "CheckpointWarning"]
 
 
@@ -44,38 +45,6 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     write_atomically(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
-
-
-def load_weights(model: torch.nn.Module, path: Path, strict: bool = True) -> dict[str, str]:
-    """Load safetensors weights into ``model``; returns the file's metadata. Shape mismatches name the tensor; a
-    truncated or corrupt file is a ``ValueError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights must be a .safetensors file (pickled checkpoints are never loaded)")
-    sd, meta = _read_safetensors(path)
-    own = model.state_dict()
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}; does the config match the weights?")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if strict and (missing or unexpected):
-        raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return meta
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a damaged file is a ValueError naming it."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        sd = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({e})") from e
-    return sd, meta
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -152,22 +121,11 @@ def _pointer_target(run_dir: Path) -> str | None:
 def _safetensors_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete safetensors file (missing, header unreadable, size disagreeing with the
     header's data offsets), or None. Reads only the header, so it is cheap for large files."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "is truncated or corrupt"
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                return "is truncated or corrupt"
-            header = json.loads(f.read(n))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except FileNotFoundError:
+    if not path.is_file():
         return "is missing"
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return "is truncated or corrupt"
-    if 8 + n + max(ends, default=0) != size:
+    try:
+        check_safetensors_file(path)
+    except ValueError:
         return "is truncated or corrupt"
     return None
 
@@ -233,12 +191,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state (epoch, step, metrics, config)."""
     path = Path(path)
-    load_weights(model, path / "model.safetensors")
+    load_state(model, path / "model.safetensors")
     try:
         state = json.loads((path / "state.json").read_text())
     except ValueError as e:
         raise ValueError(f"{path / 'state.json'} is truncated or corrupt ({e})") from e
-    tensors, _ = _read_safetensors(path / "optimizer.safetensors")
+    tensors, _ = read_tensors(path / "optimizer.safetensors")
     if optimizer is not None and "optimizer" in state:
         opt_state: dict[int, dict[str, Any]] = {}
         for key, val in tensors.items():

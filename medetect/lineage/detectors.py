@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..boxes import clip_boxes
 from ..data import transforms as T
-from ..engine.checkpoint import load_weights
+from ..models.io import load_state
 from ..engine.curves import read_best
 from ..engine.runs import prepare_run_dir
 from ..engine.trainer import TrainConfig, Trainer, seed_everything
@@ -226,7 +226,7 @@ def train_detector_step(step: str, train: LineageSet, val: LineageSet, cfg: Dete
     model = trainer.model.cpu()
     best = read_best(run_dir)
     if best is not None:
-        load_weights(model, Path(best["weights"]))
+        load_state(model, Path(best["weights"]))
     epoch = int(best["epoch"]) if best is not None else trainer.epoch
     val_map = float(best["value"]) if best is not None else None
     extra = {"lineage_step": step, "name": NAMES[step], "epoch": epoch, "val_map50": val_map, "train_data": train.spec,

@@ -145,36 +145,29 @@ def default_slice_config(context: int = 1) -> DetectorConfig:
     )
 
 
+def _slice_preprocess(cfg: DetectorConfig):
+    """The slice model's input: CT slices (+ context slices as channels) in the lung window, no resampling."""
+    from ..models.io import Preprocess
+
+    return Preprocess(ndim=2, channels=cfg.in_channels, window=[-1000.0, 400.0])
+
+
 def save_slice_model(model, path, *, context: int | None = None, extra: dict | None = None) -> Path:
     """The one model writer (:func:`medetect.models.io.save_model`, kind ``"detector"``): CT slices (plus ``context``
     slices each side as channels) in the lung window, no resampling; float32 tensors."""
-    from ..models.io import Preprocess, save_model
+    from ..models.io import save_model
 
     cfg = model.config
-    pre = Preprocess(ndim=2, channels=cfg.in_channels, window=[-1000.0, 400.0])
-    return save_model(model, path, kind="detector", preprocess=pre, classes=list(cfg.class_names or ["nodule"]),
+    return save_model(model, path, kind="detector", preprocess=_slice_preprocess(cfg), classes=list(cfg.class_names or ["nodule"]),
                       extra={"slices2d": {"context": context if context is not None else (cfg.in_channels - 1) // 2},
                              **(extra or {})}, fp16=False)
 
 
-def load_slice_model(path, device=None, config: DetectorConfig | None = None):
-    """Any slice-model file (current or first-release format) or a training run folder (its latest checkpoint;
-    ``config`` defaults to :func:`default_slice_config` when the folder has no config.json)."""
+def load_slice_model(path, device=None):
+    """Any slice-model file (current or first-release format) or a training run folder of
+    :func:`train_slices2d` (its newest checkpoint) through the one loader."""
     from ..engine.load import load_model
 
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        from safetensors.torch import load_file
-
-        from ..engine.checkpoint import latest_checkpoint
-        from ..models.io import check_safetensors_file
-
-        ckpt = latest_checkpoint(Path(path))
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
-        model = build_detector(config or default_slice_config())
-        check_safetensors_file(Path(ckpt) / "model.safetensors")
-        model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
-        return model.to(device or "cpu").eval()
     m = load_model(path, device=device or "cpu")
     if m.kind != "detector" or m.model.config.ndim != 2:
         raise ValueError(f"{path}: not a 2D slice detector")
@@ -187,6 +180,7 @@ def train_slices2d(scans: Mapping, annotations: Mapping, run_dir, *, config: Det
 
     ``annotations``: the nodules, as :class:`SliceDataset` takes them (a ``WorldPoints`` or
     ``{uid: (centres_xyz [G, 3], diameters [G])}``)."""
+    from ..engine.load import write_run_model_record
     from ..engine.trainer import TrainConfig, Trainer, seed_everything
 
     cfg = config or default_slice_config(context)
@@ -194,6 +188,8 @@ def train_slices2d(scans: Mapping, annotations: Mapping, run_dir, *, config: Det
     data = SliceDataset(scans, annotations, context=context, neg_ratio=neg_ratio, seed=tcfg.seed)
     seed_everything(tcfg.seed)  # the initial weights are part of the run: seeded like the data order
     model = build_detector(cfg)
+    write_run_model_record(run_dir, kind="detector", config=cfg.to_dict(), preprocess=_slice_preprocess(cfg),
+                           classes=list(cfg.class_names or ["nodule"]), task="detection")
     trainer = Trainer(model=model, train_data=data, config=tcfg, run_dir=Path(run_dir), run_config={"model": cfg.to_dict()},
                       progress=progress)
     if resume:

@@ -53,7 +53,9 @@ __all__ = [
     "default_task",
     "fpr_preprocess",
     "load_model",
+    "load_state",
     "read_metadata",
+    "read_tensors",
     "save_model",
 ]
 
@@ -336,22 +338,36 @@ def _normalise_meta(meta: Mapping[str, str], path: Path) -> tuple[str, dict, Pre
     raise ValueError(f"{path}: not a medetect model file (its metadata names no model kind)")
 
 
-def _load_state(model: torch.nn.Module, weights: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file, after :func:`check_safetensors_file`: the one reader of
+    weight files (model files, checkpoints, optimizer states). Damage is a ``ValueError`` naming the file."""
+    from safetensors import SafetensorError, safe_open
 
-    check_safetensors_file(weights)
+    path = Path(path)
+    header = check_safetensors_file(path)
     try:
-        sd = load_file(str(weights))
-    except SafetensorError as e:  # damage the header check cannot see (e.g. overlapping offsets)
-        raise ValueError(f"{weights} is truncated or damaged: {e}") from None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(header.get("__metadata__") or {})
+    except (SafetensorError, OSError) as e:  # damage the header check cannot see (e.g. overlapping offsets)
+        raise ValueError(f"{path} is truncated or damaged: {e}") from None
+
+
+def load_state(model: torch.nn.Module, weights: str | os.PathLike, *, strict: bool = True) -> dict[str, str]:
+    """Load the safetensors file ``weights`` into ``model`` (float16 tensors are copied into the model's own dtype);
+    returns the file's metadata. A tensor of the wrong shape, or (``strict``) missing / unexpected tensors, is one
+    ``ValueError`` naming the file and the tensor: the one weight loader of the library."""
+    weights = Path(weights)
+    sd, meta = read_tensors(weights)
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{weights}: tensor {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)  # copies cast float16 back to the model's dtype
-    if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(f"{weights}: tensor {k} has shape {tuple(v.shape)} but the model expects "
+                             f"{tuple(own[k].shape)}; does the config match the weights?")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{weights}: weights do not match the model config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return meta
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
@@ -375,7 +391,7 @@ def load_from_metadata(meta: Mapping[str, str], weights: Path, source: Path,
         model = BUILDERS[kind](cfg)
     except TypeError as e:
         raise ValueError(f"{source}: the stored {kind} config does not fit this medetect ({e})") from None
-    _load_state(model, weights)
+    load_state(model, weights)
     model.eval()
     if device is not None:
         model.to(device)
