@@ -1,4 +1,4 @@
-"""`medetect predict --format coco|slicer|dicom-sr --overlays` (issue 13): COCO results agree with the CSV boxes,
+"""`medetect predict --format coco|slicer|dicom-sr --overlays`: COCO results agree with the CSV boxes,
 Slicer ROIs sit at the CSV's world centres (LPS mm), the DICOM SR (TID 1500) reads back with highdicom and
 references the input series, overlays are PNGs."""
 
@@ -156,3 +156,68 @@ def test_dicom_sr_without_highdicom_says_how_to_install_it(tmp_path, monkeypatch
     det = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
     with pytest.raises(ValueError, match=r'pip install -e "\.\[dicom-sr\]".*pip install highdicom'):
         write_dicom_sr(det, MedicalImage(a[None], Geometry.identity(2)), tmp_path / "img.png", ["cell"], tmp_path / "r.dcm")
+
+
+def test_a_format_the_model_cannot_write_is_refused_before_any_file(tmp_path, capsys):
+    """--format slicer with a 2D model (and coco with a 3D one) stops before the first CSV is written."""
+    a = np.full((24, 32), 30, np.uint8)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(a).save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", str(_weights(tmp_path, 2)), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                 "--out", str(out), "--format", "csv", "slicer"]) == 2
+    err = capsys.readouterr().err
+    assert "--format slicer" in err and "2D" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+    vol = MedicalImage(np.zeros((1, 12, 16, 16), np.int16), Geometry.identity(3))
+    write_image(vol, tmp_path / "v.mha")
+    assert main(["predict", "--weights", str(_weights(tmp_path, 3)), str(tmp_path / "v.mha"), "--out",
+                 str(tmp_path / "o3"), "--format", "coco"]) == 2
+    assert "--format coco" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists() or not any((tmp_path / "o3").iterdir())
+
+
+def test_coco_results_keep_the_image_ids_of_a_coco_input(tmp_path):
+    """Images given through a COCO file keep that file's ids in coco_results.json, so the results score against it
+    (pycocotools' loadRes accepts them)."""
+    from pycocotools.coco import COCO
+
+    (tmp_path / "imgs").mkdir()
+    images = []
+    for iid, name in ((17, "x.png"), (4, "y.png")):
+        a = np.full((24, 32), 30, np.uint8)
+        a[5:12, 8:20] = 220
+        Image.fromarray(a).save(tmp_path / "imgs" / name)
+        images.append({"id": iid, "file_name": f"imgs/{name}", "height": 24, "width": 32})
+    ann = {"images": images, "categories": [{"id": 1, "name": "cell"}, {"id": 2, "name": "blob"}],
+           "annotations": [{"id": 1, "image_id": 17, "category_id": 1, "bbox": [8, 5, 12, 7], "area": 84,
+                            "iscrowd": 0}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", str(_weights(tmp_path, 2)), str(tmp_path / "ann.json"), "--out", str(out),
+                 "--format", "coco", "--score-thresh", "0"]) == 0
+    res = json.loads((out / "coco_results.json").read_text())
+    meta = json.loads((out / "coco_images.json").read_text())
+    assert sorted(im["id"] for im in meta["images"]) == [4, 17]
+    assert {r["image_id"] for r in res} <= {4, 17} and len(res) > 0
+    gt = COCO(str(tmp_path / "ann.json"))
+    assert len(gt.loadRes(str(out / "coco_results.json")).getAnnIds()) == len(res)
+
+
+def test_evaluate_names_the_image_that_reached_the_detection_cap(tmp_path):
+    """The cap warning of evaluate names its input, as predict's does."""
+    from medetect.apps.evaluate import evaluate_spec
+
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        root / "JPEGImages" / "a.png")
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.png</filename><size><width>64</width><height>64</height><depth>1</depth></size>"
+        "<object><name>cell</name><bndbox><xmin>4</xmin><ymin>4</ymin><xmax>12</xmax><ymax>12</ymax></bndbox>"
+        "</object></annotation>")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("a\n")
+    with pytest.warns(UserWarning, match=r"a\.png.*the cap max_detections=5 was reached"):
+        evaluate_spec(_weights(tmp_path, 2), f"{root}:val")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data.io import read_image
 from ..data.lesion_folder import read_lesion_folder
+from ..detection.predict import predict_named
 from ..engine.predictor import Predictor
 from ..engine.tasks import EvaluateOptions
 from ..evaluation.mammo import image_scores, mammo_metrics, youden_thresholds
@@ -25,7 +26,8 @@ def detect_records(loaded, recs, *, device=None, allow_range_mismatch: bool = Fa
     predictor = Predictor(loaded.model, device=device, tta=tta)
     dets = []
     for r in recs:
-        det = predictor.predict_image(read_image(r.path), loaded.preprocess, allow_range_mismatch=allow_range_mismatch)
+        det = predict_named(predictor, read_image(r.path), loaded.preprocess, r.path,
+                            allow_range_mismatch=allow_range_mismatch)
         dets.append({k: det[k].detach().cpu().numpy() for k in ("boxes", "scores", "labels")})
     return dets
 
