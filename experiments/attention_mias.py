@@ -143,7 +143,8 @@ def main() -> None:
 
         args.out = args.out or tempfile.mkdtemp(prefix="medetect_smoke_attention_")
         args.data = str(write_mias_folder(Path(args.out) / "mias-smoke"))
-        args.epochs, args.n_boot, args.overlays = 1, 10, args.overlays or str(Path(args.out) / "overlays")
+        args.epochs, args.n_boot, args.parallel = 1, 10, True
+        args.overlays = args.overlays or str(Path(args.out) / "overlays")
         args.set = [*args.set, "train.max_steps_per_epoch=1", "train.batch_size=2"]
         for stage in (train, table):
             stage(args)

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 
 
-def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+def _run(args: list[str], timeout: int = 300, pythonpath: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}, **({"PYTHONPATH": str(REPO)} if pythonpath else {}))
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -108,6 +109,7 @@ def test_mammo_patch_pretrain_smoke(tmp_path):
 def test_check_wheel_smoke(tmp_path):
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: the wheel is built from `git archive HEAD`")
-    out = _run(["bash", str(EXPERIMENTS / "check_wheel.sh"), "--smoke", sys.executable, str(tmp_path)])
+    out = _run(["bash", str(EXPERIMENTS / "check_wheel.sh"), "--smoke", sys.executable, str(tmp_path)],
+               pythonpath=False)  # the installed wheel, not this checkout
     assert "predictions.json" in out.stdout
     assert (tmp_path / "run" / "predict" / "BloodImage_00000.csv").is_file()
