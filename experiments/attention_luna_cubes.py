@@ -1,4 +1,4 @@
-"""Detection with attention in 3D (issue 9, part 4): nodule vs background sub-cubes of the real LUNA16 nodule patches,
+"""Detection with attention in 3D: nodule vs background sub-cubes of the real LUNA16 nodule patches,
 supervised attention, pointing game on a scan-disjoint val split. Same code as the 2D mammograms: the attention
 classifier (``ndim: 3``), ``circle_heatmap`` (the nodule as the sphere of its mask's equivalent diameter, centred at the
 mask centroid), the engine's Trainer and :func:`medetect.evaluation.attention.attention_metrics`.

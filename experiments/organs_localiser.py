@@ -1,4 +1,4 @@
-"""Organ localisation (issue 12): held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
+"""Organ localisation: held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
 
     python experiments/organs_localiser.py data [--out DIR] [--n 30]         # held-out phantoms (seeds 5000..)
     python experiments/organs_localiser.py evaluate --weights W [--out DIR]  # held-out phantoms + each real case

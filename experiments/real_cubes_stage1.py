@@ -1,4 +1,4 @@
-"""LUNA16 stage one trained on REAL nodules: the luna16-node21-patches cubes (issue 11).
+"""LUNA16 stage one trained on REAL nodules: the luna16-node21-patches cubes.
 
 Data: the cubes' scans are split by scan (``medetect.luna.mosaics.split_by_scan``, every 4th scan -> val). Training
 scans are the train cubes laid out 2 x 2 four times with different seeds (so every nodule appears in four positions
