@@ -1,4 +1,4 @@
-"""Detection with attention in 3D (issue 9, part 4): nodule vs background sub-cubes of the real LUNA16 nodule patches,
+"""Detection with attention in 3D: nodule vs background sub-cubes of the real LUNA16 nodule patches,
 supervised attention, pointing game on a scan-disjoint val split. Same code as the 2D mammograms: the attention
 classifier (``ndim: 3``), ``circle_heatmap`` (the nodule as the sphere of its mask's equivalent diameter, centred at the
 mask centroid), the engine's Trainer and :func:`medetect.evaluation.attention.attention_metrics`.
@@ -11,6 +11,9 @@ target nodule's centroid at least ``--margin`` voxels inside its border (random 
 voxel at all (any component), drawn at random positions (patches whose nodule leaves no such cube give none).
 Lung window -1000..400 HU -> [0, 1], then (x - 0.5) / 0.25. Val cubes are drawn once (seed 1): 2 positives and up
 to 2 negatives per patch.
+
+``--smoke`` trains 2 steps and scores on 10 synthetic 32^3 patches (a bright sphere in noise, 10 scans) written to a
+fresh temporary folder (or ``--out``): a check that the script works, not a result.
 """
 
 from __future__ import annotations
@@ -52,6 +55,21 @@ def load_patches(root: Path) -> list[dict]:
         out.append({"id": f.stem, "uid": str(d["seriesuid"]), "x": x, "mask": lab > 0, "centre": centre,
                     "radius": float(radius)})
     return out
+
+
+def write_smoke_patches(root: Path, n: int = 10, size: int = 32) -> Path:
+    """``n`` synthetic patches in the luna16-node21-patches layout (``patches/<id>.npz``: ``image`` HU, ``label``
+    mask, ``seriesuid``), one sphere of 3-4 voxels radius each, one scan each (--smoke)."""
+    rng = np.random.default_rng(0)
+    (root / "patches").mkdir(parents=True, exist_ok=True)
+    zz, yy, xx = np.mgrid[:size, :size, :size] + 0.5
+    for k in range(n):
+        c, r = rng.uniform(size / 2 - 2, size / 2 + 2, 3), rng.uniform(3, 4)
+        mask = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r
+        img = (rng.normal(-800, 50, (size,) * 3) + 750 * mask).astype(np.int16)
+        np.savez(root / "patches" / f"smoke{k:02d}.npz", image=img, label=mask.astype(np.uint8),
+                 seriesuid=np.array(f"1.2.826.0.1.smoke.{k}"))
+    return root
 
 
 def split(patches: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -117,7 +135,7 @@ class SubCubes(Dataset):
                 "heatmap": hm, "has_heatmap": torch.tensor(bool(pos))}
 
 
-def score(model, data: SubCubes, method: str) -> dict:
+def score(model, data: SubCubes, method: str, n_boot: int = 200) -> dict:
     xs, cs, rs, ys, uids = [], [], [], [], []
     for k in range(len(data)):
         x, c, r, pos, uid = data.sample(k)
@@ -132,14 +150,15 @@ def score(model, data: SubCubes, method: str) -> dict:
         probs.append(p)
         sals.extend(s.numpy())
     return attention_metrics(torch.cat(probs).numpy(), np.array(ys), sals, cs, rs, uids, class_names=("nodule",),
-                             n_boot=200)
+                             n_boot=n_boot)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(os.environ.get("MEDETECT_DATA", str(REPO.parent / "shared" / "data")),
                                                   "luna16-node21-patches"))
-    ap.add_argument("--out", default="/tmp/medetect_attention_cubes")
+    ap.add_argument("--out", default=None, help="work folder (default /tmp/medetect_attention_cubes; with --smoke a "
+                                                "new temporary folder)")
     ap.add_argument("--size", type=int, default=20)
     ap.add_argument("--margin", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
@@ -147,15 +166,24 @@ def main() -> None:
     ap.add_argument("--no-stem-pool", action="store_true", help="finer attention map (stride 2 at c2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="2 training steps on 10 synthetic patches (seconds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    n_boot, max_steps = 200, 0
+    if args.smoke:
+        import tempfile
+
+        args.out = args.out or tempfile.mkdtemp(prefix="medetect_smoke_attention_cubes_")
+        args.data = str(write_smoke_patches(Path(args.out) / "patches_smoke"))
+        args.epochs, args.size, args.margin, n_boot, max_steps = 1, 12, 2, 10, 2
+    args.out = args.out or "/tmp/medetect_attention_cubes"
     patches = load_patches(Path(args.data))
     train_p, val_p = split(patches)
     run = Path(args.out) / f"lam{args.lam:g}_e{args.epochs}{'_nopool' if args.no_stem_pool else ''}"
     mcfg = AttentionConfig(ndim=3, num_classes=1, base_width=8, feature_level=2, attention_weight=args.lam,
                            dropout=0.2, stem_pool=not args.no_stem_pool)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=8, lr=1e-3, optimizer="adamw", warmup_iters=20, num_workers=0,
-                       seed=0, log_every=20)
+                       seed=0, log_every=20, max_steps_per_epoch=max_steps)
     prepare_run_dir(run, {"model": mcfg.to_dict(), "train": vars(args)}, resume=False, overwrite=args.overwrite,
                     config_name="cubes_config.json")
     seed_everything(0)
@@ -165,8 +193,8 @@ def main() -> None:
     Trainer(model=model, train_data=train, config=tcfg, run_dir=run, collate=attention_collate,
             run_config={"attention": mcfg.to_dict()}, progress=False).fit()
     res = {"train_patches": len(train_p), "val_patches": len(val_p), "val_cubes": len(val),
-           "val_scans": len({p["uid"] for p in val_p}), "attention": score(model, val, "attention"),
-           "gradcam": score(model, val, "gradcam")}
+           "val_scans": len({p["uid"] for p in val_p}), "attention": score(model, val, "attention", n_boot),
+           "gradcam": score(model, val, "gradcam", n_boot)}
     (run / "result.json").write_text(json.dumps(res, indent=1))
     a = res["attention"]
     print(json.dumps({"lambda": args.lam, "val_cubes": len(val), "auc": a["image_auc_nodule"],

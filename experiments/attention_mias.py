@@ -1,4 +1,4 @@
-"""Detection with attention on mini-MIAS (issue 9): the ablation (plain classifier + Grad-CAM, unsupervised attention
+"""Detection with attention on mini-MIAS: the ablation (plain classifier + Grad-CAM, unsupervised attention
 lambda = 0, supervised attention), its table with 95% patient-bootstrap intervals, overlays, and shipping.
 
     python experiments/attention_mias.py train  [--out /tmp/medetect_attention] [--epochs 40]   # 3 runs, ~10 min
@@ -9,6 +9,9 @@ Every run is ``medetect train configs/mias_attention.yaml --run-dir OUT/<method>
 below; ``table`` scores ``OUT/<method>/model.safetensors`` with the code of ``medetect evaluate --data
 FOLDER:SPLIT --json`` (:func:`medetect.attention.evaluate.evaluate_attention`). ``--overlays DIR`` writes one overlay
 PNG per method of the first abnormal image of the split (generated, never committed: MIAS is research-only).
+
+``--smoke`` runs ``train`` (one step per method) and ``table`` (with overlays) on 16 synthetic films
+(experiments/_smoke_data.py) in a fresh temporary folder (or ``--out``): a check that the script works, not a result.
 """
 
 from __future__ import annotations
@@ -117,8 +120,9 @@ def ship(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("train", "table", "ship"))
-    ap.add_argument("--out", default="/tmp/medetect_attention", help="work folder (run folders, logs, table JSON)")
+    ap.add_argument("stage", nargs="?", choices=("train", "table", "ship"))
+    ap.add_argument("--out", default=None, help="work folder (run folders, logs, table JSON; default "
+                                                "/tmp/medetect_attention, with --smoke a new temporary folder)")
     ap.add_argument("--data", default=None, help="mini-MIAS-layout folder (default $MEDETECT_DATA/mini-mias)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--epochs", type=int, default=40)
@@ -128,7 +132,25 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--overlays", default=None, help="folder for one overlay PNG per method (table stage)")
+    ap.add_argument("--smoke", action="store_true", help="train (one step per method) and table on 16 synthetic "
+                                                         "films (seconds; not a result)")
     args = ap.parse_args()
+    if args.stage is None and not args.smoke:
+        ap.error("a stage is required (or --smoke)")
+    if args.smoke:
+        import tempfile
+
+        from _smoke_data import write_mias_folder
+
+        args.out = args.out or tempfile.mkdtemp(prefix="medetect_smoke_attention_")
+        args.data = str(write_mias_folder(Path(args.out) / "mias-smoke"))
+        args.epochs, args.n_boot, args.parallel = 1, 10, True
+        args.overlays = args.overlays or str(Path(args.out) / "overlays")
+        args.set = [*args.set, "train.max_steps_per_epoch=1", "train.batch_size=2"]
+        for stage in (train, table):
+            stage(args)
+        return
+    args.out = args.out or "/tmp/medetect_attention"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     {"train": train, "table": table, "ship": ship}[args.stage](args)
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Packaging check (issue 13): build the wheel from a clean export of HEAD, install it (no deps) into a fresh virtual
-# environment whose dependencies come from an existing environment (offline machines: no index to resolve torch
-# from), and run `medetect demo` from the INSTALLED package, outside the repository, with the shipped weights.
-#   bash experiments/check_wheel.sh [PYTHON_OF_AN_ENV_WITH_THE_DEPENDENCIES] [WORK_DIR]
-# Prints the demo summary; exit code 0 when the demo ran from the wheel.
+# Packaging check: build the wheel from a clean export of HEAD, install it (no deps) into a fresh virtual environment
+# whose dependencies come from an existing environment (offline machines: no index to resolve torch from), and run
+# `medetect demo` from the INSTALLED package, outside the repository, with the shipped weights.
+#   bash experiments/check_wheel.sh [--smoke] [PYTHON_OF_AN_ENV_WITH_THE_DEPENDENCIES] [WORK_DIR]
+# --smoke runs `medetect predict` with the packaged blood-cell detector on one packaged image instead of the whole
+# demo (seconds). Prints the demo summary (or the prediction's files); exit code 0 when it ran from the wheel.
 set -euo pipefail
+SMOKE=0
+if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; shift; fi
 ENV_PY=${1:-/work/main/.venv/bin/python}
 WORK=${2:-$(mktemp -d)}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,4 +25,11 @@ SITE=$(ls -d "$WORK"/venv/lib/python3*/site-packages)
 cd "$WORK/run"
 "$WORK/venv/bin/python" -c "import medetect; assert medetect.__file__.startswith('$WORK/venv/'), medetect.__file__"
 # (pip of the other environment wrote the console script's shebang for its own python: run the module instead)
-"$WORK/venv/bin/python" -m medetect demo --out "$WORK/run/demo"
+if [[ $SMOKE == 1 ]]; then
+  PKG=$("$WORK/venv/bin/python" -c 'import medetect, os; print(os.path.dirname(medetect.__file__))')
+  "$WORK/venv/bin/python" -m medetect predict --weights "$PKG/weights/bccd_faster_rcnn.safetensors" \
+    "$PKG/assets/bccd/BloodImage_00000.jpg" --out "$WORK/run/predict" --threads 1
+  ls "$WORK/run/predict"
+else
+  "$WORK/venv/bin/python" -m medetect demo --out "$WORK/run/demo"
+fi

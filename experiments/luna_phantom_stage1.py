@@ -32,6 +32,9 @@ alone), and lists both stages' probabilities for each held-out nodule.
 stopped and restarted, e.g. with another ``--threads``); ``evaluate`` scores ``ROOT/run_RECIPE/model.safetensors`` if
 training finished, else the latest checkpoint (``--weights`` overrides) and writes ``ROOT/eval_RECIPE/metrics.json``.
 
+``--smoke`` runs data, train, evaluate, train-fpr and time on 4 tiny phantoms with 2 training steps each, into a
+fresh temporary folder (or ``--root``): a check that the script works, not a result.
+
 The data are synthetic chest phantoms (:mod:`medetect.data.phantoms`) in the LUNA16 layout: 52 scans dealt
 round-robin into subset0..3; subset0-2 (39 scans) train, subset3 (13 scans) is held out. Nothing here is patient data.
 """
@@ -89,6 +92,20 @@ FPR_TRAIN = dict(epochs=12, batch_size=16, lr=1e-3, optimizer="adamw", warmup_it
                  max_steps_per_epoch=300, weight_decay=1e-4, log_every=50)
 FPR_TOP_K, FPR_POS_FRACTION = 100, 0.5
 SHIP = REPO / "medetect" / "weights" / "nodule_phantom_det3d.safetensors"
+N_BOOTSTRAP = 1000  # FROC bootstrap resamples of the scans (the CPM's 95 % interval)
+TIME_SHAPE = (256, 512, 512)  # the whole-scan timing's volume
+
+
+def use_smoke_settings() -> None:
+    """--smoke: 4 tiny phantoms (one per subset), 2 steps per training, no bootstrap, a small timing volume."""
+    global PATCH, PATCHES_PER_VOLUME, N_BOOTSTRAP, TIME_SHAPE, FPR_TOP_K
+    DATA.update(n_scans=4, shape=(32, 64, 64), n_nodules=(1, 2), nodule_diameters_mm=(5.0, 12.0))
+    for r in RECIPES.values():
+        r["epochs"] = 1
+    TRAIN.update(batch_size=2, warmup_iters=1, max_steps_per_epoch=2)
+    MODEL.update(score_thresh=0.05, detections_per_img=20)  # an untrained head scores near its 0.01 prior everywhere
+    FPR_TRAIN.update(epochs=1, batch_size=4, warmup_iters=1, max_steps_per_epoch=2)
+    PATCH, PATCHES_PER_VOLUME, N_BOOTSTRAP, TIME_SHAPE, FPR_TOP_K = 32, 2, 0, (32, 64, 64), 10
 
 
 def cmd_data(root: Path) -> None:
@@ -140,7 +157,7 @@ def resolve_weights(root: Path, recipe: str, weights: str | None) -> Path:
 
 
 def _with_ci(res) -> dict:
-    """FROC summary plus the bootstrap 95% interval of the CPM (1000 resamples of the scans)."""
+    """FROC summary plus the bootstrap 95% interval of the CPM (N_BOOTSTRAP resamples of the scans)."""
     out = _froc_summary(res)
     out["cpm_ci95"] = [round(float(res.cpm_ci_low), 4), round(float(res.cpm_ci_high), 4)] \
         if res.cpm_ci_low is not None else None
@@ -160,7 +177,7 @@ def two_stage(layout: LunaLayout, marks: dict, uids, out_dir: Path, modes=("prod
         fused = {u: {"centres_xyz": marks[u]["centres_xyz"],
                      "probabilities": fuse(marks[u]["probabilities"], scored[u][1], mode)} for u in uids}
         sub = write_submission(out_dir / f"submission_two_stage_{mode}.csv", fused)
-        res[mode] = _with_ci(evaluate_submission(layout, sub, uids, n_bootstrap=1000))
+        res[mode] = _with_ci(evaluate_submission(layout, sub, uids, n_bootstrap=N_BOOTSTRAP))
     res["per_nodule"] = per_nodule(layout, marks, {u: scored[u][1] for u in uids}, uids)
     return res
 
@@ -194,7 +211,7 @@ def cmd_evaluate(root: Path, recipe: str, weights: str | None, out: Path | None,
     sub = write_submission(out / "submission_stage1.csv", marks)
     res = {"weights": str(w), "test_subset": TEST_SUBSET, "n_test_scans": len(test),
            "predict_seconds_per_scan": round(seconds / max(1, len(test)), 2),
-           "stage1": _with_ci(evaluate_submission(layout, sub, test, n_bootstrap=1000))}
+           "stage1": _with_ci(evaluate_submission(layout, sub, test, n_bootstrap=N_BOOTSTRAP))}
     fpr_weights = Path(fpr) if fpr else FPR_WEIGHTS
     res["fpr_weights"] = str(fpr_weights)
     res["two_stage"] = two_stage(layout, marks, test, out, fpr_weights=fpr_weights)
@@ -262,7 +279,7 @@ def cmd_ship_fpr(root: Path, fpr: str | None) -> None:
 def cmd_time(root: Path, recipe: str, weights: str | None) -> None:
     model, pre = load_luna_model(Path(weights) if weights else SHIP if SHIP.is_file() else
                                  resolve_weights(root, recipe, None))
-    print(json.dumps(time_inference(model, pre, shape=(256, 512, 512))))
+    print(json.dumps(time_inference(model, pre, shape=TIME_SHAPE)))
 
 
 def cmd_ship(root: Path, recipe: str, weights: str | None) -> None:
@@ -274,8 +291,9 @@ def cmd_ship(root: Path, recipe: str, weights: str | None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("data", "train", "evaluate", "time", "ship", "train-fpr", "ship-fpr"))
-    p.add_argument("--root", default="/tmp/medetect_luna_stage1", help="work folder (data, run, eval), outside the repo")
+    p.add_argument("stage", nargs="?", choices=("data", "train", "evaluate", "time", "ship", "train-fpr", "ship-fpr"))
+    p.add_argument("--root", default=None, help="work folder (data, run, eval), outside the repo (default "
+                                                "/tmp/medetect_luna_stage1; with --smoke a new temporary folder)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="s100", help="training recipe (run folder ROOT/run_RECIPE)")
     p.add_argument("--weights", help="evaluate/time/ship these weights instead of the run's; train-fpr: the stage-one "
                                      "detector whose marks are the training candidates (default the shipped one)")
@@ -284,13 +302,28 @@ def main(argv=None) -> int:
                                  "nodule_fpr_phantom.safetensors; a run folder means its latest checkpoint); "
                                  "ship-fpr: the weights to ship (default ROOT/run_fpr/model.safetensors)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="data, train, evaluate, train-fpr and time on 4 tiny phantoms "
+                                                        "with 2 steps per training (seconds; nothing is shipped)")
     a = p.parse_args(argv)
+    if a.stage is None and not a.smoke:
+        p.error("a stage is required (or --smoke)")
     if a.threads:
         torch.set_num_threads(a.threads)
-    root = Path(a.root)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.smoke:
+        import tempfile
+
+        use_smoke_settings()
+        root = Path(a.root or tempfile.mkdtemp(prefix="medetect_smoke_stage1_"))
+        cmd_data(root)
+        cmd_train(root, a.recipe)
+        cmd_evaluate(root, a.recipe, None, None)
+        cmd_train_fpr(root, str(root / f"run_{a.recipe}" / "model.safetensors"))
+        cmd_time(root, a.recipe, str(root / f"run_{a.recipe}" / "model.safetensors"))
+        return 0
+    root = Path(a.root or "/tmp/medetect_luna_stage1")
     if a.stage == "data":
         cmd_data(root)
     elif a.stage == "train":

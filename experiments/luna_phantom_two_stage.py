@@ -11,9 +11,9 @@ on a CPU. The stages are:
     at most 400 vessel branches, nodules of 4-20 mm and 1-4 nodules per scan. The files are deterministic, so the
     same arguments give the same files (byte for byte). Takes about 10 seconds.
 ``train-fpr``
-    ``medetect.luna.fpr.main(["train", ...])`` trains the stage-two cube classifier on the ``candidates.csv``
-    candidates of ``subset0``. Settings: 24^3 cubes at 1.25 mm, AdamW with lr 1e-3, batch 16, seed 0, and a cosine
-    schedule over ``--epochs`` (6). The previously shipped stage-two model (replaced, see the model card) was the
+    ``medetect.luna.fpr.train_fpr`` trains the stage-two cube classifier on the ``candidates.csv`` candidates of
+    ``subset0``. Settings: 24^3 cubes at 1.25 mm, AdamW with lr 1e-3, 50 warm-up steps, weight decay 1e-4, batch 16,
+    50 % positives, seed 0, and a cosine schedule over ``--epochs`` (6). The previously shipped stage-two model (replaced, see the model card) was the
     epoch-3 checkpoint of this 6-epoch run: training was stopped after 3 epochs. ``--stop-after 3`` (the default) does
     the same. It runs the
     training in a child process, ends that process once the epoch-3 checkpoint is written, and exports that
@@ -44,13 +44,12 @@ on a CPU. The stages are:
 ``all``
     Runs every stage in order, then evaluates the weights it has just trained.
 
-Reproducibility. ``train_fpr`` and ``train_slices2d`` build the model before the ``Trainer`` seeds torch. The
-``--seed`` therefore fixes the data order, the augmentation and dropout, but not the initial weights. The runs that
-made the previously shipped FPR weights (and the first 2D weights) did not seed the initialisation, so retraining
-cannot give them back bit for bit. This script seeds torch (``seed_everything``) before each training,
-so its own runs repeat on the same machine and thread count. Expect a retrained model's CPMs to differ from the
-model card by run-to-run variation. The evaluation is exact: ``--stage data`` and ``--stage evaluate`` with the
-same weights give the model card's numbers (and submission CSVs) exactly.
+Reproducibility. ``train_fpr`` and ``train_slices2d`` seed torch with the training seed before they build the
+model, so a run repeats on the same machine and thread count. The runs that made the previously shipped FPR weights
+(and the first 2D weights) did not seed the initialisation, so retraining cannot give them back bit for bit: expect a
+retrained model's CPMs to differ from the model card by run-to-run variation. The evaluation is exact:
+``--stage data`` and ``--stage evaluate`` with the same weights give the model card's numbers (and submission CSVs)
+exactly.
 
 Which weights are evaluated:
 
@@ -66,6 +65,10 @@ Examples::
     python experiments/luna_phantom_two_stage.py --stage data                 # write the phantoms
     python experiments/luna_phantom_two_stage.py --stage evaluate --no-2d     # re-score with the shipped weights
     python experiments/luna_phantom_two_stage.py --stage all                  # regenerate, retrain, evaluate
+    python experiments/luna_phantom_two_stage.py --smoke                      # every stage on 4 tiny scans (seconds)
+
+``--smoke`` runs every stage (data, train-fpr, train-2d, evaluate) on 4 tiny phantoms with a few training steps
+into a fresh temporary folder (or ``--out``): a check that the script works, not a result.
 
 All numbers concern synthetic phantoms. They show that the pipeline works; they say nothing about real CT.
 """
@@ -103,11 +106,18 @@ SHIPPED_FPR = REPO / "medetect" / "weights" / "nodule_fpr_phantom.safetensors"
 PHANTOMS = dict(n_scans=48, seed=7, subsets=2, shape=(64, 160, 160), n_vessel_branches=400,
                 nodule_diameters_mm=(4, 20), n_nodules=(1, 4))
 TRAIN_SUBSET, TEST_SUBSET = "subset0", "subset1"
-# Stage two (FPR). medetect.luna.fpr.main adds AdamW, 50 warm-up steps, weight decay 1e-4 and 50% positives.
-FPR_CUBE, FPR_SPACING_MM, FPR_BATCH, FPR_LR, FPR_SEED = 24, 1.25, 16, 1e-3, 0
+# Stage two (FPR): 24^3 cubes at 1.25 mm, one field of view.
+FPR_MODEL = dict(cube_size=24, spacing_mm=1.25, scales=[1.0], in_channels=1, widths=[16, 32, 64])
+FPR_TRAIN = dict(batch_size=16, lr=1e-3, optimizer="adamw", warmup_iters=50, num_workers=0, seed=0,
+                 max_steps_per_epoch=0, weight_decay=1e-4)
+FPR_POS_FRACTION = 0.5
 # The 2D slice variant.
 S2D_TRAIN = dict(batch_size=4, lr=2e-3, optimizer="adamw", warmup_iters=30, num_workers=0, seed=0, log_every=10)
 S2D_NEG_RATIO = 0.5
+# --smoke: 4 tiny scans and a few steps per training, to check that every stage runs (seconds, not a result).
+SMOKE_PHANTOMS = dict(n_scans=4, seed=7, subsets=2, shape=(32, 64, 64), n_vessel_branches=20,
+                      nodule_diameters_mm=(5, 10), n_nodules=(1, 2))
+SMOKE_STEPS = dict(max_steps_per_epoch=2, batch_size=4, warmup_iters=1)
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -132,10 +142,10 @@ def _subset_scans(root: Path, subset: str) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------------------- stages
 
 
-def stage_data(out: Path) -> dict:
+def stage_data(out: Path, phantoms: dict = PHANTOMS) -> dict:
     root = _paths(out)["data"]
     t = time.time()
-    manifest = write_luna16_dataset(root, **PHANTOMS)
+    manifest = write_luna16_dataset(root, **phantoms)
     summary = {k: v for k, v in manifest.items() if k != "scans"}
     summary["seconds"] = round(time.time() - t, 1)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
@@ -143,25 +153,20 @@ def stage_data(out: Path) -> dict:
     return summary
 
 
-def _fpr_argv(out: Path, epochs: int, threads: int) -> list[str]:
-    p = _paths(out)
-    return ["train", str(p["data"]), "--candidates", str(p["data"] / "candidates.csv"), "--run-dir", str(p["fpr"]),
-            "--subsets", TRAIN_SUBSET, "--cube", str(FPR_CUBE), "--spacing", str(FPR_SPACING_MM),
-            "--epochs", str(epochs), "--batch-size", str(FPR_BATCH), "--lr", str(FPR_LR), "--seed", str(FPR_SEED),
-            "--threads", str(threads)]
-
-
-def stage_train_fpr(out: Path, epochs: int, threads: int, stop_after: int) -> Path:
+def stage_train_fpr(out: Path, epochs: int, threads: int, stop_after: int, steps: dict | None = None) -> Path:
     """Train the FPR classifier into ``OUT/fpr``. A run folder that already has checkpoints is resumed."""
     p = _paths(out)
     _subset_scans(p["data"], TRAIN_SUBSET)
-    argv = _fpr_argv(out, epochs, threads)
-    print("train-fpr: medetect.luna.fpr.main(" + json.dumps(argv) + ")", flush=True)
     if not 0 < stop_after < epochs:
-        seed_everything(FPR_SEED)  # the initial weights too (see "Reproducibility" in the module docstring)
-        rc = fpr.main(argv, prog="luna_phantom_two_stage train-fpr")
-        if rc:
-            raise SystemExit(rc)
+        from medetect.models.fp_reduction import FPRConfig
+
+        tc = TrainConfig(epochs=epochs, **{**FPR_TRAIN, **(steps or {})})
+        print(f"train-fpr: train_fpr({TRAIN_SUBSET} of {p['data']}, {FPR_MODEL}, {tc})", flush=True)
+        torch.set_num_threads(max(1, threads))
+        _, hist = fpr.train_fpr(p["data"], p["data"] / "candidates.csv", p["fpr"], config=FPRConfig(**FPR_MODEL),
+                                train=tc, subsets=[TRAIN_SUBSET], pos_fraction=FPR_POS_FRACTION, resume=True,
+                                progress=False)
+        print("train-fpr:", json.dumps(hist[-1] if hist else {}, default=str), flush=True)
         return p["fpr"] / "model.safetensors"
     # Stop after `stop_after` epochs of the `epochs`-epoch cosine schedule, as was done for the previously shipped
     # weights. The Trainer has no early stop, so the training runs in a child process (this same script, full
@@ -197,12 +202,12 @@ def stage_train_fpr(out: Path, epochs: int, threads: int, stop_after: int) -> Pa
     return path
 
 
-def stage_train_2d(out: Path, epochs: int) -> Path:
+def stage_train_2d(out: Path, epochs: int, steps: dict | None = None) -> Path:
     p = _paths(out)
     root = p["data"]
     scans = _subset_scans(root, TRAIN_SUBSET)
     ann = read_luna_csv(root / "annotations.csv")
-    tc = TrainConfig(epochs=epochs, **S2D_TRAIN)
+    tc = TrainConfig(epochs=epochs, **{**S2D_TRAIN, **(steps or {})})
     print(f"train-2d: train_slices2d({len(scans)} scans of {TRAIN_SUBSET}, {tc}, neg_ratio={S2D_NEG_RATIO})", flush=True)
     seed_everything(tc.seed)  # the initial weights too (see "Reproducibility" in the module docstring)
     _, hist = slices2d.train_slices2d(scans, ann, p["s2d"], train=tc, neg_ratio=S2D_NEG_RATIO)
@@ -304,8 +309,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Stages and defaults are described in the module docstring of this file.")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"work folder: data/, fpr/, s2d/, eval/ (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"work folder: data/, fpr/, s2d/, eval/ (default {DEFAULT_OUT}; with --smoke a new temporary "
+                         "folder)")
     ap.add_argument("--stage", choices=["data", "train-fpr", "train-2d", "evaluate", "all"], default="all")
     ap.add_argument("--weights", type=Path, default=None,
                     help="FPR weights (.safetensors or a run folder) to evaluate. Default: the shipped "
@@ -324,10 +330,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-2d", action="store_true", help="skip the 2D slice variant (training and evaluation)")
     ap.add_argument("--no-tta", action="store_true", help="skip the 8-flip test-time-augmentation row")
     ap.add_argument("--bootstrap", type=int, default=1000, help="FROC bootstrap samples (default 1000; 0 = no CI)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage on 4 tiny phantoms with 2 steps per training, no TTA, no bootstrap (seconds)")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(max(1, a.threads))
-    out = a.out.resolve()
+    phantoms, steps = PHANTOMS, None
+    if a.smoke:
+        import tempfile
+
+        a.stage, a.epochs, a.stop_after, a.epochs_2d, a.no_tta, a.bootstrap = "all", 1, 0, 1, True, 0
+        phantoms, steps = SMOKE_PHANTOMS, SMOKE_STEPS
+        a.out = a.out or Path(tempfile.mkdtemp(prefix="medetect_smoke_two_stage_"))
+    out = (a.out or DEFAULT_OUT).resolve()
     p = _paths(out)
     stages = ["data", "train-fpr", "train-2d", "evaluate"] if a.stage == "all" else [a.stage]
     if a.no_2d:
@@ -336,11 +351,11 @@ def main(argv=None) -> int:
     for stage in stages:
         print(f"== stage {stage} (out {out})", flush=True)
         if stage == "data":
-            stage_data(out)
+            stage_data(out, phantoms)
         elif stage == "train-fpr":
-            trained_fpr = stage_train_fpr(out, a.epochs, a.threads, a.stop_after)
+            trained_fpr = stage_train_fpr(out, a.epochs, a.threads, a.stop_after, steps)
         elif stage == "train-2d":
-            stage_train_2d(out, a.epochs_2d)
+            stage_train_2d(out, a.epochs_2d, steps)
         else:
             weights = a.weights or trained_fpr or SHIPPED_FPR
             slice_weights = None

@@ -1,5 +1,5 @@
-"""Mammography beyond the image (issue 8, Deliver 5): a patient-level model on top of the shipped benign/malignant
-detector, plus the per-lesion-type and confusion figures of the README.
+"""Mammography beyond the image: a patient-level model on top of the shipped benign/malignant detector, plus the
+per-lesion-type and confusion figures of the results page (docs/results.md).
 
 One command reproduces every figure (the detector runs once per split; its detections are cached as CSV, so later
 calls take seconds)::
@@ -15,6 +15,9 @@ folder, :func:`medetect.mammo.preprocess.preprocess_folder` -> ``OUT/mias-pre``,
 ``by_lesion_type`` and ``confusion`` keys, thresholds picked on train -> ``OUT/val_metrics.json``), ``patient``
 (:mod:`medetect.mammo.patient`: logistic regression on train, AUCs on val against the image-only baseline ->
 ``OUT/patient_model.json``). Errors are one sentence on stderr, exit code 2.
+
+``--smoke`` runs preprocess (pectoral removal), score, evaluate and patient on 16 synthetic films (experiments/
+_smoke_data.py) in a fresh temporary folder (or ``--out``): a check that the script works, not a result.
 """
 
 from __future__ import annotations
@@ -104,10 +107,11 @@ def cmd_patient(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("step", choices=["preprocess", "score", "evaluate", "patient", "all"])
+    ap.add_argument("step", nargs="?", choices=["preprocess", "score", "evaluate", "patient", "all"])
     ap.add_argument("--data", default=DEFAULT_DATA, help="mini-MIAS-layout folder (default: %(default)s)")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="benign/malignant detector (model file or run)")
-    ap.add_argument("--out", default="../mammo-out", help="output folder (detections cache, JSON results)")
+    ap.add_argument("--out", default=None, help="output folder (detections cache, JSON results; default ../mammo-out, "
+                                                "with --smoke a new temporary folder)")
     ap.add_argument("--tag", default="", help="prefix of the cached files (e.g. 'pre_' for another detector)")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="val")
@@ -119,13 +123,26 @@ def main(argv=None) -> int:
     ap.add_argument("--clahe", action="store_true", help="preprocess: also CLAHE (-> OUT/mias-pre-clahe)")
     ap.add_argument("--pectoral", choices=["keep", "remove"], default="keep",
                     help="preprocess: remove the pectoral muscle found (-> OUT/mias-pre-pec)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="preprocess, score, evaluate and patient on 16 synthetic films (seconds; not a result)")
     args = ap.parse_args(argv)
+    if args.step is None and not args.smoke:
+        ap.error("a step is required (or --smoke)")
     args.splits = [args.train_split, args.val_split]
+    if args.smoke:
+        import tempfile
+
+        from _smoke_data import write_mias_folder
+
+        args.out = args.out or tempfile.mkdtemp(prefix="medetect_smoke_mammo_")
+        args.data = str(write_mias_folder(Path(args.out) / "mias-smoke"))
+        args.step, args.n_boot, args.folds, args.pectoral = "all", 20, 2, "remove"
+    args.out = args.out or "../mammo-out"
     try:
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"{args.data}: no such data folder (--data)")
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        if args.step == "preprocess":
+        if args.step == "preprocess" or args.smoke:
             cmd_preprocess(args)
         if args.step in ("score", "all"):
             cmd_score(args)

@@ -1,10 +1,12 @@
-"""Organ localisation (issue 12): held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
+"""Organ localisation: held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
 
     python experiments/organs_localiser.py data [--out DIR] [--n 30]         # held-out phantoms (seeds 5000..)
     python experiments/organs_localiser.py evaluate --weights W [--out DIR]  # held-out phantoms + each real case
     python experiments/organs_localiser.py time --weights W [--threads 1]    # 512x512x300 CT, 1 thread
     python experiments/organs_localiser.py ship RUN                          # RUN/model.safetensors -> fp16 weights
-    python experiments/organs_localiser.py table [--out DIR]                 # the README table of OUT/results.json
+    python experiments/organs_localiser.py table [--out DIR]                 # the results table of OUT/results.json
+    python experiments/organs_localiser.py --smoke [--out DIR]               # data, evaluate, time, table on 2 tiny
+                                                                             # phantoms (seconds; not a result)
 
 Training: ``medetect train configs/organs_ct_rpn3d.yaml --run-dir RUN --threads 1`` (phantoms seeds 1000..1239
 generated into RUN/phantoms). Results are printed and written to ``OUT/results.json``.
@@ -28,23 +30,24 @@ SHIPPED = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "organs
 SHARED = Path(os.environ.get("MEDETECT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def data(out: Path, n: int) -> None:
+def data(out: Path, n: int, **phantom_kw) -> None:
     from medetect.organs.phantoms import write_organ_dataset
 
     # held-out: other seeds than training (1000..1239), realistic slice spacing 0.6-5 mm, in-plane 1.5-2.5 mm (a
     # 160-330 matrix: full 512 matrices take ~30 s each to draw on the 2-core machine)
     t = time.time()
-    print(write_organ_dataset(out / "heldout", n, 5000, spacing_range=((0.6, 5.0), (1.5, 2.5))),
-          f"{time.time() - t:.0f} s")
+    kw = phantom_kw or {"spacing_range": ((0.6, 5.0), (1.5, 2.5))}
+    print(write_organ_dataset(out / "heldout", n, 5000, **kw), f"{time.time() - t:.0f} s")
 
 
-def evaluate(out: Path, weights: Path) -> None:
+def evaluate(out: Path, weights: Path, real: bool = True) -> None:
     from medetect.apps import load_model
     from medetect.organs.report import evaluate_organ_folder, format_organ_table
 
     loaded = load_model(weights)
     results = {}
-    for name, folder in (("heldout_phantoms", out / "heldout"), ("organ_ct_sample", SHARED / "organ-ct-sample")):
+    folders = [("heldout_phantoms", out / "heldout")] + ([("organ_ct_sample", SHARED / "organ-ct-sample")] if real else [])
+    for name, folder in folders:
         if not (folder / "boxes.csv").is_file():
             print(f"skipping {name}: {folder} has no boxes.csv")
             continue
@@ -64,7 +67,7 @@ def _short(res: dict) -> str:
     return table[table.index("all cases"):]
 
 
-def timing(weights: Path, threads: int) -> None:
+def timing(weights: Path, threads: int, shape=(300, 512, 512), phantom_spacing=(1.25, 0.8, 0.8)) -> None:
     from medetect.apps import load_model
     from medetect.convert import Geometry
     from medetect.data.image import MedicalImage
@@ -72,11 +75,11 @@ def timing(weights: Path, threads: int) -> None:
     from medetect.organs.phantoms import make_organ_phantom
 
     torch.set_num_threads(threads)
-    hu, _, geom, _ = make_organ_phantom(7, spacing=(1.25, 0.8, 0.8), fov="chest_abdomen", max_shape=512)
-    vol = np.full((300, 512, 512), -1000, dtype=np.int16)  # the phantom placed in a 512x512x300 CT
+    hu, _, geom, _ = make_organ_phantom(7, spacing=phantom_spacing, fov="chest_abdomen", max_shape=max(shape))
+    vol = np.full(shape, -1000, dtype=np.int16)  # the phantom placed in a 512x512x300 CT
     z, y, x = (min(a, b) for a, b in zip(hu.shape, vol.shape))
     vol[:z, :y, :x] = hu[:z, :y, :x]
-    img = MedicalImage(vol[None], Geometry((1.25, 0.8, 0.8), geom.origin, geom.direction))
+    img = MedicalImage(vol[None], Geometry(tuple(phantom_spacing), geom.origin, geom.direction))
     loaded = load_model(weights)
     localise(loaded, img)  # warm-up
     times = []
@@ -130,16 +133,31 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["data", "evaluate", "time", "ship", "table"])
+    ap.add_argument("stage", nargs="?", choices=["data", "evaluate", "time", "ship", "table"])
     ap.add_argument("run", nargs="?", help="ship: the training run folder")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/medetect_organs"))
+    ap.add_argument("--out", type=Path, default=None, help="work folder (default /tmp/medetect_organs; smoke: a new "
+                                                           "temporary folder)")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--weights", type=Path, default=SHIPPED)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="data, evaluate, time and table on 2 coarse phantoms and a "
+                                                         "small timing volume (seconds; not a result)")
     a = ap.parse_args()
+    if a.stage is None and not a.smoke:
+        ap.error("a stage is required (or --smoke)")
+    if a.out is None:
+        import tempfile
+
+        a.out = Path(tempfile.mkdtemp(prefix="medetect_smoke_organs_")) if a.smoke else Path(
+            "/tmp/medetect_organs")
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
-    if a.stage == "data":
+    if a.smoke:  # every stage but ship, on 2 coarse phantoms and a small timing volume
+        data(a.out, 2, spacing=(5.0, 4.0, 4.0))
+        evaluate(a.out, a.weights, real=False)
+        timing(a.weights, a.threads, shape=(48, 96, 96), phantom_spacing=(5.0, 4.0, 4.0))
+        table(a.out)
+    elif a.stage == "data":
         data(a.out, a.n)
     elif a.stage == "evaluate":
         evaluate(a.out, a.weights)

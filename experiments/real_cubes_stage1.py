@@ -1,4 +1,4 @@
-"""LUNA16 stage one trained on REAL nodules: the luna16-node21-patches cubes (issue 11).
+"""LUNA16 stage one trained on REAL nodules: the luna16-node21-patches cubes.
 
 Data: the cubes' scans are split by scan (``medetect.luna.mosaics.split_by_scan``, every 4th scan -> val). Training
 scans are the train cubes laid out 2 x 2 four times with different seeds (so every nodule appears in four positions
@@ -21,6 +21,10 @@ nodule's centre as a positive::
     python experiments/real_cubes_stage1.py evaluate --root /tmp/real_cubes --weights medetect/weights/nodule_ct_det3d.safetensors --fpr /tmp/real_cubes/run_fpr/model.safetensors
 
 With ``--fpr``, ``evaluate`` also rescores the val marks with stage two and prints the fused FROC (``product``).
+``--smoke`` runs ``data`` (one mosaic layout), ``fpr-data`` and ``evaluate`` (with the shipped stage one and two)
+on the first 8 cubes of ``--src``, in a fresh temporary folder (or ``--root``): a check that the script works, not a
+result.
+
 ``lidc --weights W`` runs stage one on the two real LIDC-IDRI slabs and scores its marks against the readers'
 consensus nodules (``medetect.data.annotations.lidc``).
 """
@@ -37,6 +41,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medetect.luna.mosaics import build_mosaics  # noqa: E402
+
+SHIPPED_DET = REPO / "medetect" / "weights" / "nodule_ct_det3d.safetensors"
+SHIPPED_FPR = REPO / "medetect" / "weights" / "nodule_fpr_ct.safetensors"
+
+
+def smoke_source(src: Path, dst: Path, n: int = 8) -> Path:
+    """The first ``n`` cubes of ``src`` as a luna16-node21-patches-layout folder ``dst`` (--smoke)."""
+    import csv
+
+    with open(src / "patches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    if not rows:
+        raise SystemExit(f"{src / 'patches.csv'} lists no cubes")
+    (dst / "patches").mkdir(parents=True)
+    for name in ("patches.csv", "components.csv"):
+        if not (src / name).is_file():
+            continue
+        with open(src / name, newline="") as f, open(dst / name, "w", newline="") as g:
+            r = csv.DictReader(f)
+            w = csv.DictWriter(g, r.fieldnames)
+            w.writeheader()
+            keep = {row["patch_id"] for row in rows}
+            w.writerows(row for row in r if row["patch_id"] in keep)
+    for row in rows:
+        shutil.copy(src / "patches" / f"{row['patch_id']}.npz", dst / "patches")
+    return dst
 
 
 def cmd_data(src: Path, root: Path, seeds: int = 4) -> None:
@@ -124,7 +154,7 @@ def cmd_lidc(lidc: Path, weights: str) -> None:
                               "top_mark_prob": round(float(marks["probabilities"][0]), 3) if len(dist) else None}))
 
 
-def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None) -> None:
+def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None) -> int:
     from medetect.cli import main as cli
 
     val = root / "val"
@@ -139,27 +169,40 @@ def cmd_evaluate(root: Path, weights: str, threads: int, fpr: str | None = None)
                   "--fuse", "product", "--force", *args])
         print("stage one + stage two, fused (product):")
         rc = rc or cli(["froc", str(val / "annotations.csv"), str(fused), *froc])
-    raise SystemExit(rc)
+    return rc
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("data", "fpr-data", "evaluate", "lidc"))
+    p.add_argument("stage", nargs="?", choices=("data", "fpr-data", "evaluate", "lidc"))
     p.add_argument("--lidc", default=str(REPO.parent / "shared" / "data" / "lidc-idri-slabs"))
     p.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "luna16-node21-patches"))
-    p.add_argument("--root", default="/tmp/real_cubes", help="work folder, outside the repository")
+    p.add_argument("--root", default=None, help="work folder, outside the repository (default /tmp/real_cubes; with "
+                                                "--smoke a new temporary folder)")
     p.add_argument("--weights", help="evaluate: a model file or a run folder")
     p.add_argument("--fpr", help="evaluate: also fuse with this stage-two model (file or run folder)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="data, fpr-data and evaluate (shipped weights) on the first 8 "
+                                                        "cubes of --src (seconds)")
     a = p.parse_args(argv)
+    if a.smoke:
+        import tempfile
+
+        root = Path(a.root or tempfile.mkdtemp(prefix="medetect_smoke_real_cubes_"))
+        cmd_data(smoke_source(Path(a.src), root / "src"), root, seeds=1)
+        cmd_fpr_data(root, str(SHIPPED_DET), a.threads)
+        return cmd_evaluate(root, str(SHIPPED_DET), a.threads, str(SHIPPED_FPR))
+    if a.stage is None:
+        p.error("a stage is required (or --smoke)")
+    root = Path(a.root or "/tmp/real_cubes")
     if a.stage == "data":
-        cmd_data(Path(a.src), Path(a.root))
+        cmd_data(Path(a.src), root)
     elif a.stage == "lidc":
         cmd_lidc(Path(a.lidc), a.weights)
     elif a.stage == "fpr-data":
-        cmd_fpr_data(Path(a.root), a.weights, a.threads)
+        cmd_fpr_data(root, a.weights, a.threads)
     else:
-        cmd_evaluate(Path(a.root), a.weights, a.threads, a.fpr)
+        return cmd_evaluate(root, a.weights, a.threads, a.fpr)
     return 0
 
 

@@ -208,7 +208,7 @@ def test_shipped_mammography_detector_loads():
 
 
 def test_shipped_mammography_detector_val_figures(shared_data):
-    """The model card's val figures, recomputed (README, issue 8): 15 of 19 lesions at 1 FP/image."""
+    """The model card's val figures, recomputed (docs/results.md): 15 of 19 lesions at 1 FP/image."""
     from pathlib import Path
 
     from medetect.apps import load_model
