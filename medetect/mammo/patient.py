@@ -167,7 +167,7 @@ def _r(x: float | None):
 
 
 def format_patient_table(res: dict) -> str:
-    """A Markdown table of :func:`patient_study`'s val AUCs (the README's)."""
+    """A Markdown table of :func:`patient_study`'s val AUCs (the table of docs/results.md)."""
     lines = ["| patient-level target (val) | image-only baseline AUC | patient model AUC | gain (model - baseline) | "
              "chosen C (5-fold CV AUC on train, model / baseline) |", "|---|---|---|---|---|"]
     for t, name in (("abnormal", "abnormal vs normal"), ("malignant", "malignant vs rest")):
