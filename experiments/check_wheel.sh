@@ -21,7 +21,8 @@ BASE=$("$ENV_PY" -c 'import sys; print(sys._base_executable)')
 "$BASE" -m venv --without-pip "$WORK/venv"
 SITE=$(ls -d "$WORK"/venv/lib/python3*/site-packages)
 "$ENV_PY" -c 'import site; print(site.getsitepackages()[0])' > "$SITE/_deps.pth"   # dependencies only
-"$ENV_PY" -m pip install --no-deps --no-index --prefix "$WORK/venv" "$WHEEL" -q
+# --ignore-installed: without it pip would first uninstall the medetect it finds in ENV_PY (a developer's editable install)
+"$ENV_PY" -m pip install --no-deps --no-index --ignore-installed --prefix "$WORK/venv" "$WHEEL" -q
 cd "$WORK/run"
 "$WORK/venv/bin/python" -c "import medetect; assert medetect.__file__.startswith('$WORK/venv/'), medetect.__file__"
 # (pip of the other environment wrote the console script's shebang for its own python: run the module instead)
