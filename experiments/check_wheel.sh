@@ -8,7 +8,7 @@
 set -euo pipefail
 SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; shift; fi
-ENV_PY=${1:-/work/main/.venv/bin/python}
+ENV_PY=${1:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 WORK=${2:-$(mktemp -d)}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 rm -rf "$WORK/src" "$WORK/dist" "$WORK/venv" "$WORK/run"
