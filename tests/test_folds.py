@@ -221,3 +221,25 @@ def test_folds_refused_for_a_task_without_folds_before_anything_is_written(tmp_p
     assert "--folds must be at least 2" in capsys.readouterr().err and not run.exists()
     assert main(["train", str(_tiny_mammo_config(tmp_path, root)), "--folds", "13", "--run-dir", str(run)]) == 2
     assert "data.folds is 13 but the pool has only 12 patients" in capsys.readouterr().err and not run.exists()
+
+
+def test_cv_summary_takes_the_last_validated_row_and_skips_undefined_values(tmp_path):
+    from medetect.apps.train import cv_summary
+
+    rows = {0: "epoch,step,train_loss,images_per_s,val_auc,val_map50\n1,2,0.9,10,0.5,0.25\n2,4,0.8,11,,\n",
+            1: "epoch,step,train_loss,images_per_s,val_auc,val_map50\n1,2,0.7,12,nan,0.75\n"}
+    for k, text in rows.items():
+        (tmp_path / f"fold_{k}").mkdir()
+        (tmp_path / f"fold_{k}" / "metrics.csv").write_text(text)
+    (tmp_path / "fold_1" / "best.json").write_text(json.dumps({"metric": "val_map50", "value": 0.75, "epoch": 1,
+                                                               "step": 2, "weights": "best.safetensors"}))
+    s = cv_summary(tmp_path, 2, fold_seed=4)
+    assert [f["epoch"] for f in s["per_fold"]] == [1, 1]  # fold 0's epoch 2 has no validation
+    assert s["per_fold"][0]["best"] is None and s["per_fold"][1]["best"] == {"metric": "val_map50", "value": 0.75,
+                                                                               "epoch": 1}
+    assert set(s["metrics"]) == {"train_loss", "val_auc", "val_map50"}  # not epoch, step, images_per_s
+    assert s["metrics"]["val_map50"] == pytest.approx({"mean": 0.5, "std": 0.3535533906, "min": 0.25, "max": 0.75,
+                                                       "n": 2})
+    assert s["metrics"]["val_auc"] == pytest.approx({"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1})
+    assert json.loads((tmp_path / "cv_summary.json").read_text()) == s
+    assert "fold 1: epoch 1 (val_map50 0.75)" in (tmp_path / "cv_summary.md").read_text()

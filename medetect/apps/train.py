@@ -29,7 +29,7 @@ _MINING_TASKS = ("detection", "mammography")  # trainers that mine hard negative
 CV_CONFIG = "cv_config.json"  # RUN/: the number of folds and the config every fold shares
 CV_SUMMARY = "cv_summary.json"  # RUN/: the summary of train_folds (also cv_summary.md)
 FOLD_DONE = "cv_fold.json"  # RUN/fold_k/: written once the fold's training returned: its config and summary
-_NOT_METRICS = ("epoch", "step")  # metrics.csv columns that are positions, not metrics
+_NOT_METRICS = ("epoch", "step", "images_per_s")  # metrics.csv columns that are positions or speed, not metrics
 
 
 def _task_of(cfg):
@@ -107,15 +107,17 @@ def _number(text: str) -> float | None:
 
 
 def _last_row(fold_dir: Path) -> dict:
-    """The last row of the fold's ``metrics.csv`` (one row per epoch; numbers, empty or undefined cells left out)."""
+    """The last row of the fold's ``metrics.csv`` (one row per epoch) that holds validation metrics (``val_*``; the
+    last row when none does): its numbers, empty or undefined cells left out."""
     path = fold_dir / "metrics.csv"
     if not path.is_file():
-        raise ValueError(f"{path}: no such file; the fold logged no epoch (train.epochs must be at least 1)")
+        raise ValueError(f"{path}: no such file; the fold logged no epoch")
     with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [{k: v for k, v in ((k, _number(t)) for k, t in r.items()) if v is not None} for r in csv.DictReader(fh)]
     if not rows:
         raise ValueError(f"{path}: no epoch row")
-    return {k: v for k, v in ((k, _number(t)) for k, t in rows[-1].items()) if v is not None}
+    validated = [r for r in rows if any(k.startswith("val_") for k in r)]
+    return (validated or rows)[-1]
 
 
 def cv_summary(run_dir: str | Path, folds: int, *, fold_seed: int = 0, held_out: list[dict] | None = None) -> dict:
@@ -124,9 +126,9 @@ def cv_summary(run_dir: str | Path, folds: int, *, fold_seed: int = 0, held_out:
 
     * ``folds``, ``fold_seed``, ``run_dir``;
     * ``per_fold``: one entry per fold: ``fold``, ``run_dir``, ``held_out`` (``images`` and ``groups``, i.e.
-      patients, of its validation fold, when known), ``epoch`` (of the last ``metrics.csv`` row), ``metrics`` (that
-      row's numeric values: the final validation metrics ``val_*``, ``train_loss``, ...) and ``best`` (``metric``,
-      ``value``, ``epoch`` of the run's ``best.json``; null without one);
+      patients, of its validation fold, when known), ``epoch`` and ``metrics`` of the fold's last ``metrics.csv``
+      row with validation metrics (its numbers: the final ``val_*`` metrics, ``train_loss``; not ``step`` and
+      ``images_per_s``) and ``best`` (``metric``, ``value``, ``epoch`` of the run's ``best.json``; null without one);
     * ``metrics``: for every numeric metric, ``mean``, ``std`` (sample standard deviation, n - 1 in the
       denominator; 0 for one value), ``min``, ``max`` over the folds and ``n``, the number of folds that have it
       (an undefined value, e.g. an AUC of a fold with one class, is left out)."""

@@ -127,8 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="K-fold cross-validation (detection, mammography and attention configs): the patients of "
                         "train_split + val_split in K folds (data.fold_seed shuffles them); fold k trains into "
                         "RUN/fold_k, validated on the held-out fold k; --resume continues unfinished folds and skips "
-                        "finished ones. Then RUN/cv_summary.json (and .md): per fold (per_fold) its last metrics row "
-                        "and best epoch; per numeric metric (metrics) the mean, std (n - 1), min, max over folds")
+                        "finished ones. Then RUN/cv_summary.json (and .md): per fold (per_fold) its final validation "
+                        "metrics (last validated metrics.csv row) and best epoch; per metric (metrics) the mean, std "
+                        "(n - 1), min, max over the folds")
     add_runtime(t)
     t.set_defaults(fn=cmd_train)
 

@@ -54,7 +54,7 @@ class DataConfig:
                               "of stopping with an error naming the file and box")
     folds: int = option(0, doc=FOLDS_DOC, ge=0)
     fold: int = option(0, doc=FOLD_DOC, ge=0)
-    fold_seed: int = option(0, doc=FOLD_SEED_DOC)
+    fold_seed: int = option(0, doc=FOLD_SEED_DOC, ge=0)
 
     def validate(self, prefix: str = "data") -> None:
         check(self, prefix)
