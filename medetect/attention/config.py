@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..data.folds import FOLD_DOC, FOLD_SEED_DOC, FOLDS_DOC, check_fold_keys
 from ..engine.trainer import TrainConfig
 from ..heatmaps import SIGMA_FACTOR
 from ..models.attention import AttentionConfig
@@ -28,9 +29,13 @@ class AttentionDataConfig:
     std: float = option(0.25, doc="intensity std after / max_value", gt=0)
     sigma_factor: float = option(SIGMA_FACTOR, doc="Gaussian sigma = sigma_factor x lesion diameter", gt=0)
     flip: bool = option(True, doc="random flips along every axis (training)")
+    folds: int = option(0, doc=FOLDS_DOC, ge=0)
+    fold: int = option(0, doc=FOLD_DOC, ge=0)
+    fold_seed: int = option(0, doc=FOLD_SEED_DOC, ge=0)
 
     def validate(self, prefix: str = "data") -> None:
         check(self, prefix)
+        check_fold_keys(self.folds, self.fold, self.train_split, self.val_split, prefix)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 
 from ..models.io import Preprocess, save_model
 from .config import AttentionTaskConfig
+from ..data.folds import fold_of, lesion_fold
 from ..data.lesion_folder import read_lesion_folder
 from .data import CLASSES, LesionImages, attention_collate
 
@@ -70,8 +71,12 @@ def train_attention(cfg: AttentionTaskConfig, run_dir, *, resume: bool = False, 
     if not d.root:
         raise ValueError("data.root is not set: give the mini-MIAS-layout folder in the config or with --set data.root=...")
     pre = preprocess_of(cfg)
-    train_recs = read_lesion_folder(d.root, d.train_split)
-    val_recs = read_lesion_folder(d.root, d.val_split) if d.val_split else []
+    spec = fold_of(d)
+    if spec is not None:  # cross-validation: fold d.fold of the patients of both splits validates
+        train_recs, val_recs = lesion_fold(d.root, spec)
+    else:
+        train_recs = read_lesion_folder(d.root, d.train_split)
+        val_recs = read_lesion_folder(d.root, d.val_split) if d.val_split else []
     if cfg.model.num_classes != len(CLASSES):
         raise ValueError(f"model.num_classes must be {len(CLASSES)} ({', '.join(CLASSES)}) for a lesion folder, "
                          f"got {cfg.model.num_classes}")
@@ -95,5 +100,7 @@ def train_attention(cfg: AttentionTaskConfig, run_dir, *, resume: bool = False, 
     history = trainer.fit()
     w = save_model(model.eval(), run_dir / "model.safetensors", kind="attention", preprocess=pre, classes=list(CLASSES),
                    extra={"run": run_dir.name, "epochs": cfg.train.epochs, "data": str(d.root),
-                          "train_split": d.train_split, "saliency": method}, fp16=False)
+                          "train_split": d.train_split, "saliency": method,
+                          **({"folds": d.folds, "fold": d.fold, "fold_seed": d.fold_seed} if spec else {})},
+                   fp16=False)
     return {**(history[-1] if history else {}), "weights": str(w)}

@@ -45,7 +45,17 @@ def cmd_train(args) -> int:
     apply_runtime(args)
     sets = list(args.sets) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     cfg = load_config(args.config, sets)
-    return run_train(cfg, args, Path(args.run_dir or Path("runs") / Path(args.config).stem))
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    if args.folds is None:
+        return run_train(cfg, args, run_dir)
+    from ..apps.train import train_folds
+
+    if args.allow_config_change and not args.resume:
+        raise UsageError("--allow-config-change goes with --resume (a fresh run has no config to change)")
+    summary = train_folds(cfg, run_dir, args.folds, resume=args.resume, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change, device=args.device)
+    print_json(summary)
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -113,6 +123,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--run-dir", default=None, help="checkpoints and metrics (default runs/<config name>)")
     add_run_flags(t)
     t.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set train.epochs=N")
+    t.add_argument("--folds", type=positive_int, default=None, metavar="K",
+                   help="K-fold cross-validation (detection, mammography and attention configs): the patients of "
+                        "train_split + val_split in K folds (data.fold_seed shuffles them); fold k trains into "
+                        "RUN/fold_k, validated on the held-out fold k; --resume continues unfinished folds and skips "
+                        "finished ones. Then RUN/cv_summary.json (and .md): per fold (per_fold) its final validation "
+                        "metrics (last validated metrics.csv row) and best epoch; per metric (metrics) the mean, std "
+                        "(n - 1), min, max over the folds")
     add_runtime(t)
     t.set_defaults(fn=cmd_train)
 

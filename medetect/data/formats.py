@@ -18,6 +18,10 @@ format              annotations                                            split
 
 Image paths in the annotations are relative to ``images`` (default ``ROOT``). ``all`` is the split of formats
 without one: every image of the file.
+
+With ``folds`` (a :class:`~medetect.data.folds.Folds`, from the data config's ``folds`` keys) the training and
+validation split names stand for the two sides of one cross-validation fold of their union
+(:mod:`medetect.data.folds`); any other split is read as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .annotations import (
     read_voc_folder,
 )
 from .datasets import DetectionDataset, dsb2018, mini_mias
+from .folds import Folds, fold_dataset
 from .image import MedicalImage
 from .io import read_image
 
@@ -95,16 +100,25 @@ def open_dataset(
     cache: bool = False,
     pre_transform: Callable | None = None,
     channels: int = 0,
+    folds: Folds | None = None,
 ) -> DetectionDataset:
     """The dataset of ``split`` of a ``fmt`` dataset (see the module table). ``classes`` fixes the class list (and
     order); empty: the format's own list (COCO ``categories``, the named folders) or the sorted labels found.
     ``box_mode`` / ``box_units`` state a datalist's box convention (default ``xyxy`` / ``xyzxyz`` by the images'
     dimension is NOT guessed: a datalist needs ``box_mode``). ``channels`` > 0 converts every image to that many
-    channels (:class:`ChannelReader`). The dataset's ``report`` holds what the reader skipped or clipped."""
+    channels (:class:`ChannelReader`). The dataset's ``report`` holds what the reader skipped or clipped. With
+    ``folds``, ``split`` = its training (validation) split gives the training folds (the held-out fold) of the pool
+    of both splits, grouped by patient (:mod:`medetect.data.folds`)."""
     root = Path(root)
     img_root = Path(images) if images else root
     kw = dict(transform=transform, cache=cache, pre_transform=pre_transform)
-    ds = _open(fmt, root, split, annotations, img_root, tuple(classes) or None, box_mode, box_units, clip, kw)
+    args = (annotations, img_root, tuple(classes) or None, box_mode, box_units, clip)
+    side = folds.side(split) if folds is not None else None
+    if side is None:
+        ds = _open(fmt, root, split, *args, kw)
+    else:
+        parts = [_open(fmt, root, s, *args, {}) for s in folds.pool]
+        ds = fold_dataset(parts, folds, side, fmt=fmt, **kw)
     if channels:
         ds.reader = ChannelReader(channels)
     return ds

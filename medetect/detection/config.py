@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..data.folds import FOLD_DOC, FOLD_SEED_DOC, FOLDS_DOC, check_fold_keys, fold_of
 from ..engine.trainer import TrainConfig
 from ..models.detector import DetectorConfig
 from ..schema import check, option
@@ -51,6 +52,9 @@ class DataConfig:
     cache: bool = option(True, doc="keep decoded images in memory")
     clip_boxes: bool = option(False, doc="clip annotation boxes that reach outside their image (VOC folders) instead "
                               "of stopping with an error naming the file and box")
+    folds: int = option(0, doc=FOLDS_DOC, ge=0)
+    fold: int = option(0, doc=FOLD_DOC, ge=0)
+    fold_seed: int = option(0, doc=FOLD_SEED_DOC, ge=0)
 
     def validate(self, prefix: str = "data") -> None:
         check(self, prefix)
@@ -66,10 +70,11 @@ class DataConfig:
                              "for 3D; xyxy, ccwh, xywh for 2D)")
         if self.format in ("coco", "csv", "datalist") and not self.annotations:
             raise ValueError(f"{prefix}.annotations must name the {self.format} annotation file")
+        check_fold_keys(self.folds, self.fold, self.train_split, self.val_split, prefix)
 
     def source(self) -> dict:
-        """The keyword arguments of :func:`medetect.data.formats.open_dataset` (format, root, annotations, ...),
-        with the older ``dataset`` key mapped onto ``format``."""
+        """The keyword arguments of :func:`medetect.data.formats.open_dataset` (format, root, annotations, ...,
+        and the cross-validation fold), with the older ``dataset`` key mapped onto ``format``."""
         fmt, classes = self.format, list(self.classes)
         if not fmt:
             fmt = {"voc": "voc", "bccd": "voc", "dsb2018": "dsb2018", "mini_mias": "mias"}[self.dataset]
@@ -77,7 +82,7 @@ class DataConfig:
                 classes = ["RBC", "WBC", "Platelets"]
         return {"fmt": fmt, "root": self.root, "annotations": self.annotations, "images": self.images,
                 "classes": classes, "box_mode": self.box_mode, "box_units": self.box_units, "clip": self.clip_boxes,
-                "channels": self.channels}
+                "channels": self.channels, "folds": fold_of(self)}
 
 
 @dataclass
