@@ -190,6 +190,10 @@ def test_train_folds_end_to_end_with_summary_and_resume(tmp_path, capsys):
     assert m["mean"] == pytest.approx(np.mean(vals)) and m["std"] == pytest.approx(np.std(vals, ddof=1))
     assert (m["min"], m["max"], m["n"]) == (min(vals), max(vals), 2)
     assert "| val_map50 |" in (run / "cv_summary.md").read_text()
+    # a mammography run is validated (and summarised) with the lesion metrics of its task
+    for key in ("val_lesion_froc_mean", "val_lesion_sensitivity_1fp", "val_image_auc_abnormal"):
+        assert key in summary["per_fold"][0]["metrics"], key
+    assert 0.0 <= summary["metrics"]["val_lesion_froc_mean"]["mean"] <= 1.0
     # the folder is never overwritten silently
     assert main(["train", str(cfg), "--folds", "2", "--run-dir", str(run)]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -144,8 +144,11 @@ def init_backbone(model, path) -> int:
 
 
 def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
-                 allow_config_change: bool = False, device=None) -> list[dict]:
-    """Train ``cfg`` in ``run_dir``; returns the history (one dict per epoch). The run folder rules
+                 allow_config_change: bool = False, device=None, validate=None,
+                 best_metric: str = "val_map50") -> list[dict]:
+    """Train ``cfg`` in ``run_dir``; returns the history (one dict per epoch). ``validate(model, dataset, device)``
+    gives the validation metrics of the log (default :func:`evaluate_model`; a task may add its own, e.g. the
+    mammography lesion metrics), ``best_metric`` the one that picks the best epoch. The run folder rules
     (:func:`~medetect.engine.runs.prepare_run_dir`): a folder that already holds a run needs ``resume`` (continue it;
     a changed config needs ``allow_config_change``) or ``overwrite`` (move it aside to ``RUN.old-<UTC time>``).
     Data errors are raised before the run folder is touched."""
@@ -177,7 +180,8 @@ def run_training(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, 
         train_ds.preload()  # decode once here: forked loader workers share the cache instead of each filling its own
     trainer = Trainer(
         model=model, train_data=train_ds, val_data=val_ds, config=cfg.train, run_dir=run_dir,
-        evaluate=lambda m, d: evaluate_model(m, d, device=trainer.device), run_config=cfg.to_dict(), device=device,
+        evaluate=lambda m, d: (validate or evaluate_model)(m, d, device=trainer.device), run_config=cfg.to_dict(),
+        device=device, best_metric=best_metric,
         negatives=negatives, score_negatives=score_negatives,
     )
     if resume and trainer.resume():
