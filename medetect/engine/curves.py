@@ -6,7 +6,8 @@ Files of a run folder written by :class:`~medetect.engine.Trainer`:
 ================== ===========================================================================================
 ``metrics.csv``    one row per epoch: ``epoch, step, train_loss, images_per_s`` and, on validation epochs, the
                    ``val_*`` metrics
-``steps.csv``      one row every ``train.log_every`` steps: ``epoch, step, loss, lr, images_per_s`` and each loss
+``steps.csv``      one row every ``train.log_every`` steps and at each epoch's last step: ``epoch, step, loss,
+                   lr, images_per_s`` and each loss
 ``curves.png``     per-step and per-epoch loss, and the validation metrics, redrawn after every epoch
 ``best.json``      ``{"metric", "value", "epoch", "step", "weights"}``: the best validation epoch so far
 ``best.safetensors`` that epoch's model weights (kept apart from the rolling checkpoints)
