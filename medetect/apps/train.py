@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.folds import fold_sizes
 from ..engine.curves import read_best
-from ..engine.runs import config_diff, prepare_run_dir
+from ..engine.runs import config_diff, describe_diff, prepare_run_dir
 from ..engine.trainer import json_safe
 from ..files import write_text_atomically
 from .tasks import TASKS, task_named
@@ -80,9 +80,7 @@ def _prepare_cv_dir(root: Path, record: dict, defaults: dict, *, resume: bool, o
             raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it to resume these folds") from None
         diff = config_diff(old, record, defaults)
         if diff and not allow_config_change:
-            shown = ", ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in diff[:5])
-            more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-            raise ValueError(f"the folds or config differ from the ones {root} was trained with ({shown}{more}): "
+            raise ValueError(f"the folds or config differ from the ones {root} was trained with ({describe_diff(diff)}): "
                              "resume with the same ones, or pass --allow-config-change to record the change in each "
                              "fold and continue")
     write_text_atomically(path, json.dumps(record, indent=1))

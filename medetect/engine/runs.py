@@ -26,7 +26,7 @@ from typing import Any
 from ..files import write_text_atomically
 from .checkpoint import CheckpointWarning, latest_checkpoint
 
-__all__ = ["prepare_run_dir", "config_diff"]
+__all__ = ["prepare_run_dir", "config_diff", "describe_diff"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ def config_diff(old: dict, new: dict, defaults: dict | None = None) -> list[tupl
     keys = list(a) + [k for k in b if k not in a]
     return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)
             and not (k not in a and k in d and d[k] == b[k])]
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], most: int = 5) -> str:
+    """The first ``most`` changes of :func:`config_diff` as ``key: old -> new``, for a one-sentence refusal."""
+    shown = ", ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in diff[:most])
+    return shown + (f" and {len(diff) - most} more" if len(diff) > most else "")
 
 
 def _as_json(config: dict) -> dict:
@@ -142,11 +148,9 @@ def prepare_run_dir(
                 raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or remove it to resume this run") from e
             diff = config_diff(old, config, defaults)
             if diff and not allow_config_change:
-                shown = ", ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in diff[:5])
-                more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
                 raise ValueError(
-                    f"the config differs from the one {run_dir} was trained with ({shown}{more}): resume with the "
-                    f"same config, or pass --allow-config-change to record the change and continue"
+                    f"the config differs from the one {run_dir} was trained with ({describe_diff(diff)}): resume "
+                    f"with the same config, or pass --allow-config-change to record the change and continue"
                 )
             if diff:
                 record = {
