@@ -1,4 +1,4 @@
-"""Patient-level model (issue 8, Deliver 5): the detector's image scores combined with what MIAS records beside the
+"""Patient-level model: the detector's image scores combined with what MIAS records beside the
 image — both breasts of the patient and the breast tissue type — in a small scikit-learn logistic regression.
 
 Features per patient (:func:`patient_features`, from the per-image detections and :func:`read_lesion_folder`

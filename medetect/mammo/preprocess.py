@@ -1,4 +1,4 @@
-"""Mammogram preprocessing (issue 8, Deliver 1): transforms that act on the image and its lesion boxes / circles
+"""Mammogram preprocessing: transforms that act on the image and its lesion boxes / circles
 together, for PNG/PGM mammograms (mini-MIAS) and DICOM mammograms (CBIS-DDSM / INbreast style).
 
 Steps of :class:`MammoPreprocess` (each optional except the intensity scaling), in this order:
