@@ -105,3 +105,10 @@ def test_version_prints_the_package_version_and_exits_0(capsys):
     done = subprocess.run([sys.executable, "-m", "medetect", "--version"], capture_output=True, text=True, timeout=120,
                           cwd=root)
     assert (done.returncode, done.stdout, done.stderr) == (0, f"medetect {medetect.__version__}\n", "")
+
+
+def test_train_help_names_every_registered_task():
+    from medetect.apps.tasks import TASKS
+    from medetect.cli.detection import TASK_NAMES
+
+    assert TASK_NAMES == tuple(TASKS)

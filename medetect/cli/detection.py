@@ -9,7 +9,11 @@ from .common import (add_force, add_runtime, apply_runtime, check_out_dir, check
                      print_json, probability)
 from .errors import UsageError
 
-__all__ = ["register"]
+__all__ = ["register", "TASK_NAMES"]
+
+# the registry's task names (medetect.apps.tasks.TASKS), written out so that building the parser imports no task;
+# tests/test_cli.py checks that the two agree
+TASK_NAMES = ("detection", "mammography", "attention", "organ-localisation", "luna-detection", "luna-fpr", "lineage")
 
 
 def add_run_flags(t: argparse.ArgumentParser) -> None:
@@ -116,9 +120,10 @@ def cmd_demo(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a model from a YAML config (task: detection, luna-detection or luna-fpr)",
-                       description="Train what a YAML config describes; its task: key picks the pipeline. A checkpoint "
-                                   "per epoch (atomic); a used run folder is refused unless --resume or --overwrite.")
+    t = sub.add_parser("train", help="train a model from a YAML config (its task: key picks the task)",
+                       description="Train what a YAML config describes; its task: key picks the task (" +
+                                   ", ".join(TASK_NAMES) + "). A checkpoint per epoch (atomic); a used run folder is "
+                                   "refused unless --resume or --overwrite.")
     t.add_argument("config", help="YAML config (keys: docs/config-reference.md)")
     t.add_argument("--run-dir", default=None, help="checkpoints and metrics (default runs/<config name>)")
     add_run_flags(t)
@@ -143,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_force(ex, "the --out file")
     ex.set_defaults(fn=cmd_export)
 
-    pr = sub.add_parser("predict", help="detect objects in images and volumes with a model file")
+    pr = sub.add_parser("predict", help="run a model file or run folder on images and volumes (its task writes the "
+                                         "results)")
     pr.add_argument("--weights", required=True, help="a .safetensors model file (config and preprocessing inside) or a run folder")
     pr.add_argument("paths", nargs="+", help="image files, volumes (NIfTI, MHD, NRRD), DICOM files or series folders, folders")
     pr.add_argument("--out", required=True, help="output folder (one CSV per input + predictions.json)")
@@ -174,7 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime(pr)
     pr.set_defaults(fn=cmd_predict)
 
-    ev = sub.add_parser("evaluate", help="VOC/COCO mAP of a model on a dataset")
+    ev = sub.add_parser("evaluate", help="a model's metrics on labelled data (its task picks them: mAP, FROC, AUC, "
+                                          "organ distances)")
     ev.add_argument("--weights", required=True)
     ev.add_argument("--data", required=True,
                     help="CONFIG.yaml[:SPLIT] (its data section; default split: its val_split), FORMAT:PATH:SPLIT "
