@@ -272,3 +272,21 @@ def test_shipped_mias_model_loads_and_points_at_val_lesions(shared_data):
     hits = [image_localisation(s, c, rad, spacing=r["spacings"][0])["pointing"]
             for s, c, rad in zip(r["saliencies"], r["centres"], r["radii"])]
     assert [x.image_id for x in recs] == ["mdb005", "mdb010", "mdb032", "mdb063"] and hits == [True] * 4
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_attention_on_an_efficientnet_backbone(d):
+    """The attention classifier runs on EfficientNet-Lite0 in 2D and 3D (its map at the chosen level's stride), and a
+    random start never freezes its BatchNorm."""
+    from medetect.models.attention import AttentionConfig, build_attention
+
+    cfg = AttentionConfig(ndim=d, in_channels=1, backbone="efficientnet_lite0", base_width=8, norm="batch",
+                          feature_level=4)
+    m = build_attention(cfg)
+    x = torch.randn(2, 1, *([32] * d))
+    out = m(x)
+    assert out["logits"].shape == (2, 2) and tuple(out["attention"].shape) == (2, *([2] * d))
+    assert torch.allclose(out["attention"].flatten(1).sum(1), torch.ones(2))
+    assert all(p.requires_grad for p in m.backbone.parameters())
+    with pytest.raises(ValueError, match="freeze_bn"):
+        AttentionConfig(backbone="efficientnet_lite0", norm="batch", freeze_bn=True).validate()

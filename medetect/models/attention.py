@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import build_backbone
 from ..backbones.pretrained import check_pretrained_options, load_pretrained
 from ..backbones.resnet import RESNET_DEPTHS, ResNet
 from ..layers.nd import NORM_KINDS, conv, freeze_batch_norm
@@ -49,11 +50,17 @@ __all__ = ["ATTENTION_KINDS", "AttentionConfig", "AttentionClassifier", "build_a
 ATTENTION_KINDS = ("softmax", "sigmoid", "none")
 
 
+ATTENTION_BACKBONES = ("resnet", "efficientnet_lite0")
+
+
 @dataclass
 class AttentionConfig:
     ndim: int = option(2, doc="spatial dims of the images (2: mammograms, 3: CT cubes)", choices=(1, 2, 3))
     in_channels: int = option(1, doc="input channels", ge=1)
     num_classes: int = option(2, doc="independent sigmoid outputs (e.g. abnormal, malignant)", ge=1)
+    backbone: str = option("resnet", doc="feature extractor: resnet (of depth `depth`) or efficientnet_lite0 "
+                           "(MBConv blocks; with backbone_weights efficientnet-lite0-imagenet an ImageNet start, "
+                           "norm batch)", choices=ATTENTION_BACKBONES)
     depth: int = option(18, doc="ResNet depth of the backbone", choices=tuple(RESNET_DEPTHS))
     base_width: int = option(16, doc="channels of the ResNet stem (x2 per stage)", ge=1)
     feature_level: int = option(4, doc="feature map used (c2: stride 4, c3: stride 8, c4: stride 16, c5: stride 32; "
@@ -79,9 +86,14 @@ class AttentionConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def backbone_name(self) -> str:
+        """The backbone's name in :data:`medetect.backbones.BACKBONES` (``resnet18``, ``efficientnet_lite0``, ...)."""
+        return f"resnet{self.depth}" if self.backbone == "resnet" else self.backbone
+
     def validate(self, prefix: str = "model") -> None:
         check(self, prefix)
-        check_pretrained_options(backbone=f"resnet{self.depth}", norm=self.norm, weights=self.backbone_weights,
+        check_pretrained_options(backbone=self.backbone_name, norm=self.norm, weights=self.backbone_weights,
                                  freeze_bn=self.freeze_bn, prefix=prefix)
         if self.attention == "none" and self.attention_weight > 0:
             raise ValueError(f"{prefix}.attention_weight must be 0 when {prefix}.attention is none (the plain "
@@ -113,8 +125,12 @@ class AttentionClassifier(nn.Module):
         cfg = config or AttentionConfig()
         cfg.validate()
         self.config = cfg
-        self.backbone = ResNet(depth=cfg.depth, ndim=cfg.ndim, in_channels=cfg.in_channels, base_width=cfg.base_width,
-                               norm_kind=cfg.norm, stem_pool=cfg.stem_pool)
+        if cfg.backbone == "resnet":
+            self.backbone = ResNet(depth=cfg.depth, ndim=cfg.ndim, in_channels=cfg.in_channels,
+                                   base_width=cfg.base_width, norm_kind=cfg.norm, stem_pool=cfg.stem_pool)
+        else:
+            self.backbone = build_backbone(cfg.backbone, ndim=cfg.ndim, in_channels=cfg.in_channels,
+                                           base_width=cfg.base_width, norm_kind=cfg.norm)
         c = self.backbone.out_channels[cfg.feature_level - 2]
         self.attn = conv(cfg.ndim)(c, 1, 1)
         nn.init.zeros_(self.attn.weight)  # uniform attention at the start: training begins as global average pooling
@@ -232,7 +248,7 @@ def build_attention(config: AttentionConfig | dict | None = None, *, pretrained:
     model = AttentionClassifier(config)
     cfg = model.config
     if pretrained and cfg.backbone_weights:
-        load_pretrained(model.backbone, f"resnet{cfg.depth}", cfg.backbone_weights, key="model.backbone_weights")
+        load_pretrained(model.backbone, cfg.backbone_name, cfg.backbone_weights, key="model.backbone_weights")
     if cfg.freeze_bn:
         freeze_batch_norm(model.backbone)
     return model
