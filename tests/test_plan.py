@@ -115,14 +115,16 @@ def test_measure_training_step_is_a_real_step_that_grows_with_the_input():
     assert big["peak_bytes"] > 3 * small["peak_bytes"]
 
 
-def _fake_step(fixed: float, per_voxel: float, calls: list, curve: float = 0.0):
-    """A stand-in for measure_training_step: peak = fixed + per_voxel * voxels (+ ``curve`` * voxels^2 / 1e6)."""
+def _fake_step(fixed: float, per_voxel: float, calls: list, curve: float = 0.0, alone: float = 0.0):
+    """A stand-in for measure_training_step: peak = fixed + per_voxel * B * V (+ ``curve`` * (B * V)^2 / 1e6, + ``alone``
+    * V: what one image needs while it is processed by itself) for ``B`` inputs of ``V`` voxels."""
 
     def fake(cfg, shape, box_sizes, boxes_per_image, *, device="cpu", seed=0):
         v = float(np.prod(shape[0:1] + shape[2:]))
         calls.append(list(shape))
-        return {"peak_bytes": int(fixed + per_voxel * v + curve * v * v / 1e6), "seconds": 0.0, "device": device,
-                "batch_shape": list(shape), "boxes_per_image": boxes_per_image}
+        peak = fixed + per_voxel * v + curve * v * v / 1e6 + alone * float(np.prod(shape[2:]))
+        return {"peak_bytes": int(peak), "seconds": 0.0, "device": device, "batch_shape": list(shape),
+                "boxes_per_image": boxes_per_image}
 
     return fake
 
@@ -147,6 +149,13 @@ def test_fit_memory_sizes_the_batch_by_the_largest_image(monkeypatch):
     monkeypatch.setattr(plan_mod, "measure_training_step", _fake_step(100e6, 1000.0, calls, curve=300.0))
     fit = plan_mod._fit_memory(_cfg_at(), shapes, sizes, 5, 1.0, 800e6, "cpu", 2)
     assert fit["batch"] < 5 and fit["step"]["peak_bytes"] <= 800e6 and fit["step"]["batch_shape"][2:] == [416, 320]
+    # one image alone needs much more than its share of a batch (matching runs image by image): the probes of two
+    # sizes see it, and the batch is not sized as if every image needed it
+    calls.clear()
+    monkeypatch.setattr(plan_mod, "measure_training_step", _fake_step(100e6, 200.0, calls, alone=3000.0))
+    fit = plan_mod._fit_memory(_cfg_at(), shapes, sizes, 5, 1.0, 800e6, "cpu", 2)
+    # one: 100 MB + 3200 B x 133,120 voxels = 526 MB; each further image 26.6 MB -> 1 + 10 images
+    assert fit["batch"] == 11 and fit["step"]["peak_bytes"] <= 800e6 and not fit["notes"]
 
 
 def test_fit_memory_lowers_the_2d_scale_when_one_image_does_not_fit_and_reports_3d(monkeypatch):

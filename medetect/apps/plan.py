@@ -23,8 +23,9 @@ each one a rule stated here and repeated as a comment in the file:
   ``data.scale`` and the top of the zoom augmentation (both in-plane axes the longer one when quarter turns are on),
   rounded up to the collate's multiple of 32, with the most boxes any training image has. It runs real training
   steps (forward with the losses, backward, optimizer step; :func:`measure_training_step`) on random inputs of that
-  shape: two small probes give the memory per input voxel, the largest batch (1..16) predicted to fit is then
-  measured on the real shape and lowered until the measured peak is within 80 % of the budget. When one 2D image
+  shape: three small probes fit a memory model (fixed + per voxel of one image + per voxel of each further image of
+  the batch), the largest batch (1..16) predicted to fit is then measured on the real shape and lowered until the
+  measured peak is within 80 % of the budget. When one 2D image
   does not fit, the scale is lowered (and the anchors re-planned for it); a 3D volume that does not fit is reported.
   The peak is measured, not estimated: on CUDA by the caching allocator (``torch.cuda.max_memory_allocated``), on
   the CPU as the growth of the process's peak resident set (Linux). The config comment and the report give it.
@@ -353,24 +354,37 @@ def _largest_input(shapes: np.ndarray, scale: float, zoom: float, rot90: bool) -
     return [int(math.ceil(v / _SIZE_DIVISOR) * _SIZE_DIVISOR) for v in after]
 
 
+def _probe_shapes(full: list[int], d: int) -> tuple[list[int], list[int]]:
+    """Two probe inputs of the largest input's aspect: ``big`` of at most ``_PROBE_VOXELS`` voxels (``full`` itself
+    when smaller) and ``small`` of about a quarter of its voxels, both padded like a batch."""
+    def shrunk(f: float) -> list[int]:
+        return [int(math.ceil(max(v * f, _SIZE_DIVISOR) / _SIZE_DIVISOR) * _SIZE_DIVISOR) for v in full]
+
+    f = min(1.0, (_PROBE_VOXELS[d] / float(np.prod(full))) ** (1 / d))
+    return shrunk(f * 0.25 ** (1 / d)), shrunk(f)
+
+
 def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_image: int, scale: float, budget: float,
                 device: str, d: int) -> dict:
     """Scale (2D) and batch size whose measured training step on the largest images fits ``budget`` bytes.
 
-    Two small probe steps (batch 1 and 2 on an input of the largest image's aspect, at most ``_PROBE_VOXELS``) give
-    the memory per input voxel and the fixed part; from them the largest batch (<= 16) predicted to fit, or (2D) a
-    smaller scale when one image does not fit, and then the step on the real largest input is measured, lowering the
-    batch (then the scale) until the measurement fits. Nothing larger than predicted to fit is run."""
+    Memory model, fitted to three small probe steps (batch 1 and 2 on a ``small`` input, batch 1 on a ``big`` one of
+    4x its voxels, both of the largest input's aspect): ``fixed + per_voxel * V + per_batch_voxel * (B - 1) * V`` for
+    ``B`` inputs of ``V`` voxels. ``per_voxel`` also holds what one image needs while it is processed alone (the
+    anchor-to-box matching runs image by image), so it can be much larger than the per-image growth of a batch.
+    From it: (2D) a smaller scale when one image is predicted not to fit, the largest batch (1..16) predicted to fit;
+    then the step on the real largest input is measured, lowering the batch (then the scale) until the MEASURED peak
+    fits. No input predicted not to fit is run."""
     notes: list[str] = []
     measured = None
     done: dict[tuple, dict] = {}
 
-    def step(cfg, s: float, shape: list[int]) -> dict:
+    def step(cfg, s: float, shape: list[int]) -> int:
         key = (s, tuple(shape))
         if key not in done:
             done[key] = measure_training_step(cfg, shape, sizes * (s if d == 2 else 1.0), boxes_per_image,
                                               device=device)
-        return done[key]
+        return done[key]["peak_bytes"]
 
     # warm-up: the first step of a process also loads kernels and sets up thread pools, memory that stays with the
     # process whatever the input; measured from the second step on, the probes see the step alone
@@ -380,35 +394,39 @@ def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_imag
         cfg = config_at(scale)
         c = cfg.model.in_channels
         full = _largest_input(shapes, scale if d == 2 else 1.0, cfg.data.random_scale[1], cfg.data.rot90 and d == 2)
-        f = min(1.0, (_PROBE_VOXELS[d] / float(np.prod(full))) ** (1 / d))
-        probe = [int(math.ceil(max(v * f, _SIZE_DIVISOR) / _SIZE_DIVISOR) * _SIZE_DIVISOR) for v in full]
-        m1 = step(cfg, scale, [1, c, *probe])["peak_bytes"]
-        m2 = step(cfg, scale, [2, c, *probe])["peak_bytes"]
-        per_voxel = max(m2 - m1, 1) / float(np.prod(probe))
-        fixed = max(m1 - per_voxel * float(np.prod(probe)), 0.0)
-        per_image = per_voxel * float(np.prod(full))
-        if fixed + per_image > budget and d == 2 and scale > _MIN_SCALE:
-            new = scale * math.sqrt(max(budget - fixed, 0.05 * budget) / per_image) * 0.95
-            notes.append(f"scale {scale:g} -> {max(new, _MIN_SCALE):.3f}: one {full} image was predicted to need "
-                         f"{(fixed + per_image) / 2 ** 30:.2f} GB")
-            scale = round(max(new, _MIN_SCALE), 3)
+        small, big = _probe_shapes(full, d)
+        vs, vb, vf = float(np.prod(small)), float(np.prod(big)), float(np.prod(full))
+        m11, m21 = step(cfg, scale, [1, c, *small]), step(cfg, scale, [2, c, *small])
+        per_batch = max(m21 - m11, 0) / vs
+        if vb > vs:
+            per_voxel = max(step(cfg, scale, [1, c, *big]) - m11, 0) / (vb - vs)
+            fixed = max(m11 - per_voxel * vs, 0.0)
+        else:  # the largest input is as small as a probe can be: all of it counted per voxel
+            per_voxel, fixed = m11 / vs, 0.0
+        one = fixed + per_voxel * vf
+        if one > budget and d == 2 and scale > _MIN_SCALE:
+            new = max(scale * math.sqrt(max(budget - fixed, 0.05 * budget) / (per_voxel * vf)) * 0.95, _MIN_SCALE)
+            notes.append(f"scale {scale:g} -> {new:.3f}: one {full} input was predicted to need {one / 2 ** 30:.2f} GB")
+            scale = round(new, 3)
             continue
-        batch = int(np.clip((budget - fixed) // per_image, 1, _MAX_BATCH))
+        room = (budget - one) / (per_batch * vf) if per_batch > 0 else _MAX_BATCH
+        batch = int(np.clip(1 + math.floor(max(room, 0.0)), 1, _MAX_BATCH))
         while True:
-            measured = step(cfg, scale, [batch, c, *full])
-            if measured["peak_bytes"] <= budget or batch == 1:
+            peak = step(cfg, scale, [batch, c, *full])
+            if peak <= budget or batch == 1:
                 break
-            batch = max(1, min(batch - 1, int(batch * budget // measured["peak_bytes"])))
-        if measured["peak_bytes"] <= budget or d == 3 or scale <= _MIN_SCALE:
+            batch = max(1, min(batch - 1, int(batch * budget // peak)))
+        measured = done[(scale, (batch, c, *full))]
+        if peak <= budget or d == 3 or scale <= _MIN_SCALE:
             break
-        new = max(scale * math.sqrt(budget / measured["peak_bytes"]) * 0.95, _MIN_SCALE)
-        notes.append(f"scale {scale:g} -> {new:.3f}: one {full} image measured "
-                     f"{measured['peak_bytes'] / 2 ** 30:.2f} GB")
-        scale = round(new, 3)
-    if measured is None:  # every round lowered the scale: measure what was reached at batch 1
+        new = max(scale * math.sqrt(budget / peak) * 0.95, _MIN_SCALE)
+        notes.append(f"scale {scale:g} -> {new:.3f}: one {full} input measured {peak / 2 ** 30:.2f} GB")
+        scale, measured = round(new, 3), None
+    if measured is None:  # every round lowered the scale: measure what was reached, at batch 1
         cfg = config_at(scale)
-        measured = step(cfg, scale, [1, cfg.model.in_channels,
-                                     *_largest_input(shapes, scale, cfg.data.random_scale[1], cfg.data.rot90)])
+        shape = (1, cfg.model.in_channels, *_largest_input(shapes, scale, cfg.data.random_scale[1], cfg.data.rot90))
+        step(cfg, scale, list(shape))
+        measured = done[(scale, shape)]
     if measured["peak_bytes"] > budget:
         notes.append(f"one training step on the largest input {measured['batch_shape']} needs "
                      f"{measured['peak_bytes'] / 2 ** 30:.2f} GB, more than {budget / 2 ** 30:.2f} GB of the budget")
