@@ -158,7 +158,7 @@ def test_fit_memory_sizes_the_batch_by_the_largest_image(monkeypatch):
     assert fit["batch"] == 11 and fit["step"]["peak_bytes"] <= 800e6 and not fit["notes"]
 
 
-def test_fit_memory_lowers_the_2d_scale_when_one_image_does_not_fit_and_reports_3d(monkeypatch):
+def test_fit_memory_lowers_the_2d_scale_when_one_image_does_not_fit_and_refuses_3d(monkeypatch):
     calls: list = []
     monkeypatch.setattr(plan_mod, "measure_training_step", _fake_step(100e6, 1000.0, calls))
     shapes = np.array([[48, 64], [1040, 1388]])
@@ -169,8 +169,12 @@ def test_fit_memory_lowers_the_2d_scale_when_one_image_does_not_fit_and_reports_
     assert fit["notes"] and "scale 1 ->" in fit["notes"][0]
     assert all(s[2:] != [1600, 1600] for s in calls)  # the input predicted not to fit was never run
     vol = np.array([[64, 128, 128]])
-    fit3 = plan_mod._fit_memory(_cfg_at(), vol, np.array([[5.0, 6.0, 6.0]]), 2, 1.0, 150e6, "cpu", 3)
-    assert fit3["scale"] == 1.0 and fit3["batch"] == 1 and "more than" in fit3["notes"][-1]
+    calls.clear()
+    with pytest.raises(ValueError, match=r"largest input \[1, 1, 64, 128, 128\] is predicted to need 1\.07 GB.*--memory-gb"):
+        plan_mod._fit_memory(_cfg_at(), vol, np.array([[5.0, 6.0, 6.0]]), 2, 1.0, 150e6, "cpu", 3)
+    assert all(s[2:] != [64, 128, 128] for s in calls)  # refused from the probes, not by running it
+    fit3 = plan_mod._fit_memory(_cfg_at(), vol, np.array([[5.0, 6.0, 6.0]]), 2, 1.0, 2500e6, "cpu", 3)
+    assert fit3["scale"] == 1.0 and fit3["batch"] == 2 and fit3["step"]["batch_shape"] == [2, 1, 64, 128, 128]
 
 
 @pytest.mark.parametrize("modality, c, flips", [

@@ -26,7 +26,8 @@ each one a rule stated here and repeated as a comment in the file:
   shape: three small probes fit a memory model (fixed + per voxel of one image + per voxel of each further image of
   the batch), the largest batch (1..16) predicted to fit is then measured on the real shape and lowered until the
   measured peak is within 80 % of the budget. When one 2D image
-  does not fit, the scale is lowered (and the anchors re-planned for it); a 3D volume that does not fit is reported.
+  does not fit, the scale is lowered (and the anchors re-planned for it); a 3D volume that does not fit is an
+  error naming ``--memory-gb``.
   The peak is measured, not estimated: on CUDA by the caching allocator (``torch.cuda.max_memory_allocated``), on
   the CPU as the growth of the process's peak resident set (Linux). The config comment and the report give it.
 * **augmentation** by modality (``--modality``; else implied by the data format: ``dsb2018`` and BCCD microscopy,
@@ -355,13 +356,15 @@ def _largest_input(shapes: np.ndarray, scale: float, zoom: float, rot90: bool) -
 
 
 def _probe_shapes(full: list[int], d: int) -> tuple[list[int], list[int]]:
-    """Two probe inputs of the largest input's aspect: ``big`` of at most ``_PROBE_VOXELS`` voxels (``full`` itself
-    when smaller) and ``small`` of about a quarter of its voxels, both padded like a batch."""
-    def shrunk(f: float) -> list[int]:
-        return [int(math.ceil(max(v * f, _SIZE_DIVISOR) / _SIZE_DIVISOR) * _SIZE_DIVISOR) for v in full]
-
+    """Two probe inputs of about the largest input's aspect: ``big`` of at most ``_PROBE_VOXELS`` voxels (``full``
+    itself when smaller) and ``small``, ``big`` with its longest axis halved (both padded like a batch; the same
+    when ``big`` is already the smallest such input)."""
     f = min(1.0, (_PROBE_VOXELS[d] / float(np.prod(full))) ** (1 / d))
-    return shrunk(f * 0.25 ** (1 / d)), shrunk(f)
+    big = [int(math.ceil(max(v * f, _SIZE_DIVISOR) / _SIZE_DIVISOR) * _SIZE_DIVISOR) for v in full]
+    small = list(big)
+    ax = int(np.argmax(big))
+    small[ax] = int(math.ceil(max(big[ax] / 2, _SIZE_DIVISOR) / _SIZE_DIVISOR) * _SIZE_DIVISOR)
+    return small, big
 
 
 def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_image: int, scale: float, budget: float,
@@ -369,12 +372,13 @@ def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_imag
     """Scale (2D) and batch size whose measured training step on the largest images fits ``budget`` bytes.
 
     Memory model, fitted to three small probe steps (batch 1 and 2 on a ``small`` input, batch 1 on a ``big`` one of
-    4x its voxels, both of the largest input's aspect): ``fixed + per_voxel * V + per_batch_voxel * (B - 1) * V`` for
+    about twice its voxels, see :func:`_probe_shapes`): ``fixed + per_voxel * V + per_batch_voxel * (B - 1) * V`` for
     ``B`` inputs of ``V`` voxels. ``per_voxel`` also holds what one image needs while it is processed alone (the
     anchor-to-box matching runs image by image), so it can be much larger than the per-image growth of a batch.
     From it: (2D) a smaller scale when one image is predicted not to fit, the largest batch (1..16) predicted to fit;
     then the step on the real largest input is measured, lowering the batch (then the scale) until the MEASURED peak
-    fits. No input predicted not to fit is run."""
+    fits. No input predicted not to fit is run: when nothing can fit (3D, or 2D at the smallest scale) it is a
+    ValueError naming ``--memory-gb``."""
     notes: list[str] = []
     measured = None
     done: dict[tuple, dict] = {}
@@ -404,7 +408,12 @@ def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_imag
         else:  # the largest input is as small as a probe can be: all of it counted per voxel
             per_voxel, fixed = m11 / vs, 0.0
         one = fixed + per_voxel * vf
-        if one > budget and d == 2 and scale > _MIN_SCALE:
+        if one > budget and (d == 3 or scale <= _MIN_SCALE):
+            raise ValueError(f"one training step on the largest input {[1, c, *full]} is predicted to need "
+                             f"{one / 2 ** 30:.2f} GB, more than {_HEADROOM:.0%} of --memory-gb "
+                             f"({budget / 2 ** 30:.2f} GB): raise --memory-gb" +
+                             (" or train 3D detection on patches" if d == 3 else ""))
+        if one > budget:
             new = max(scale * math.sqrt(max(budget - fixed, 0.05 * budget) / (per_voxel * vf)) * 0.95, _MIN_SCALE)
             notes.append(f"scale {scale:g} -> {new:.3f}: one {full} input was predicted to need {one / 2 ** 30:.2f} GB")
             scale = round(new, 3)
@@ -422,11 +431,9 @@ def _fit_memory(config_at, shapes: np.ndarray, sizes: np.ndarray, boxes_per_imag
         new = max(scale * math.sqrt(budget / peak) * 0.95, _MIN_SCALE)
         notes.append(f"scale {scale:g} -> {new:.3f}: one {full} input measured {peak / 2 ** 30:.2f} GB")
         scale, measured = round(new, 3), None
-    if measured is None:  # every round lowered the scale: measure what was reached, at batch 1
-        cfg = config_at(scale)
-        shape = (1, cfg.model.in_channels, *_largest_input(shapes, scale, cfg.data.random_scale[1], cfg.data.rot90))
-        step(cfg, scale, list(shape))
-        measured = done[(scale, shape)]
+    if measured is None:
+        raise ValueError(f"no scale down to {scale:g} fits one training step on the largest image within "
+                         f"{_HEADROOM:.0%} of --memory-gb ({budget / 2 ** 30:.2f} GB): raise --memory-gb")
     if measured["peak_bytes"] > budget:
         notes.append(f"one training step on the largest input {measured['batch_shape']} needs "
                      f"{measured['peak_bytes'] / 2 ** 30:.2f} GB, more than {budget / 2 ** 30:.2f} GB of the budget")
@@ -515,7 +522,7 @@ def plan_dataset(config: str | Path, out: str | Path, *, memory_gb: float = 8.0,
             else:
                 model.update({"score_thresh": 0.02, "nms_thresh": 0.1, "detections_per_img": 20})
             dd = raw["data"]
-            dd.update({"scale": s if d == 2 else dd.get("scale", 1.0), **norm, **aug, "channels": data.channels,
+            dd.update({"scale": s if d == 2 else 1.0, **norm, **aug, "channels": data.channels,
                        "classes": list(data.classes)})
             dd.pop("dataset", None) if dd.get("format") else None
             raw.pop("task", None)
