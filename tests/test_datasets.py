@@ -135,6 +135,26 @@ def test_path_escaping_root_raises(tmp_path, rel):
         ds[0]
 
 
+def test_symlinked_folder_inside_root_loads(tmp_path):
+    """A folder the user symlinked into the dataset root belongs to it: the check is on the annotation's path, not
+    on where links lead. A ``..`` path is still refused even when it would land inside the linked folder."""
+    elsewhere = tmp_path / "storage" / "scans"
+    elsewhere.mkdir(parents=True)
+    arr = _png(elsewhere, "x.png", 12, 16, seed=4)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "images").symlink_to(elsewhere, target_is_directory=True)
+    rec = ImageAnnotation("images/x.png", [[1, 2, 5, 9]], ["cell"], image_shape=(12, 16))
+    s = DetectionDataset(records=[rec], root=root, classes=CLASSES)[0]
+    assert torch.equal(s["image"], torch.from_numpy(arr).float())
+    assert s["boxes"].tolist() == [[1, 2, 5, 9]]
+    _png(tmp_path, "x.png", 8, 8)
+    for rel in ("../x.png", "images/../../x.png"):
+        ds = DetectionDataset(records=[ImageAnnotation(rel, np.zeros((0, 4)), [])], root=root, classes=CLASSES)
+        with pytest.raises(ValueError, match="leaves the dataset root"):
+            ds[0]
+
+
 def test_absolute_path_outside_root_raises(tmp_path):
     root = tmp_path / "root"
     root.mkdir()

@@ -134,8 +134,9 @@ def test_overfeat_boxes_in_image_coordinates(scale):
                         want[:, 3].clamp(0, 128)], 1)
     want = want[((want[:, 2:] - want[:, :2]) > 0).all(1)]
     assert (out["labels"] == 0).all() and torch.allclose(out["scores"], torch.tensor(0.9), atol=1e-5)
-    got = sorted(map(tuple, out["boxes"].round().tolist()))
-    assert got == sorted(map(tuple, want.round().tolist()))
+    got = out["boxes"].to(want.dtype)
+    close = (got[:, None] - want[None]).abs().amax(-1) <= 1e-3  # [got, want]: same box to float noise
+    assert got.shape == want.shape and bool(close.any(0).all()) and bool(close.any(1).all())
 
 
 def test_overfeat_nms_and_merge():

@@ -309,5 +309,11 @@ def test_shipped_weights_new_format_same_detections():
     np.testing.assert_allclose(marks["boxes"], ref["boxes"], atol=1e-4, rtol=0)
     new = predict_scan(model, pre, vol, geom, max_marks=ref["max_marks"])  # only marks in the padding differ
     z_size = ph["shape"][0]
-    kept = np.isin(np.round(ref["probabilities"], 6), np.round(new["probabilities"], 6))
-    assert kept[:10].all() and (np.asarray(ref["boxes"])[~kept, 3] >= z_size - 1e-3).all()
+    # a first-release mark is kept when the new marks hold one with the same probability and box (to float noise
+    # between CPUs: 1e-5 on probabilities, 1e-3 voxels on boxes)
+    ref_p, ref_b = np.asarray(ref["probabilities"]), np.asarray(ref["boxes"])
+    same = (np.abs(ref_p[:, None] - np.asarray(new["probabilities"])[None]) <= 1e-5) & (
+        np.abs(ref_b[:, None] - np.asarray(new["boxes"])[None]) <= 1e-3).all(-1)  # [R, N]
+    kept = same.any(1)
+    assert kept[:10].all() and (ref_b[~kept, 3] >= z_size - 1e-3).all()
+    assert same.any(0).sum() == kept.sum()  # kept and new marks pair one to one

@@ -129,6 +129,87 @@ def test_datalist_world_box_outside_the_volume_and_mixed_dimensions(tmp_path):
         read_datalist(mixed, tmp_path, "training", box_mode="xyzxyz")
 
 
+# Anisotropic spacing and an offset origin (and a flip in 2D): world corners on the far border convert back to
+# 512.00000000000006-like voxel edges, which the reader must read as the border.
+BORDER_GEOMETRIES = {
+    2: (Geometry((0.57, 0.83), (56.7, -289.1), (-1, 0, 0, 1)), (40, 30)),
+    3: (Geometry((2.5, 0.7, 0.8), (-10.0, 5.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), (8, 16, 12)),
+}
+
+
+def _border_dataset(root: Path, d: int) -> tuple[Path, np.ndarray, tuple[int, ...]]:
+    """One image of ``BORDER_GEOMETRIES[d]`` and a voxel datalist (the convert source) whose boxes touch the border:
+    one spanning the whole image, one from inside to the far border."""
+    geo, shape = BORDER_GEOMETRIES[d]
+    root.mkdir(parents=True, exist_ok=True)
+    write_image(MedicalImage(np.zeros((1, *shape), dtype=np.int16), geo), root / "im.mha")
+    boxes = np.array([[0.0] * d + list(shape), [1.0, 3.0, 2.0][:d] + list(shape)])
+    rec = ImageAnnotation("im.mha", boxes, ["lesion", "lesion"], image_shape=shape, meta={"geometry": geo})
+    return write_datalist({"training": [rec]}, root / "voxel.json", classes=["lesion"]), boxes, shape
+
+
+@pytest.mark.parametrize("mode", ["corners", "cccwhd"])
+@pytest.mark.parametrize("d", [2, 3])
+def test_convert_world_datalist_box_on_the_far_border_reads_back_on_it(tmp_path, capsys, d, mode):
+    src, boxes, shape = _border_dataset(tmp_path / "data", d)
+    box_mode = ("xyxy" if d == 2 else "xyzxyz") if mode == "corners" else ("ccwh" if d == 2 else "cccwhd")
+    out = tmp_path / "world.json"
+    assert main(["convert", f"datalist:{src}", "--source-box-mode", "xyxy" if d == 2 else "xyzxyz", "--splits",
+                 "training", "--to", "datalist", "--out", str(out), "--box-units", "world", "--box-mode", box_mode]) == 0
+    capsys.readouterr()
+    ds = open_dataset("datalist", tmp_path / "data", "training", annotations=str(out), box_mode=box_mode,
+                      box_units="world")
+    (rec,) = ds.records
+    assert rec.image_shape == shape
+    np.testing.assert_allclose(rec.boxes, boxes, rtol=0, atol=1e-9)
+    assert (rec.boxes[:, d:] == np.asarray(shape, dtype=np.float64)).all()  # ON the far border, not past it
+    assert (rec.boxes[:, :d] >= 0).all()
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_world_datalist_box_past_the_border_beyond_the_tolerance_is_refused(tmp_path, d):
+    from medetect.data.annotations import WORLD_BORDER_TOLERANCE
+    from medetect.data.annotations.datalist import _boxes_to_world
+
+    geo, shape = BORDER_GEOMETRIES[d]
+    _border_dataset(tmp_path, d)
+    far = np.array([[0.0] * d + list(shape)])
+    far[0, -1] += 100 * WORLD_BORDER_TOLERANCE  # a hundredth of a voxel past the last axis' far border
+    mode = "xyxy" if d == 2 else "xyzxyz"
+    dl = _json(tmp_path / "out.json", {"training": [{"image": "im.mha", "box": _boxes_to_world(far, geo).tolist(),
+                                                     "label": [0]}]})
+    with pytest.raises(AnnotationError, match=r"out\.json: training\[0\]\.box\[0\].*outside the image.*box_units"):
+        read_datalist(dl, tmp_path, "training", box_mode=mode, units="world", classes=["lesion"])
+
+
+def test_snap_to_border_moves_only_edges_within_the_tolerance():
+    from medetect.data.annotations.datalist import _snap_to_border
+
+    tol = 1e-4
+    b = np.array([[-1e-12, -0.5, 40 + 1e-12, 30 + 0.5], [tol / 2, 0.25, 40 - tol / 2, 29.5], [-2 * tol, 2 * tol, 40, 30 + 2 * tol],
+                  [0, 0, 40 - 2 * tol, 30 - 1e-9]])
+    out = _snap_to_border(b, (40, 30), tol)
+    np.testing.assert_array_equal(out, [[0, -0.5, 40, 30.5], [0, 0.25, 40, 29.5], [-2 * tol, 2 * tol, 40, 30 + 2 * tol],
+                                        [0, 0, 40 - 2 * tol, 30]])
+
+
+def test_convert_csv_to_world_datalist_reads_each_images_geometry(tmp_path, capsys):
+    """CSV rows carry no geometry: convert takes it from the image header, so the world boxes are in millimetres."""
+    geo, shape = BORDER_GEOMETRIES[3]
+    (tmp_path / "data").mkdir()
+    write_image(MedicalImage(np.zeros((1, *shape), dtype=np.int16), geo), tmp_path / "data" / "im.mha")
+    (tmp_path / "data" / "boxes.csv").write_text("image,z0,y0,x0,z1,y1,x1,label\nim.mha,1,3,2,8,16,12,lesion\n")
+    out = tmp_path / "world.json"
+    assert main(["convert", f"csv:{tmp_path}/data/boxes.csv", "--splits", "all", "--to", "datalist", "--out",
+                 str(out), "--box-units", "world", "--box-mode", "cccwhd"]) == 0
+    capsys.readouterr()
+    (box,) = json.loads(out.read_text())["all"][0]["box"]
+    # sizes in mm (x, y, z): 10 * 0.8, 13 * 0.7, 7 * 2.5; centre x: origin -10 + 0.8 * (7 - 0.5)
+    assert box[3:] == pytest.approx([8.0, 9.1, 17.5]) and box[0] == pytest.approx(-10 + 0.8 * 6.5)
+    (rec,), _ = read_datalist(out, tmp_path / "data", "all", box_mode="cccwhd", units="world")
+    np.testing.assert_allclose(rec.boxes, [[1, 3, 2, 8, 16, 12]], rtol=0, atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------- other formats
 
 

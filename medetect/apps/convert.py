@@ -8,11 +8,14 @@ second split name, the rest to the first.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from ..data.annotations import ImageAnnotation, write_coco, write_csv_boxes, write_datalist
+from ..convert import Geometry
+from ..data.annotations import ImageAnnotation, image_header, write_coco, write_csv_boxes, write_datalist
 from ..data.formats import open_dataset
+from ..data.image import MedicalImage
 
 __all__ = ["convert_dataset", "holdout_split", "TARGETS"]
 
@@ -40,7 +43,8 @@ def convert_dataset(source: dict, splits: Sequence[str], to: str, out: str | Pat
     as ``to``: ``coco`` / ``csv``: one file per split, ``OUT/<split>.json`` / ``OUT/<split>.csv``; ``datalist``: one
     file ``OUT`` with a list per split (voxel units, labels as indices into the class list). With ``holdout`` the
     single source split is divided into ``names`` (default ``training, validation`` for a datalist, ``train, val``
-    otherwise); ``box_mode`` / ``units`` choose the datalist's box convention. Returns a summary: files written, image root, classes, images and boxes per split."""
+    otherwise); ``box_mode`` / ``units`` choose the datalist's box convention (``world``: each image's geometry
+    from its reader, else from the image file's header). Returns a summary: files written, image root, classes, images and boxes per split."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {list(TARGETS)}, got {to!r}")
     data: dict[str, list[ImageAnnotation]] = {}
@@ -50,7 +54,10 @@ def convert_dataset(source: dict, splits: Sequence[str], to: str, out: str | Pat
         ds = open_dataset(**source, split=split)
         root = ds.root
         classes += [c for c in ds.classes if c not in classes]
-        data[split] = list(ds.records)
+        recs = list(ds.records)
+        if to == "datalist" and units == "world":
+            recs = [_with_geometry(r, ds) for r in recs]
+        data[split] = recs
     if holdout:
         if len(data) != 1:
             raise ValueError(f"--holdout divides one split, got {list(data)}")
@@ -87,3 +94,13 @@ def _shape(*, ds_root, image: str) -> tuple[int, ...]:
     from ..data.io import read_image
 
     return tuple(read_image(Path(ds_root) / image).spatial_shape)
+
+
+def _with_geometry(r: ImageAnnotation, ds) -> ImageAnnotation:
+    """``r`` with ``meta['geometry']`` (world units need it): kept when the reader gave one (datalist, LUNA16), else
+    read from the image file's header (CSV, COCO and VOC readers do not open the images)."""
+    if isinstance(r.meta.get("geometry"), Geometry):
+        return r
+    src = ds.images.get(r.image)
+    geo = src.geometry if isinstance(src, MedicalImage) else image_header(src or Path(ds.root) / r.image)[1]
+    return dataclasses.replace(r, meta={**r.meta, "geometry": geo})

@@ -68,7 +68,15 @@ def write_report(folder: Path, st: dict, sizes: np.ndarray, best_iou: np.ndarray
             ("target spacing", summary["target_spacing"]), ("scale", summary["scale"]),
             ("intensity", summary["intensity"]), ("architecture / levels", f"{summary['arch']} / {summary['levels']}"),
             ("anchor coverage (IoU >= %g)" % threshold, summary["anchor_coverage"]),
-            ("batch size", summary["batch_size"]), ("planning time (s)", summary["planning_seconds"])]
+            ("modality / flips (h, v, rot90)", f"{summary['modality'] or 'unknown'} / {summary['augmentation']['hflip']}, "
+                                               f"{summary['augmentation']['vflip']}, {summary['augmentation']['rot90']}"),
+            ("batch size", summary["batch_size"]),
+            ("training step, measured", f"{summary['step_memory_gb']:.3f} GB peak on {summary['step_device']} for the "
+                                        f"largest input {summary['step_input_shape']} with "
+                                        f"{summary['step_boxes_per_image']} boxes per image ({summary['step_seconds']} s; "
+                                        f"budget {summary['memory_budget_gb']:g} GB)"),
+            *(("note", n) for n in summary["notes"]),
+            ("planning time (s)", summary["planning_seconds"])]
     table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     imgs = "\n".join(f'<img src="{f}" alt="{f}">' for f in figs)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medetect plan</title><style>body{{font-family:"

@@ -52,8 +52,8 @@ def cmd_plan(args) -> int:
     check_out_file(args.out)
     if args.report:
         check_out_dir(args.report, "--report")
-    print_json(plan_dataset(args.config, args.out, memory_gb=args.memory_gb, report=args.report, sets=args.sets),
-               indent=1)
+    print_json(plan_dataset(args.config, args.out, memory_gb=args.memory_gb, report=args.report, sets=args.sets,
+                            modality=args.modality, device=args.device), indent=1)
     return 0
 
 
@@ -65,7 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("config", metavar="DATA_CONFIG")
     pl.add_argument("--out", required=True, help="the planned config (YAML)")
     pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/index.html, the dataset fingerprint")
-    pl.add_argument("--memory-gb", type=float, default=8.0, help="memory budget for the batch size (default 8)")
+    pl.add_argument("--memory-gb", type=float, default=8.0,
+                    help="memory budget: one training step on the largest images, measured, stays within 80%% of it "
+                         "(default 8)")
+    pl.add_argument("--modality", default="", choices=("", "microscopy", "xray", "mammography", "ct", "mri"),
+                    help="decides the flips (xray: none; microscopy: all); default: from the data format, else unknown "
+                         "(all flips on)")
+    pl.add_argument("--device", default=None, help="device of the measured training step (default: cuda if available, "
+                    "else cpu)")
     pl.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of DATA_CONFIG first (repeatable)")
     pl.set_defaults(fn=cmd_plan)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,12 +42,17 @@ BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 
 
 def _inside(root: Path, rel: str) -> Path:
-    """``root / rel``, refusing paths that leave ``root`` (annotation files are untrusted input)."""
-    p = (root / rel).resolve()
-    r = root.resolve()
-    if p != r and r not in p.parents:
+    """``root / rel``, refusing paths that leave ``root`` (annotation files are untrusted input).
+
+    The check is lexical, on the path the annotation gives: it must be relative (no drive, no leading separator)
+    and have no ``..`` component. Links are not resolved: a folder the user symlinked into the root is part of it.
+    """
+    s = str(rel)
+    win = PureWindowsPath(s)
+    parts = s.replace("\\", "/").split("/")
+    if s.startswith(("/", "\\")) or win.drive or win.is_absolute() or ".." in parts:
         raise ValueError(f"image path {rel!r} leaves the dataset root {root}")
-    return p
+    return root / s
 
 
 class DetectionDataset(Dataset):

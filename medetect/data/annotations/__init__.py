@@ -96,7 +96,7 @@ from .csv_boxes import _CSV_STYLES, _detect_csv_style, read_csv_boxes, write_csv
 from .masks import boxes_from_instance_mask, boxes_from_masks, read_dsb2018  # noqa: F401
 from .lung_pet_ct import _geometry_from_dicom, read_lung_pet_ct_boxes  # noqa: F401
 from .luna_patches import read_luna16_patches  # noqa: F401
-from .datalist import BOX_MODES, datalist_splits, read_datalist, write_datalist  # noqa: F401
+from .datalist import BOX_MODES, WORLD_BORDER_TOLERANCE, datalist_splits, image_header, read_datalist, write_datalist  # noqa: F401
 
 __all__ = [
     "AnnotationError",
@@ -132,6 +132,8 @@ __all__ = [
     "read_lung_pet_ct_boxes",
     "read_luna16_patches",
     "BOX_MODES",
+    "WORLD_BORDER_TOLERANCE",
+    "image_header",
     "read_datalist",
     "write_datalist",
     "datalist_splits",

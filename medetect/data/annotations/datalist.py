@@ -22,7 +22,9 @@ mode        box                                           MONAI name
 ``units``: ``voxel`` (edge coordinates of the image array, half-open like MONAI's ``TO_REMOVE = 0``: the medetect
 convention with the axes reversed) or ``world`` (millimetres in the image file's physical frame, LPS for DICOM /
 NIfTI read by ITK, the frame of LUNA16's CSVs: the box's corners go through the image's geometry, and the voxel box
-is their bounding box). ``label`` holds class indices (into ``classes``) or class names. An entry without ``box``
+is their bounding box). A world box edge within :data:`WORLD_BORDER_TOLERANCE` voxels of the image border (the
+float rounding of the mm -> voxel conversion: a box written on the far border reads back as ``512.00000000000001``
+or ``511.99999999999994``) is set onto the border; one further out is outside the image. ``label`` holds class indices (into ``classes``) or class names. An entry without ``box``
 (or with an empty list) is a negative image.
 
 Errors name the file and the entry (``training[12]``) and the field: a missing image, a box with the wrong number of
@@ -42,7 +44,13 @@ import numpy as np
 from ...convert import Geometry, voxel_to_world, world_to_voxel
 from ._common import AnnotationError, AnnotationReport, ImageAnnotation, PathLike, _Rows, _build, _image_path, _safe_relpath
 
-__all__ = ["BOX_MODES", "read_datalist", "write_datalist", "datalist_splits"]
+__all__ = ["BOX_MODES", "WORLD_BORDER_TOLERANCE", "image_header", "read_datalist", "write_datalist", "datalist_splits"]
+
+# How far (in voxels, i.e. as a fraction of the voxel size on each axis) a world box edge may land from the image
+# border, inside or outside, and still be read as lying on it. The mm -> voxel conversion of a box written on the border is off by
+# ~1e-14 voxels in float64; 1e-4 also absorbs coordinates written in float32 or to 6 decimals of a millimetre, and
+# moves no edge by anything an image can show.
+WORLD_BORDER_TOLERANCE = 1e-4
 
 # mode -> (d, kind): kind "corners" (lo.., hi..), "corner_size" (lo.., size..), "centre_size" (centre.., size..)
 BOX_MODES = {
@@ -102,6 +110,14 @@ def _world_to_boxes(edges_xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.concatenate([vox.min(1), vox.max(1)], axis=1)
 
 
+def _snap_to_border(boxes: np.ndarray, shape: Sequence[int], tol: float = WORLD_BORDER_TOLERANCE) -> np.ndarray:
+    """Voxel boxes ``[N, 2d]`` (array order) with every edge within ``tol`` voxels of a border (``0`` or the axis'
+    size, on either side of it) set onto that border; edges further from both borders are left as they are."""
+    lim = np.tile(np.asarray(shape, dtype=np.float64), 2)  # [2d]: the far border of each lo and hi edge
+    out = np.where(np.abs(boxes) <= tol, 0.0, boxes)
+    return np.where(np.abs(out - lim) <= tol, lim, out)
+
+
 def _boxes_to_world(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Medetect voxel boxes ``[N, 2d]`` -> world corner boxes (x.. then x..; mm): the bounding box of the corners."""
     n, d = boxes.shape[0], boxes.shape[1] // 2
@@ -113,10 +129,11 @@ def _boxes_to_world(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.concatenate([world.min(1), world.max(1)], axis=1)
 
 
-def _header(path: Path) -> tuple[tuple[int, ...], Geometry]:
+def image_header(path: PathLike) -> tuple[tuple[int, ...], Geometry]:
     """Spatial shape (array order) and geometry of an image file, from its header where the format allows."""
     from ..io import read_image  # the image readers sit beside the annotation readers in the data layer
 
+    path = Path(path)
     name = path.name.lower()
     if path.is_file() and name.endswith((".nii", ".nii.gz", ".mhd", ".mha", ".nrrd")):
         import SimpleITK as sitk
@@ -155,7 +172,7 @@ def read_datalist(
     if units not in ("voxel", "world"):
         raise ValueError(f"units must be 'voxel' or 'world', got {units!r}")
     d, _ = BOX_MODES[box_mode]
-    header = header or _header
+    header = header or image_header
     data = _load(file)
     if not isinstance(data, dict):
         raise AnnotationError(file, "top level", "a datalist is a JSON object with one list per split")
@@ -213,7 +230,7 @@ def read_datalist(
         if units == "world":
             if geo.ndim != d:
                 raise AnnotationError(file, f"{w}.image", f"image {rel!r} has a {geo.ndim}D geometry, boxes are {d}D")
-            med = _world_to_boxes(edges, geo)
+            med = _snap_to_border(_world_to_boxes(edges, geo), shape)
         else:
             med = edges[:, list(range(d - 1, -1, -1)) + list(range(2 * d - 1, d - 1, -1))]  # x.. -> array order
         rows = _Rows()
