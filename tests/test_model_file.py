@@ -253,6 +253,13 @@ def test_run_folders_load_and_export_for_every_kind(tmp_path):
         m = load_model(out)
         assert m.kind == kind and m.meta["extra"]["epoch"] == 3
         _same_weights(ref, m.model, atol=1e-2)
+        assert m.task == {"det": "detection", "fpr": "luna-fpr"}[name]
+    from safetensors import safe_open
+
+    half = export_from_run(tmp_path / "fpr", tmp_path / "fpr16.safetensors", fp16=True)  # medetect export --fp16
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} >= {"F16"}
+    _same_weights(fpr, load_model(half).model, atol=1e-2)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         (tmp_path / "empty").mkdir()
         load_any(tmp_path / "empty")

@@ -59,14 +59,15 @@ def export_onnx(weights, out: str | Path, image_shape: Sequence[int]) -> Path:
                                                               input_names=["image"], opset_version=17, dynamo=False))
 
 
-def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = None, *, best: bool = False) -> Path:
-    """A training run folder (detector: ``config.json``; FPR: ``fpr_config.json``; + its newest checkpoint, or with
-    ``best`` the best validation epoch of ``best.json``) -> one self-describing model file (float16 detectors,
-    float32 FPR classifiers, as shipped)."""
+def export_from_run(run_dir: str | Path, out: str | Path, extra: dict | None = None, *, best: bool = False,
+                    fp16: bool | None = None) -> Path:
+    """A training run folder (its newest checkpoint, or with ``best`` the best validation epoch of ``best.json``)
+    -> one self-describing model file. ``fp16``: store floating-point tensors in float16 (default: detectors yes,
+    other kinds no, as the first releases shipped them)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     m = load_model(run_dir, best=best)
     info = {**m.meta.get("extra", {}), **(extra or {})}
     return save_model(m.model, out, kind=m.kind, preprocess=m.preprocess, classes=m.classes, task=m.task, extra=info,
-                      fp16=m.kind == "detector")
+                      fp16=m.kind == "detector" if fp16 is None else fp16)

@@ -69,7 +69,7 @@ def cmd_export(args) -> int:
     if args.onnx:
         print(export_onnx(args.run_dir, args.out, args.onnx))
     else:
-        print(export_from_run(args.run_dir, args.out, best=args.best))
+        print(export_from_run(args.run_dir, args.out, best=args.best, fp16=args.fp16))
     return 0
 
 
@@ -143,6 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--best", action="store_true",
                     help="the best validation epoch (the run's best.json) instead of the newest checkpoint")
+    ex.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                    help="store the weights in float16 (half the file; default: detectors yes, other models no)")
     ex.add_argument("--onnx", type=positive_int, nargs="+", default=None, metavar="SIZE",
                     help="export the dense part (backbone, FPN, dense head) to ONNX for this input size")
     add_force(ex, "the --out file")
