@@ -234,18 +234,19 @@ def _sweep(boxes: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, tor
 
 
 def _banded_edges(
-    boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor | None, order: torch.Tensor, counts: torch.Tensor, width: int,
-    rows: int | None = None, widths: list[int] | None = None,
+    boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor | None, order: torch.Tensor,
+    chunks: list[tuple[int, int, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Suppression edges ``(src, dst)`` (rank indices, ``src < dst``) from the sweep band.
 
-    In sweep order, box p is compared with its next ``width`` boxes through zero-copy sliding-window views of each
-    coordinate column (``as_strided``), so the work is ``N x width`` contiguous element-wise operations instead of
-    ``N^2 / 2``; entries past ``counts[p]`` are masked. Rows go in chunks of ``rows``, each as wide as its own
-    widest band (one small host read per chunk), which keeps the work near ``sum(counts)``.
+    In sweep order, box p is compared with its next boxes through zero-copy sliding-window views of each coordinate
+    column (``as_strided``), so the work is ``N x width`` contiguous element-wise operations instead of ``N^2 / 2``.
+    Rows go in ``chunks`` ``(p0, p1, w)`` (:func:`_band_chunks`), each as wide as its own widest band, which keeps the
+    work near ``sum(counts)``. Entries past a row's own ``counts[p]`` are not masked: the screen and the exact test
+    reject them anyway (a mask costs more than the few extra candidates), and padding boxes never pass the screen.
     """
     n, d = boxes.shape[0], boxes.shape[1] // 2
-    rows = rows or _band_rows(boxes.device)
+    width = max((w for _, _, w in chunks), default=0)
     bs = boxes[order]
     cols = []
     for k in range(2 * d):  # per-coordinate columns, padded so every window of ``width`` exists
@@ -262,33 +263,32 @@ def _banded_edges(
     if labels is not None:
         lab = torch.full((n + width,), -1, dtype=labels.dtype, device=labels.device)
         lab[:n] = labels[order]
-    w_all = torch.arange(width, device=boxes.device)
     srcs, dsts = [], []
-    starts = list(range(0, n, rows))
-    if widths is None:
-        widths = _chunk_widths(counts, rows)
-    for p0, w in zip(starts, widths):  # a loop over row chunks, not over boxes
+    for p0, p1, w in chunks:  # a loop over row chunks, not over boxes
         if w == 0:
             continue
-        p1 = min(n, p0 + rows)
-        w_idx = w_all[:w]
 
         def band(col: torch.Tensor, p0=p0, p1=p1, w=w) -> torch.Tensor:  # [p1 - p0, w] view: col[p + 1 + j]
             return col.as_strided((p1 - p0, w), (1, 1), p0 + 1)
 
         # Screen: IoU > t needs, on the screening axis, an overlap above t x the extent of each box.
         lo_p, hi_p = cols[k][p0:p1, None], cols[d + k][p0:p1, None]
-        ov = torch.minimum(hi_p, band(cols[d + k])) - torch.maximum(lo_p, band(cols[k]))
-        cand = (ov > thr * torch.maximum(len_pad[p0:p1, None], band(len_pad))) & (w_idx[None, :] < counts[p0:p1, None])
+        ov = torch.minimum(hi_p, band(cols[d + k]))
+        ov -= torch.maximum(lo_p, band(cols[k]))  # in place: each [rows, w] temporary costs as much as the op
+        lim = torch.maximum(len_pad[p0:p1, None], band(len_pad))
+        lim *= thr
+        cand = ov > lim
         if lab is not None:
             cand &= lab[p0:p1, None] == band(lab)
-        pi, wi = cand.nonzero().unbind(1)
-        p, q = pi + p0, pi + p0 + 1 + wi  # sweep indices of the surviving pairs
-        fp, fq = feat[p], feat[q]  # one gather per side: [m, 2d + 1] (box, volume)
+        flat = cand.reshape(-1).nonzero().squeeze(1)  # one index per surviving pair (cheaper than [m, 2] coordinates)
+        p = torch.div(flat, w, rounding_mode="floor")
+        q = flat - p * w + p + 1 + p0  # sweep indices of the surviving pairs: q = p + 1 + column
+        p += p0
+        fp, fq = feat.index_select(0, p), feat.index_select(0, q)  # one gather per side: [m, 2d + 1] (box, volume)
         inter = _intersection(fp, fq, d)
         union = fp[:, -1] + fq[:, -1] - inter
         hit = ((inter > iou_threshold * union) & (union > 0)).nonzero().squeeze(1)
-        a, b = order[p[hit]], order[q[hit]]  # rank indices, only for the pairs that suppress
+        a, b = order.index_select(0, p.index_select(0, hit)), order.index_select(0, q.index_select(0, hit))
         srcs.append(torch.minimum(a, b))
         dsts.append(torch.maximum(a, b))
     if not srcs:
@@ -298,8 +298,33 @@ def _banded_edges(
 
 
 def _band_rows(device: torch.device) -> int:
-    """Rows per band chunk: 128 measured best on CPU (cache-sized temporaries); on GPUs fewer, larger launches."""
+    """Rows per band chunk before merging (:func:`_band_chunks`): 128 on CPU (cache-sized temporaries); on GPUs
+    fewer, larger launches."""
     return 128 if device.type == "cpu" else 2048
+
+
+# A chunk's fixed cost (a dozen small tensor ops and their Python dispatch), in band elements: adjacent chunks merge
+# while the elements the merge wastes (rows padded to the merged widest band) stay below this. Measured on the 2-core
+# CPU: 5k 3D / 10k 2D clustered boxes run ~30 % faster than with fixed 128-row chunks, 50k boxes as fast.
+_CHUNK_COST = 16384
+_CHUNK_MAX = 1 << 17  # band elements of one chunk at most: its temporaries stay cache-sized
+
+
+def _band_chunks(widths: list[int], rows: int, n: int) -> list[tuple[int, int, int]]:
+    """Row chunks ``(p0, p1, width)`` of the band: consecutive ``rows``-row blocks (widest bands ``widths``) merged
+    greedily while merging saves more fixed cost than it adds padded work. Host-side arithmetic on the block list
+    only (one entry per ``rows`` boxes)."""
+    chunks: list[tuple[int, int, int]] = []
+    for i, w in enumerate(widths):
+        p0, p1 = i * rows, min(n, (i + 1) * rows)
+        if chunks:
+            q0, q1, qw = chunks[-1]
+            merged = (p1 - q0) * max(qw, w)
+            if merged <= _CHUNK_MAX and merged - (q1 - q0) * qw - (p1 - p0) * w < _CHUNK_COST:
+                chunks[-1] = (q0, p1, max(qw, w))
+                continue
+        chunks.append((p0, p1, w))
+    return chunks
 
 
 def _chunk_widths(counts: torch.Tensor, rows: int) -> list[int]:
@@ -350,7 +375,7 @@ def _keep_sorted(boxes: torch.Tensor, iou_threshold: float, labels: torch.Tensor
         # (A negative threshold makes even disjoint boxes suppress each other, which the sweep's bound excludes.)
         src, dst = _suppression_matrix(boxes, iou_threshold, labels).nonzero().unbind(1)
     else:
-        src, dst = _banded_edges(boxes, iou_threshold, labels, order, counts, max(max(widths), 1), rows, widths)
+        src, dst = _banded_edges(boxes, iou_threshold, labels, order, _band_chunks(widths, rows, n))
 
     def suppressed_by(keep: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.float32, device=boxes.device).index_add_(0, dst, keep[src].to(torch.float32))

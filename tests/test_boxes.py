@@ -713,3 +713,18 @@ def test_nms_negative_threshold_suppresses_even_disjoint_boxes(d):
     scores = torch.tensor([0.2, 0.9, 0.5, 0.7, 0.1])
     assert nms(boxes, scores, -0.1).tolist() == [1]
     assert nms(boxes, scores, 0.0).tolist() == [1, 3, 2, 0, 4]
+
+
+def test_band_chunks_cover_every_row_once_and_are_wide_enough():
+    """Merged band chunks tile [0, n) in order, each at least as wide as the widest block it absorbed, and never
+    larger than the cache-sized cap unless a single block already is."""
+    widths = [0, 3, 5, 4, 200, 201, 2, 0, 0, 7]
+    rows, n = 128, 128 * 9 + 50
+    chunks = B._band_chunks(widths, rows, n)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for p0, p1, w in chunks:
+        blocks = range(p0 // rows, -(-p1 // rows))
+        assert w == max(widths[i] for i in blocks)
+        assert (p1 - p0) * w <= max(B._CHUNK_MAX, rows * w)
+    assert len(chunks) < len(widths)  # narrow neighbours merge
