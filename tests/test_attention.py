@@ -267,11 +267,11 @@ def test_shipped_mias_model_loads_and_points_at_val_lesions(shared_data):
     check_safetensors_file(w)
     loaded = load_model(w)
     assert loaded.kind == "attention" and loaded.classes == ["abnormal", "malignant"]
-    recs = [r for r in read_lesion_folder(shared_data / "mini-mias", "val") if len(r.radii)][:4]
+    recs = [r for r in read_lesion_folder(shared_data / "mini-mias", "val") if len(r.radii)]
     r = score_dataset(loaded.model, LesionImages(recs, loaded.preprocess), method="attention")
     hits = [image_localisation(s, c, rad, spacing=r["spacings"][0])["pointing"]
             for s, c, rad in zip(r["saliencies"], r["centres"], r["radii"])]
-    assert [x.image_id for x in recs] == ["mdb005", "mdb010", "mdb032", "mdb063"] and hits == [True] * 4
+    assert len(recs) == 16 and sum(hits) == 10  # the model card's val pointing game, 10 / 16 = 0.625
 
 
 @pytest.mark.parametrize("d", [2, 3])
