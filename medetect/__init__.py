@@ -12,7 +12,7 @@ __all__ = ["Predictor", "__version__", "load_model"]
 # The entry points of the library, imported on first use so that ``import medetect`` stays light (no torch):
 #   model = medetect.load_model("model.safetensors")   # a model file or a training run folder
 #   det = medetect.Predictor(model.model).predict_image(image, model.preprocess)
-_LAZY = {"load_model": ("medetect.apps", "load_model"), "Predictor": ("medetect.engine.predictor", "Predictor")}
+_LAZY = {"load_model": ("medetect.engine.load", "load_model"), "Predictor": ("medetect.engine.predictor", "Predictor")}
 
 
 def __getattr__(name: str):

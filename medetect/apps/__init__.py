@@ -1,6 +1,7 @@
-"""Applications on top of the library (called by the command line): :mod:`.predict` (detect in images and volumes),
-:mod:`.evaluate` (mAP on a labelled folder), :mod:`.export` (run folder -> model file, ONNX), :mod:`.models` (the one
-loader: model files and run folders)."""
+"""Applications on top of the tasks (called by the command line): :mod:`.tasks` (the one task registry),
+:mod:`.train` (``medetect train``, cross-validation folds), :mod:`.predict` and :mod:`.evaluate` (dispatch by the
+model's task), :mod:`.export` (run folder -> model file, ONNX), :mod:`.plan` and :mod:`.convert` (data tools).
+``load_model`` (model files and run folders) is :func:`medetect.engine.load.load_model`."""
 
 from ..engine.load import load_model
 
