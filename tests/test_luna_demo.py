@@ -1,6 +1,5 @@
 """The CT section of the demo report: two fresh phantoms -> shipped nodule pipeline -> FROC + slice montage."""
 
-import time
 
 import numpy as np
 import pytest
@@ -16,9 +15,7 @@ def test_ct_section_skips_without_weights(tmp_path):
 
 @pytest.mark.skipif(not demo.FPR_WEIGHTS.is_file(), reason="shipped nodule weights not present")
 def test_ct_section_report(tmp_path):
-    t0 = time.perf_counter()
-    html, s = demo.ct_section(tmp_path)
-    assert time.perf_counter() - t0 < 30
+    html, s = demo.ct_section(tmp_path)  # (its time is a benchmark matter, not asserted in a unit test)
     for key in ("froc_png", "slices_png"):
         png = tmp_path / {"froc_png": "ct_froc.png", "slices_png": "ct_slices.png"}[key]
         assert s[key] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
