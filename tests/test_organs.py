@@ -280,10 +280,10 @@ def test_predict_refuses_formats_an_organ_model_does_not_write_and_honours_overl
     write_organ_dataset(tmp_path / "d", 1, 21, spacing=(8.0, 8.0, 8.0), fov="slab")
     vol = tmp_path / "d" / "volumes" / "phantom_0021.nii.gz"
     for fmt in ("slicer", "coco", "dicom-sr"):
-        with pytest.raises(ValueError, match=f"--format {fmt}: a organ-localisation model writes its own CSV"):
+        with pytest.raises(ValueError, match=f"--format {fmt}: organ-localisation models write their own CSV"):
             predict_paths(tiny_model, [vol], tmp_path / fmt, formats=("csv", fmt))
         assert not (tmp_path / fmt).exists()
-    with pytest.raises(ValueError, match="--tile: a organ-localisation model runs on whole images only"):
+    with pytest.raises(ValueError, match="--tile: organ-localisation models run on whole images only"):
         predict_paths(tiny_model, [vol], tmp_path / "t", tile_size=[32])
     with pytest.warns(UserWarning, match="no organ found"):
         predict_paths(tiny_model, [vol], tmp_path / "p")

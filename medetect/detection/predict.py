@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ..convert import Geometry
-from ..data.io import DICOM_EXTENSIONS, _ext, _has_dicom_preamble
+from ..data.io import is_dicom
 from ..engine.predictor import Predictor
 from ..engine.tasks import INPUT_ERRORS, PredictInput, PredictOptions, first_line, read_input, stem, write_errors
 from .outputs import NEEDS_HIGHDICOM, coco_results, write_dicom_sr, write_overlay, write_slicer_rois
@@ -126,9 +126,9 @@ def _check_dicom_sr(inputs: Sequence[PredictInput]) -> None:
     except ImportError:
         raise ValueError(NEEDS_HIGHDICOM) from None
     for inp in inputs:
-        p = inp.path
-        if not (p.is_dir() or _ext(p) in DICOM_EXTENSIONS or (p.is_file() and _has_dicom_preamble(p))):
-            raise ValueError(f"--format dicom-sr references DICOM inputs; {p} is not a DICOM file or series folder")
+        if not is_dicom(inp.path):
+            raise ValueError(f"--format dicom-sr references DICOM inputs; {inp.path} is not a DICOM file or series "
+                             "folder")
 
 
 def predict_detections(loaded, inputs: Sequence[PredictInput], out_dir: Path, options: PredictOptions, *,

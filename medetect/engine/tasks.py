@@ -107,17 +107,17 @@ def check_predict_options(task: Task, options: PredictOptions, *, ndim: int) -> 
     bad = [f for f in options.formats if f != "csv" and f not in task.formats]
     if bad:
         writes = ", ".join(f for f in task.formats if f != "csv") or "no other format"
-        raise ValueError(f"--format {' '.join(bad)}: a {task.name} model writes its own CSV files and {writes}")
+        raise ValueError(f"--format {' '.join(bad)}: {task.name} models write their own CSV files and {writes}")
     if "coco" in options.formats and ndim != 2:
         raise ValueError(f"--format coco holds 2D images; this model is {ndim}D (use --format slicer)")
     if "slicer" in options.formats and ndim != 3:
         raise ValueError(f"--format slicer writes 3D Slicer ROIs of volumes; this model is {ndim}D (use --format coco)")
     if options.overlays and not task.overlays:
-        raise ValueError(f"--overlays: a {task.name} model writes no overlay images")
+        raise ValueError(f"--overlays: {task.name} models write no overlay images")
     if options.tile_size is not None and not task.tiles:
-        raise ValueError(f"--tile: a {task.name} model runs on whole images only")
+        raise ValueError(f"--tile: {task.name} models run on whole images only")
     if options.tta is not None and options.tta != "none" and not task.tta:
-        raise ValueError(f"--tta {options.tta}: a {task.name} model has no test-time augmentation")
+        raise ValueError(f"--tta {options.tta}: {task.name} models have no test-time augmentation")
 
 
 # ------------------------------------------------------------------------- pieces every task's predict shares

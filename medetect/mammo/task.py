@@ -46,7 +46,7 @@ def lesion_validation(model, data, *, device=None) -> dict:
     was_training = model.training
     preds, gts = predict_dataset(model, data, device=device)
     model.train(was_training)
-    d = 2
+    d = gts[0]["boxes"].shape[-1] // 2 if gts else 2  # mammograms are 2D; the lesion geometry is any d
     boxes = [g["boxes"].double().numpy().reshape(-1, 2 * d) for g in gts]
     centres = [(b[:, :d] + b[:, d:]) / 2 for b in boxes]
     radii = [(b[:, d:] - b[:, :d]).mean(1) / 2 for b in boxes]

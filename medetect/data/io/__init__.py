@@ -80,6 +80,7 @@ from .itk import _MET_SIZES, _SITK_FORMATS, _check_metaio, _check_nifti, _write_
 from .npz import _write_npz, read_npz  # noqa: F401
 
 __all__ = [
+    "is_dicom",
     "read_image",
     "read_pillow",
     "read_dicom",
@@ -92,6 +93,18 @@ __all__ = [
 ]
 
 
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """Whether :func:`read_image` reads ``path`` as DICOM: a folder (a series), a ``.dcm .dicom .ima`` file, or a
+    file of another (or no) extension, not one of the other readers', with the ``DICM`` preamble."""
+    p = Path(path)
+    if p.is_dir():
+        return True
+    ext = _ext(p)
+    if ext in DICOM_EXTENSIONS:
+        return True
+    return ext not in PILLOW_EXTENSIONS + SITK_EXTENSIONS + NPZ_EXTENSIONS and p.is_file() and _has_dicom_preamble(p)
 
 
 def read_image(path: str | os.PathLike | Sequence[str | os.PathLike], **kw: Any) -> MedicalImage:
@@ -119,7 +132,7 @@ def read_image(path: str | os.PathLike | Sequence[str | os.PathLike], **kw: Any)
         return read_sitk(p, **kw)
     if ext in NPZ_EXTENSIONS:
         return read_npz(p, **kw)
-    if ext in DICOM_EXTENSIONS or _has_dicom_preamble(p):
+    if is_dicom(p):
         return read_dicom(p, **kw)
     raise _err(
         p,
