@@ -134,6 +134,7 @@ def predict_organs(loaded, files: Sequence[Path], out_dir: str | Path, *, read=N
     import warnings
 
     from ..data.io import read_image
+    from ..engine.tasks import stem as input_stem
 
     read = read or read_image
     out_dir = Path(out_dir)
@@ -141,7 +142,7 @@ def predict_organs(loaded, files: Sequence[Path], out_dir: str | Path, *, read=N
     for f in files:  # one CT per input
         img = read(f)
         res = localise(loaded, img, score_thresh=score_thresh)
-        stem = f.name[: -len(".nii.gz")] if f.name.lower().endswith(".nii.gz") else (f.stem if f.is_file() else f.name)
+        stem = input_stem(f)
         path = out_dir / f"{stem}_organs.csv"
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
