@@ -1,6 +1,7 @@
 """Typed config of the organ localiser (``task: organ-localisation``), loaded by :func:`medetect.config.load_config`.
 
-Sections: ``data`` (an ``organ-ct-sample``-layout folder, or phantoms generated into the run folder), ``preprocess``
+Sections: ``data`` (``organ-ct-sample``-layout folders, phantoms generated into the run folder, or both),
+``augment`` (:class:`~medetect.organs.augment.OrganAugmentConfig`), ``preprocess``
 (the downsampled grid and the HU window, stored with the weights), ``model``
 (:class:`~medetect.models.detector.DetectorConfig`, default :func:`default_organ_detector`: a small 3D Faster R-CNN
 with the focal-loss RPN of Xu et al.), ``localise`` (the per-organ score threshold) and ``train``.
@@ -14,6 +15,7 @@ from ..engine.trainer import TrainConfig
 from ..models.detector import DetectorConfig
 from ..schema import check, option
 from .anatomy import ORGANS
+from .augment import OrganAugmentConfig
 
 __all__ = ["OrganDataConfig", "OrganPreprocessConfig", "OrganLocaliseConfig", "OrganLocalisationConfig",
            "default_organ_detector", "default_organ_train_config"]
@@ -44,7 +46,15 @@ def default_organ_train_config() -> TrainConfig:
 class OrganDataConfig:
     root: str = option("", doc="organ-ct-sample-layout folder to train on (volumes/, labels/, boxes.csv); empty: "
                        "generate phantoms into <run dir>/phantoms", path=True)
-    phantoms: int = option(240, doc="phantoms generated when root is empty", ge=1)
+    extra_roots: list[str] = option([], doc="more organ-ct-sample-layout folders of labelled CTs added to the "
+                                    "training set", path=True)
+    extra_repeat: int = option(1, doc="each CT of extra_roots is drawn this many times per epoch (a few real CTs "
+                               "among many phantoms)", ge=1)
+    exclude_cases: list[str] = option([], doc="case names left out of training (leave-one-case-out validation)")
+    mix_phantoms: bool = option(False, doc="also generate the phantoms and add them to the training set when root "
+                                "or extra_roots name real CTs (the phantoms as extra data)")
+    phantoms: int = option(240, doc="phantoms generated when root and extra_roots are empty, or with mix_phantoms",
+                           ge=1)
     seed: int = option(1000, doc="seed of the first generated phantom (held-out phantoms use other seeds)", ge=0)
     slice_mm: list[float] = option([2.5, 5.0], doc="slice spacing range (mm) of the generated phantoms", gt=0)
     in_plane_mm: list[float] = option([2.5, 4.5], doc="in-plane spacing range (mm) of the generated phantoms", gt=0)
@@ -97,6 +107,8 @@ class OrganLocalisationConfig:
                                                doc="downsampling and HU window (stored with the weights)")
     model: DetectorConfig = option(default_factory=default_organ_detector,
                                    doc="the 3D detector (defaults: medetect.organs.config.default_organ_detector)")
+    augment: OrganAugmentConfig = option(default_factory=OrganAugmentConfig,
+                                         doc="random warps, fields of view and intensities of the training CTs")
     localise: OrganLocaliseConfig = option(default_factory=OrganLocaliseConfig, doc="one box per organ")
     train: TrainConfig = option(default_factory=default_organ_train_config, doc="optimisation")
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from .anatomy import ORGANS
 from .data import OrganCase, read_organ_folder
 
-__all__ = ["OrganVolumes", "train_organs", "localise", "best_per_class", "save_organ_model", "ORGAN_TASK"]
+__all__ = ["OrganVolumes", "training_cases", "train_organs", "localise", "best_per_class", "save_organ_model", "ORGAN_TASK"]
 
 log = logging.getLogger(__name__)
 ORGAN_TASK = "organ-localisation"  # the ``extra["task"]`` of an organ localiser's model file
@@ -44,16 +44,54 @@ def _prepared(case: OrganCase, pre):
 
 class OrganVolumes(Dataset):
     """Whole downsampled CTs with their organ boxes: ``{"image" [1, Z, Y, X] float32, "boxes" [K, 6] (model grid),
-    "labels" [K]}``; organs outside ``classes`` are left out."""
+    "labels" [K]}``; organs outside ``classes`` are left out.
 
-    def __init__(self, cases: Sequence[OrganCase], pre, classes: Sequence[str] = ORGANS):
+    ``repeats[i]``: how many times case ``i`` is drawn per epoch (default once). With an ``augment`` config whose
+    ``p`` > 0, each draw is augmented (:func:`~medetect.organs.augment.augment_organ_volume`) by a generator seeded
+    from ``(seed, epoch, index)``: an epoch's augmentations are reproducible, so a resumed run trains on the same ones.
+    The epoch lives in shared memory (:meth:`set_epoch` reaches DataLoader workers started before it)."""
+
+    def __init__(self, cases: Sequence[OrganCase], pre, classes: Sequence[str] = ORGANS, *,
+                 repeats: Sequence[int] | None = None, augment=None, seed: int = 0):
         self.cases, self.pre, self.classes = list(cases), pre, list(classes)
+        reps = [1] * len(self.cases) if repeats is None else [int(r) for r in repeats]
+        if len(reps) != len(self.cases) or min(reps, default=1) < 1:
+            raise ValueError("repeats must give a count >= 1 for every case")
+        self.index = [i for i, r in enumerate(reps) for _ in range(r)]
+        self.augment, self.seed = augment, int(seed)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
         self._cache: dict[int, dict] = {}
 
-    def __len__(self) -> int:
-        return len(self.cases)
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
 
-    def __getitem__(self, i: int) -> dict:
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _organ_map(self, c: OrganCase, p) -> torch.Tensor | None:
+        """The case's label map on the model grid as localiser class + 1 (0: background or another structure)."""
+        if c.labels is None:
+            return None
+        from ..data.io import read_image
+        from ..data.transforms import resample
+        from .anatomy import organ_of
+        from .data import read_label_table
+
+        table = read_label_table(c.labels.parent.parent, c.name)
+        lut = np.zeros(max(table) + 2 if table else 1, dtype=np.uint8)
+        for i, name in table.items():  # entries of a label table
+            org = organ_of(name)
+            if org in self.classes:
+                lut[i] = self.classes.index(org) + 1
+        lab = read_image(c.labels).array[0]
+        m = torch.from_numpy(lut[np.clip(lab.astype(np.int64), 0, len(lut) - 1)])
+        out = resample({"image": m[None], "spacing": tuple(p.geometry.spacing)}, tuple(self.pre.spacing),
+                       mode="nearest")["image"][0]
+        if tuple(out.shape) != tuple(p.tensor.shape[1:]):
+            raise ValueError(f"{c.labels}: the label map does not lie on the grid of {c.volume}")
+        return out
+
+    def _sample(self, i: int) -> dict:
         if i not in self._cache:
             c = self.cases[i]
             p = _prepared(c, self.pre)
@@ -61,9 +99,60 @@ class OrganVolumes(Dataset):
             zoom = torch.tensor(p.zoom * 2, dtype=torch.float64)
             boxes = (torch.as_tensor(c.boxes[keep], dtype=torch.float64).reshape(-1, 6) * zoom).float()
             labels = torch.tensor([self.classes.index(c.organs[k]) for k in keep], dtype=torch.long)
-            self._cache[i] = {"image": p.tensor.to(torch.float16), "boxes": boxes, "labels": labels}
-        s = self._cache[i]
-        return {"image": s["image"].float(), "boxes": s["boxes"], "labels": s["labels"]}
+            organ_map = self._organ_map(c, p) if self.augment is not None and self.augment.p > 0 else None
+            self._cache[i] = {"image": p.tensor.to(torch.float16), "boxes": boxes, "labels": labels,
+                              "organ_map": organ_map}
+        return self._cache[i]
+
+    def __getitem__(self, j: int) -> dict:
+        s = self._sample(self.index[j])
+        image, boxes, labels = s["image"].float(), s["boxes"], s["labels"]
+        if self.augment is not None and self.augment.p > 0:
+            from .augment import augment_organ_volume
+
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(self._epoch)) * 1_000_003 + j)
+            if float(torch.rand(1, generator=g)) < self.augment.p:
+                image, boxes, labels = augment_organ_volume(image, boxes, labels, s["organ_map"], self.pre.spacing,
+                                                            len(self.classes), self.augment, g)
+        return {"image": image, "boxes": boxes, "labels": labels}
+
+
+def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[int]]:
+    """The training CTs a ``data`` section names, with how often each is drawn per epoch: every case of ``root``
+    (once) and of ``extra_roots`` (``extra_repeat`` times), plus the phantoms generated into ``run_dir/phantoms``
+    when no folder is named or with ``mix_phantoms`` (once each); cases named in ``exclude_cases`` are left out (a
+    name that no folder holds is an error: a typo must not train on the case it meant to hold out)."""
+    from .phantoms import write_organ_dataset
+
+    dc = data_config
+    folders = [(f, 1) for f in [dc.root] if f] + [(f, dc.extra_repeat) for f in dc.extra_roots if f]
+    cases: list[OrganCase] = []
+    repeats: list[int] = []
+    seen: set[str] = set()
+    for f, rep in folders:  # a few folders
+        got = read_organ_folder(f)
+        seen |= {c.name for c in got}
+        got = [c for c in got if c.name not in dc.exclude_cases]
+        if not got:
+            raise ValueError(f"{Path(f) / 'boxes.csv'}: lists no cases to train on")
+        cases += got
+        repeats += [rep] * len(got)
+    if not folders or dc.mix_phantoms:
+        root = run_dir / "phantoms"
+        if not (root / "boxes.csv").is_file():
+            log.info("generating %d phantoms into %s", dc.phantoms, root)
+            write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
+        got = read_organ_folder(root)
+        seen |= {c.name for c in got}
+        got = [c for c in got if c.name not in dc.exclude_cases]
+        cases += got
+        repeats += [1] * len(got)
+    unknown = sorted(set(dc.exclude_cases) - seen)
+    if unknown:
+        raise ValueError(f"data.exclude_cases: no training folder has a case named {unknown[0]!r}")
+    if not cases:
+        raise ValueError("data: no training CTs (set data.root, data.extra_roots or leave both empty for phantoms)")
+    return cases, repeats
 
 
 def save_organ_model(model, path, pre, *, score_thresh: float, extra: dict | None = None) -> Path:
@@ -83,25 +172,18 @@ def train_organs(config, run_dir, *, resume: bool = False, overwrite: bool = Fal
     from ..engine.runs import prepare_run_dir
     from ..engine.trainer import Trainer, seed_everything
     from ..models.detector import build_detector
-    from .phantoms import write_organ_dataset
 
     run_dir = Path(run_dir)
-    dc = config.data
     prepare_run_dir(run_dir, config.to_dict(), resume=resume, overwrite=overwrite,
                     allow_config_change=allow_config_change)
-    root = Path(dc.root) if dc.root else run_dir / "phantoms"
-    if not dc.root and not (root / "boxes.csv").is_file():
-        log.info("generating %d phantoms into %s", dc.phantoms, root)
-        write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
-    cases = read_organ_folder(root)
-    if not cases:
-        raise ValueError(f"{root}: boxes.csv lists no cases to train on")
+    cases, repeats = training_cases(config.data, run_dir)
     pre = config.preprocess.build()
     seed_everything(config.train.seed)
     model = build_detector(config.model)
     if config.model.rpn_objectness_loss == "focal":  # RetinaNet's prior: objectness starts at p = 0.01, so the
         torch.nn.init.constant_(model.rpn.head.cls.bias, -math.log(99.0))  # focal loss over all anchors starts small
-    data = OrganVolumes(cases, pre, config.model.class_names)
+    data = OrganVolumes(cases, pre, config.model.class_names, repeats=repeats, augment=config.augment,
+                        seed=config.train.seed)
     trainer = Trainer(model=model, train_data=data, config=config.train, run_dir=run_dir,
                       run_config=config.to_dict(), device=device or "cpu", progress=progress)
     if resume and trainer.resume():
