@@ -272,6 +272,36 @@ def test_shipped_localiser_finds_the_organs_of_a_held_out_phantom():
     assert float(np.nanmean(m["wall_distance_mm"].numpy())) < 15.0
 
 
+def test_localiser_gives_the_same_world_boxes_on_any_stored_layout_of_a_ct():
+    """A NIfTI written with its rows and columns reversed (direction diag(-1, -1, 1), as dcm2niix writes) or its
+    slices reversed holds the same body: the localiser reorients to LPS and finds the same organs at the same world
+    positions (before, the reversed layout swapped the lungs and lost the heart)."""
+    from pathlib import Path
+
+    from medetect.apps import load_model
+    from medetect.organs.localiser import localise
+
+    w = Path(__file__).resolve().parents[1] / "medetect" / "weights" / "organs_ct_rpn3d.safetensors"
+    loaded = load_model(w)
+    hu, _, geom, _ = make_organ_phantom(5004, spacing=(4.0, 4.0, 4.0), fov="chest_abdomen")
+    ref = localise(loaded, MedicalImage(hu[None], geom))
+    assert int(ref["present"].sum()) >= 8
+    shape = np.array(hu.shape)
+    for flips in ((False, True, True), (True, False, False)):  # numpy axes (z, y, x) reversed
+        axes = tuple(a for a in range(3) if flips[a])
+        arr = np.flip(hu, axes).copy()
+        D = np.diag([(-1.0 if flips[2 - i] else 1.0) for i in range(3)])  # ITK columns (x, y, z)
+        idx0 = np.array([(shape[2 - i] - 1) if flips[2 - i] else 0 for i in range(3)], dtype=np.float64)
+        sp_itk = np.asarray(geom.spacing[::-1])
+        origin = np.asarray(geom.origin) + sp_itk * idx0  # the stored voxel 0 is the old far corner
+        g2 = Geometry(geom.spacing, tuple(origin), tuple(D.reshape(-1)))
+        res = localise(loaded, MedicalImage(arr[None], g2))
+        assert torch.equal(res["present"], ref["present"])
+        assert torch.allclose(res["scores"], ref["scores"], atol=1e-5)
+        p = ref["present"]
+        assert torch.allclose(res["boxes_mm"][p], ref["boxes_mm"][p], atol=1e-3)
+
+
 def test_predict_refuses_formats_an_organ_model_does_not_write_and_honours_overlays(tmp_path, tiny_model):
     """--format slicer / coco on an organ localiser is one sentence before anything is written; without --overlays
     no three-view PNG is made."""

@@ -7,6 +7,10 @@ cached in memory as float16; its merged organ boxes (:func:`medetect.organs.data
 zoom. The 3D Faster R-CNN sees the whole downsampled CT (no patches: where an organ is depends on the whole body).
 No flips: left and right organs are different classes.
 
+Both reorient every CT to the canonical LPS layout first (:func:`medetect.data.orientation.to_canonical`: axis
+permutations and reversals only), so a NIfTI stored with reversed rows and columns is the same body to the model;
+boxes are mapped back to the input grid.
+
 Localisation (:func:`localise`): the detector's per-class detections on the whole CT, then per organ the highest-
 scoring box (one ``scatter_reduce`` over the labels, no loop over boxes); an organ whose best score is below
 ``score_thresh`` is reported absent; a box touching the volume border is flagged ``truncated``.
@@ -35,11 +39,14 @@ ORGAN_TASK = "organ-localisation"  # the ``extra["task"]`` of an organ localiser
 
 
 def _prepared(case: OrganCase, pre):
+    """The case's CT in the canonical layout (:func:`~medetect.data.orientation.to_canonical`) through the model's
+    preprocessing, and the reorientation (its boxes and label map follow it)."""
     from ..data.io import read_image
+    from ..data.orientation import to_canonical
     from ..data.preprocess import prepare
 
-    img = read_image(case.volume)
-    return prepare(img, pre, allow_range_mismatch=True)
+    img, ro = to_canonical(read_image(case.volume))
+    return prepare(img, pre, allow_range_mismatch=True), ro
 
 
 class OrganVolumes(Dataset):
@@ -68,7 +75,7 @@ class OrganVolumes(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _organ_map(self, c: OrganCase, p) -> torch.Tensor | None:
+    def _organ_map(self, c: OrganCase, p, ro) -> torch.Tensor | None:
         """The case's label map on the model grid as localiser class + 1 (0: background or another structure)."""
         if c.labels is None:
             return None
@@ -83,8 +90,8 @@ class OrganVolumes(Dataset):
             org = organ_of(name)
             if org in self.classes:
                 lut[i] = self.classes.index(org) + 1
-        lab = read_image(c.labels).array[0]
-        m = torch.from_numpy(lut[np.clip(lab.astype(np.int64), 0, len(lut) - 1)])
+        lab = ro.array(read_image(c.labels).array[0], channels=False)
+        m = torch.from_numpy(np.ascontiguousarray(lut[np.clip(lab.astype(np.int64), 0, len(lut) - 1)]))
         out = resample({"image": m[None], "spacing": tuple(p.geometry.spacing)}, tuple(self.pre.spacing),
                        mode="nearest")["image"][0]
         if tuple(out.shape) != tuple(p.tensor.shape[1:]):
@@ -94,12 +101,13 @@ class OrganVolumes(Dataset):
     def _sample(self, i: int) -> dict:
         if i not in self._cache:
             c = self.cases[i]
-            p = _prepared(c, self.pre)
+            p, ro = _prepared(c, self.pre)
             keep = [k for k, o in enumerate(c.organs) if o in self.classes]
             zoom = torch.tensor(p.zoom * 2, dtype=torch.float64)
-            boxes = (torch.as_tensor(c.boxes[keep], dtype=torch.float64).reshape(-1, 6) * zoom).float()
+            boxes = ro.boxes_to_canonical(torch.as_tensor(c.boxes[keep], dtype=torch.float64).reshape(-1, 6))
+            boxes = (boxes * zoom).float()
             labels = torch.tensor([self.classes.index(c.organs[k]) for k in keep], dtype=torch.long)
-            organ_map = self._organ_map(c, p) if self.augment is not None and self.augment.p > 0 else None
+            organ_map = self._organ_map(c, p, ro) if self.augment is not None and self.augment.p > 0 else None
             self._cache[i] = {"image": p.tensor.to(torch.float16), "boxes": boxes, "labels": labels,
                               "organ_map": organ_map}
         return self._cache[i]
@@ -217,6 +225,7 @@ def localise(loaded, image, *, score_thresh: float | None = None, predictor=None
     (:func:`medetect.apps.load_model` result). Returns ``{"organs": [K names], "present" [K] bool, "scores" [K],
     "boxes" [K, 6] voxels of the input grid (NaN where absent), "boxes_mm" [K, 6] world (x0, y0, z0, x1, y1, z1),
     "truncated" [K] bool (box touches the volume border), "shape"}``."""
+    from ..data.orientation import to_canonical
     from ..engine.predictor import Predictor
     from .data import world_box
 
@@ -228,9 +237,11 @@ def localise(loaded, image, *, score_thresh: float | None = None, predictor=None
     predictor = predictor or Predictor(loaded.model, score_thresh=0.0)
     with warnings.catch_warnings():  # only each organ's best box is kept: the per-image cap is not a finding
         warnings.filterwarnings("ignore", message=".*the cap max_detections")
-        det = predictor.predict_image(image, loaded.preprocess, allow_range_mismatch=True)
+        canonical, ro = to_canonical(image)  # the model knows one layout of the body: LPS
+        det = predictor.predict_image(canonical, loaded.preprocess, allow_range_mismatch=True)
     k = len(loaded.classes)
     best = best_per_class(det, k)
+    best["boxes"] = ro.boxes_to_input(best["boxes"])
     present = best["present"] & (best["scores"] >= thresh)
     boxes = torch.where(present[:, None], best["boxes"], torch.full_like(best["boxes"], float("nan")))
     shape = torch.tensor(image.array.shape[1:], dtype=torch.float64)
