@@ -1,7 +1,13 @@
 """Organ localisation: held-out phantoms, the real organ-ct-sample cases, whole-CT timing, shipping.
 
     python experiments/organs_localiser.py data [--out DIR] [--n 30]         # held-out phantoms (seeds 5000..)
-    python experiments/organs_localiser.py evaluate --weights W [--out DIR]  # held-out phantoms + each real case
+    python experiments/organs_localiser.py evaluate --weights W [--out DIR] [--real FOLDER ...]
+                                               # held-out phantoms + each case of each real organ folder
+                                               # (default: ../shared/data/organ-ct-sample)
+    python experiments/organs_localiser.py thresholds --weights W [--out DIR] [--real FOLDER ...]
+                                               # per score threshold: detection rate of the present organs
+                                               # (phantoms, each real folder) and the rate at which an organ
+                                               # absent from a phantom is reported present
     python experiments/organs_localiser.py time --weights W [--threads 1]    # 512x512x300 CT, 1 thread
     python experiments/organs_localiser.py ship RUN                          # RUN/model.safetensors -> fp16 weights
     python experiments/organs_localiser.py table [--out DIR]                 # the results table of OUT/results.json
@@ -40,14 +46,17 @@ def data(out: Path, n: int, **phantom_kw) -> None:
     print(write_organ_dataset(out / "heldout", n, 5000, **kw), f"{time.time() - t:.0f} s")
 
 
-def evaluate(out: Path, weights: Path, real: bool = True) -> None:
+def _folders(out: Path, real: list[Path]) -> list[tuple[str, Path]]:
+    return [("heldout_phantoms", out / "heldout")] + [(f"real:{Path(f).name}", Path(f)) for f in real]
+
+
+def evaluate(out: Path, weights: Path, real: list[Path]) -> None:
     from medetect.apps import load_model
     from medetect.organs.report import evaluate_organ_folder, format_organ_table
 
     loaded = load_model(weights)
     results = {}
-    folders = [("heldout_phantoms", out / "heldout")] + ([("organ_ct_sample", SHARED / "organ-ct-sample")] if real else [])
-    for name, folder in folders:
+    for name, folder in _folders(out, real):
         if not (folder / "boxes.csv").is_file():
             print(f"skipping {name}: {folder} has no boxes.csv")
             continue
@@ -58,6 +67,38 @@ def evaluate(out: Path, weights: Path, real: bool = True) -> None:
         results[name] = res
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"written {out / 'results.json'}")
+
+
+def thresholds(out: Path, weights: Path, real: list[Path], grid=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> None:
+    """Every organ's best box at threshold 0 once, then per threshold: detection rate over the present organs
+    (phantoms; each real folder) and, on the phantoms (every organ labelled), the rate at which an absent organ is
+    reported present. Real folders label only some of the organs they show, so no false-present rate there."""
+    from medetect.apps import load_model
+    from medetect.organs.report import evaluate_organ_folder
+
+    loaded = load_model(weights)
+    recs = {}
+    for name, folder in _folders(out, real):
+        if (folder / "boxes.csv").is_file():
+            res = evaluate_organ_folder(loaded, folder, score_thresh=0.0)
+            recs[name] = [r for case in res["cases"].values() for r in case["organs"].values()]
+    rows = []
+    for t in grid:
+        row = {"threshold": t}
+        for name, rs in recs.items():
+            present = [r for r in rs if r["present"]]
+            row[f"{name}:detection_rate"] = round(np.mean([(r["iou"] or 0) > 0 and (r["score"] or 0) >= t
+                                                           for r in present]), 3) if present else None
+            if name == "heldout_phantoms":
+                absent = [r for r in rs if not r["present"]]
+                row["heldout_phantoms:false_present_rate"] = round(np.mean([(r["score"] or 0) >= t for r in absent]),
+                                                                   3) if absent else None
+        rows.append(row)
+    (out / "thresholds.json").write_text(json.dumps(rows, indent=1))
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n" + "|---" * len(keys) + "|")
+    for row in rows:
+        print("| " + " | ".join("-" if row[k] is None else f"{row[k]:g}" for k in keys) + " |")
 
 
 def _short(res: dict) -> str:
@@ -111,9 +152,10 @@ def table(out: Path) -> None:
         return "-" if v is None else f"{v:.{nd}f}"
 
     cols = [("held-out phantoms", res["heldout_phantoms"], None)] if "heldout_phantoms" in res else []
-    real = res.get("organ_ct_sample", {})
-    cols += [(case, real, case) for case in real.get("cases", {})]
-    organs = [o for o in (res.get("heldout_phantoms") or real)["organs_scored"]]
+    for name, real in res.items():
+        if name.startswith("real:"):
+            cols += [(case, real, case) for case in real.get("cases", {})]
+    organs = [o for o in (res.get("heldout_phantoms") or cols[0][1])["organs_scored"]]
     head = "| organ | " + " | ".join(f"{name}: wall / centroid mm, IoU, detected" for name, _, _ in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
     for o in organs + ["mean"]:
@@ -133,13 +175,16 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", nargs="?", choices=["data", "evaluate", "time", "ship", "table"])
+    ap.add_argument("stage", nargs="?", choices=["data", "evaluate", "thresholds", "time", "ship", "table"])
     ap.add_argument("run", nargs="?", help="ship: the training run folder")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default /tmp/medetect_organs; smoke: a new "
                                                            "temporary folder)")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--weights", type=Path, default=SHIPPED)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--real", type=Path, action="append", default=None,
+                    help="a real organ folder (organ-ct-sample layout) to evaluate on; repeat for more (default: "
+                         "the shared organ-ct-sample)")
     ap.add_argument("--smoke", action="store_true", help="data, evaluate, time and table on 2 coarse phantoms and a "
                                                          "small timing volume (seconds; not a result)")
     a = ap.parse_args()
@@ -154,13 +199,16 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.smoke:  # every stage but ship, on 2 coarse phantoms and a small timing volume
         data(a.out, 2, spacing=(5.0, 4.0, 4.0))
-        evaluate(a.out, a.weights, real=False)
+        evaluate(a.out, a.weights, real=[])
+        thresholds(a.out, a.weights, real=[], grid=(0.1, 0.3))
         timing(a.weights, a.threads, shape=(48, 96, 96), phantom_spacing=(5.0, 4.0, 4.0))
         table(a.out)
     elif a.stage == "data":
         data(a.out, a.n)
     elif a.stage == "evaluate":
-        evaluate(a.out, a.weights)
+        evaluate(a.out, a.weights, a.real if a.real is not None else [SHARED / "organ-ct-sample"])
+    elif a.stage == "thresholds":
+        thresholds(a.out, a.weights, a.real if a.real is not None else [SHARED / "organ-ct-sample"])
     elif a.stage == "table":
         table(a.out)
     elif a.stage == "time":
