@@ -77,6 +77,17 @@ def test_organs_localiser_smoke(tmp_path):
     assert "| mean |" in out.stdout and '"median_s"' in out.stdout
 
 
+def test_organ_validation_ct_smoke(tmp_path):
+    out = _script("organ_validation_ct.py", "--smoke", "--out", str(tmp_path))
+    assert "smoke: ok" in out.stdout and "LIVER -> liver (5): 40 voxels, 2 contours off the slice grid" in out.stdout
+    assert (tmp_path / "folder" / "boxes.csv").is_file() and (tmp_path / "folder" / "labels" / "smoke.nii.gz").is_file()
+    # a user mistake is one sentence and exit code 2, no traceback
+    bad = subprocess.run([sys.executable, str(EXPERIMENTS / "organ_validation_ct.py"), "onkodicom",
+                          str(tmp_path / "missing"), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such folder" in bad.stderr
+
+
 def test_attention_luna_cubes_smoke(tmp_path):
     _script("attention_luna_cubes.py", "--smoke", "--out", str(tmp_path))
     (result,) = tmp_path.glob("lam1_e1*/result.json")
