@@ -71,7 +71,7 @@ def evaluate(out: Path, weights: Path, real: list[Path]) -> None:
 
 def thresholds(out: Path, weights: Path, real: list[Path], grid=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> None:
     """Every organ's best box at threshold 0 once, then per threshold: detection rate over the present organs
-    (phantoms; each real folder) and, on the phantoms (every organ labelled), the rate at which an absent organ is
+    and mean wall distance over the detected ones (phantoms; each real folder) and, on the phantoms (every organ labelled), the rate at which an absent organ is
     reported present. Real folders label only some of the organs they show, so no false-present rate there."""
     from medetect.apps import load_model
     from medetect.organs.report import evaluate_organ_folder
@@ -87,8 +87,10 @@ def thresholds(out: Path, weights: Path, real: list[Path], grid=(0.05, 0.1, 0.15
         row = {"threshold": t}
         for name, rs in recs.items():
             present = [r for r in rs if r["present"]]
-            row[f"{name}:detection_rate"] = round(np.mean([(r["iou"] or 0) > 0 and (r["score"] or 0) >= t
-                                                           for r in present]), 3) if present else None
+            hit = [r for r in present if (r["iou"] or 0) > 0 and (r["score"] or 0) >= t]
+            walls = [r["wall_distance_mm"] for r in hit if r["wall_distance_mm"] is not None]
+            row[f"{name}:detection_rate"] = round(len(hit) / len(present), 3) if present else None
+            row[f"{name}:wall_mm"] = round(float(np.mean(walls)), 1) if walls else None
             if name == "heldout_phantoms":
                 absent = [r for r in rs if not r["present"]]
                 row["heldout_phantoms:false_present_rate"] = round(np.mean([(r["score"] or 0) >= t for r in absent]),

@@ -25,10 +25,12 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..schema import check, option
+from .data import label_extents
 
 __all__ = ["OrganAugmentConfig", "augment_organ_volume", "boxes_from_organ_map"]
 
@@ -64,21 +66,12 @@ def _u(lo: float, hi: float, g: torch.Generator, n: int = 1) -> torch.Tensor:
 
 def boxes_from_organ_map(organ_map: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Organ map ``[Z, Y, X]`` (class + 1 per voxel, 0 background) -> (class indices present ``[K']``, voxel boxes
-    ``[K', 6]`` half-open, array order). One ``bincount`` per axis over (class, coordinate) pairs: no loop over
-    classes or voxels."""
-    m = organ_map.long()
-    n = num_classes + 1
-    lo, hi = [], []
-    for a, size in enumerate(m.shape):
-        coord = torch.arange(size).view([-1 if b == a else 1 for b in range(3)]).expand_as(m)
-        occ = torch.bincount((m * size + coord).reshape(-1), minlength=n * size).view(n, size)[1:] > 0  # [K, size]
-        idx = torch.arange(size)
-        lo.append(torch.where(occ, idx, size).amin(1))
-        hi.append(torch.where(occ, idx + 1, 0).amax(1))
-    lo_t, hi_t = torch.stack(lo, 1), torch.stack(hi, 1)
-    present = (hi_t > lo_t).all(1)
-    cls = torch.nonzero(present).reshape(-1)
-    return cls, torch.cat([lo_t, hi_t], 1)[cls].float()
+    ``[K', 6]`` half-open, array order), by the label-map extents of :func:`medetect.organs.data.label_extents`."""
+    m = organ_map.numpy() if isinstance(organ_map, torch.Tensor) else np.asarray(organ_map)
+    counts = np.bincount(m.reshape(-1).astype(np.int64), minlength=num_classes + 1)
+    ids = np.flatnonzero(counts[1:]) + 1
+    vox = label_extents(m, ids, len(counts))
+    return torch.from_numpy(ids - 1).long(), torch.from_numpy(vox).float()
 
 
 def _sampling_grid(shape: Sequence[int], spacing: Sequence[float], cfg: OrganAugmentConfig,

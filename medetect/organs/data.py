@@ -24,7 +24,7 @@ import numpy as np
 from ..convert import Geometry, voxel_to_world
 from .anatomy import organ_of
 
-__all__ = ["BOX_COLUMNS", "OrganCase", "boxes_from_labels", "world_box", "write_boxes_csv", "read_boxes_csv",
+__all__ = ["BOX_COLUMNS", "OrganCase", "label_extents", "boxes_from_labels", "world_box", "write_boxes_csv", "read_boxes_csv",
            "read_label_table", "organ_boxes", "read_organ_folder", "check_label_map", "boxes_from_label_file"]
 
 BOX_COLUMNS = ("case", "organ", "label_id", "x0", "y0", "z0", "x1", "y1", "z1", "vz0", "vy0", "vx0", "vz1", "vy1",
@@ -55,6 +55,23 @@ def check_label_map(labels: np.ndarray, volume_shape, volume_geometry: Geometry,
                                  f"{tuple(b.round(4))}; resample it onto the CT grid first")
 
 
+def label_extents(labels: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """Voxel boxes ``[L, 6]`` (array order, half-open) of the label ``ids`` (all present) in a label map
+    ``[Z, Y, X]`` whose ids are < ``n``. One ``bincount`` per slice over (id, coordinate) pairs: memory stays one
+    slice's, and there is no loop over labels or voxels."""
+    Z, Y, X = labels.shape
+    present = [np.zeros((n, s), dtype=bool) for s in (Z, Y, X)]
+    yy, xx = np.arange(Y)[:, None], np.arange(X)[None, :]
+    for z in range(Z):  # one pass over the slices
+        s = labels[z].astype(np.int64)
+        present[0][:, z] = np.bincount(s.reshape(-1), minlength=n) > 0
+        present[1] |= (np.bincount((s * Y + yy).reshape(-1), minlength=n * Y) > 0).reshape(n, Y)
+        present[2] |= (np.bincount((s * X + xx).reshape(-1), minlength=n * X) > 0).reshape(n, X)
+    lo = np.stack([p[ids].argmax(1) for p in present], 1)
+    hi = np.stack([p.shape[1] - p[ids][:, ::-1].argmax(1) for p in present], 1)
+    return np.concatenate([lo, hi], 1).reshape(-1, 6)
+
+
 def boxes_from_labels(labels: np.ndarray, geometry: Geometry, names: Mapping[int, str], *, case: str = "",
                       strict: bool = True) -> list[dict]:
     """One ``boxes.csv`` row per label id present in the label map ``[Z, Y, X]`` (ids named by ``names``).
@@ -73,19 +90,9 @@ def boxes_from_labels(labels: np.ndarray, geometry: Geometry, names: Mapping[int
     if missing and strict:
         raise ValueError(f"{case or 'label map'}: label id {missing[0]} is not in the label table "
                          f"(known ids: {sorted(names)[:10]}...)")
-    Z, Y, X = lab.shape
-    present = [np.zeros((n, s), dtype=bool) for s in (Z, Y, X)]
-    yy, xx = np.arange(Y)[:, None], np.arange(X)[None, :]
-    for z in range(Z):  # one pass over the slices
-        s = lab[z].astype(np.int64)
-        present[0][:, z] = np.bincount(s.reshape(-1), minlength=n) > 0
-        present[1] |= (np.bincount((s * Y + yy).reshape(-1), minlength=n * Y) > 0).reshape(n, Y)
-        present[2] |= (np.bincount((s * X + xx).reshape(-1), minlength=n * X) > 0).reshape(n, X)
-    lo = np.stack([p[ids].argmax(1) for p in present], 1)
-    hi = np.stack([p.shape[1] - p[ids][:, ::-1].argmax(1) for p in present], 1)
-    vox = np.concatenate([lo, hi], 1)  # [L, 6] half-open
+    vox = label_extents(lab, ids, n)
     world = world_box(vox, geometry)
-    touches = (lo == 0).any(1) | (hi == np.array(lab.shape)).any(1)
+    touches = (vox[:, :3] == 0).any(1) | (vox[:, 3:] == np.array(lab.shape)).any(1)
     rows = []
     for k, i in enumerate(ids):  # rows of a CSV file
         if int(i) not in names:
