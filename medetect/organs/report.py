@@ -156,8 +156,12 @@ def predict_organs(loaded, files: Sequence[Path], out_dir: str | Path, *, read=N
                             int(bool(res["truncated"][i])) if p else ""])
         if not bool(res["present"].any()):
             warnings.warn(f"{f}: no organ found (every organ's best score is below the threshold)", stacklevel=2)
-        if png:
-            three_view_png(img.array[0], img.geometry.spacing, res, out_dir / f"{stem}_organs.png")
+        if png:  # drawn in the canonical LPS layout, so that superior is up and the patient's left on the right
+            from ..data.orientation import to_canonical
+
+            can, ro = to_canonical(img)
+            three_view_png(can.array[0], can.geometry.spacing, {**res, "boxes": ro.boxes_to_canonical(res["boxes"])},
+                           out_dir / f"{stem}_organs.png")
         everything[str(f)] = localisation_record(res)
         written.append(path)
     return written, everything
