@@ -126,14 +126,20 @@ class OrganVolumes(Dataset):
 
 
 def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[int]]:
-    """The training CTs a ``data`` section names, with how often each is drawn per epoch: every case of ``root``
-    (once) and of ``extra_roots`` (``extra_repeat`` times), plus the phantoms generated into ``run_dir/phantoms``
-    when no folder is named or with ``mix_phantoms`` (once each); cases named in ``exclude_cases`` are left out (a
+    """The training CTs a ``data`` section names, with how often each is drawn per epoch: the phantoms generated into
+    ``run_dir/phantoms`` when no folder is named or with ``mix_phantoms`` (once each), every case of ``root`` (once)
+    and of ``extra_roots`` (``extra_repeat`` times), in that order; cases named in ``exclude_cases`` are left out (a
     name that no folder holds is an error: a typo must not train on the case it meant to hold out)."""
     from .phantoms import write_organ_dataset
 
     dc = data_config
     folders = [(f, 1) for f in [dc.root] if f] + [(f, dc.extra_repeat) for f in dc.extra_roots if f]
+    if not folders or dc.mix_phantoms:  # the phantoms first, then the real folders in the order named
+        root = run_dir / "phantoms"
+        if not (root / "boxes.csv").is_file():
+            log.info("generating %d phantoms into %s", dc.phantoms, root)
+            write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
+        folders.insert(0, (root, 1))
     cases: list[OrganCase] = []
     repeats: list[int] = []
     seen: set[str] = set()
@@ -145,21 +151,9 @@ def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[in
             raise ValueError(f"{Path(f) / 'boxes.csv'}: lists no cases to train on")
         cases += got
         repeats += [rep] * len(got)
-    if not folders or dc.mix_phantoms:
-        root = run_dir / "phantoms"
-        if not (root / "boxes.csv").is_file():
-            log.info("generating %d phantoms into %s", dc.phantoms, root)
-            write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
-        got = read_organ_folder(root)
-        seen |= {c.name for c in got}
-        got = [c for c in got if c.name not in dc.exclude_cases]
-        cases += got
-        repeats += [1] * len(got)
     unknown = sorted(set(dc.exclude_cases) - seen)
     if unknown:
         raise ValueError(f"data.exclude_cases: no training folder has a case named {unknown[0]!r}")
-    if not cases:
-        raise ValueError("data: no training CTs (set data.root, data.extra_roots or leave both empty for phantoms)")
     return cases, repeats
 
 
