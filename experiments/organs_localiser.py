@@ -9,7 +9,8 @@
                                                # (phantoms, each real folder) and the rate at which an organ
                                                # absent from a phantom is reported present
     python experiments/organs_localiser.py time --weights W [--threads 1]    # 512x512x300 CT, 1 thread
-    python experiments/organs_localiser.py ship RUN                          # RUN/model.safetensors -> fp16 weights
+    python experiments/organs_localiser.py ship RUN [--score-thresh T] --weights OUT
+                                               # RUN/model.safetensors (or a model file) -> fp16 weights
     python experiments/organs_localiser.py table [--out DIR]                 # the results table of OUT/results.json
     python experiments/organs_localiser.py --smoke [--out DIR]               # data, evaluate, time, table on 2 tiny
                                                                              # phantoms (seconds; not a result)
@@ -134,14 +135,18 @@ def timing(weights: Path, threads: int, shape=(300, 512, 512), phantom_spacing=(
                       "median_s": round(sorted(times)[1], 2), "organs_found": int(res["present"].sum())}))
 
 
-def ship(run: Path, out: Path) -> None:
+def ship(run: Path, out: Path, score_thresh: float | None = None) -> None:
+    """RUN/model.safetensors (or a model file) -> fp16 ``out``; ``score_thresh`` replaces the stored organ threshold
+    (the same tensors: fp16 -> fp32 -> fp16 is exact)."""
     from medetect.apps import load_model
     from medetect.models.io import save_model
 
-    loaded = load_model(run / "model.safetensors")
+    loaded = load_model(run if run.is_file() else run / "model.safetensors")
     model = loaded.model.half()
-    save_model(model, out, kind="detector", preprocess=loaded.preprocess, classes=loaded.classes,
-               extra={**loaded.meta["extra"], "dtype": "float16"})
+    extra = {**loaded.meta["extra"], "dtype": "float16"}
+    if score_thresh is not None:
+        extra["organ_score_thresh"] = float(score_thresh)
+    save_model(model, out, kind="detector", preprocess=loaded.preprocess, classes=loaded.classes, extra=extra)
     print(f"written {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -184,6 +189,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--weights", type=Path, default=SHIPPED)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--score-thresh", type=float, default=None,
+                    help="ship: the organ score threshold stored in the file (default: the run's)")
     ap.add_argument("--real", type=Path, action="append", default=None,
                     help="a real organ folder (organ-ct-sample layout) to evaluate on; repeat for more (default: "
                          "the shared organ-ct-sample)")
@@ -216,7 +223,7 @@ def main() -> None:
     elif a.stage == "time":
         timing(a.weights, a.threads)
     else:
-        ship(Path(a.run), a.weights)
+        ship(Path(a.run), a.weights, a.score_thresh)
 
 
 if __name__ == "__main__":
