@@ -92,7 +92,7 @@ class OrganPreprocessConfig:
 
 @dataclass
 class OrganLocaliseConfig:
-    score_thresh: float = option(0.3, doc="an organ is reported present when its best box scores at least this",
+    score_thresh: float = option(0.05, doc="an organ is reported present when its best box scores at least this",
                                  ge=0, le=1)
 
     def validate(self, prefix: str = "localise") -> None:
