@@ -44,8 +44,8 @@ def default_organ_train_config() -> TrainConfig:
 
 @dataclass
 class OrganDataConfig:
-    root: str = option("", doc="organ-ct-sample-layout folder to train on (volumes/, labels/, boxes.csv); empty: "
-                       "generate phantoms into <run dir>/phantoms", path=True)
+    root: str = option("", doc="organ-ct-sample-layout folder to train on (volumes/, labels/, boxes.csv); with "
+                       "root and extra_roots empty: phantoms generated into <run dir>/phantoms", path=True)
     extra_roots: list[str] = option([], doc="more organ-ct-sample-layout folders of labelled CTs added to the "
                                     "training set", path=True)
     extra_repeat: int = option(1, doc="each CT of extra_roots is drawn this many times per epoch (a few real CTs "

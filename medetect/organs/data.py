@@ -24,8 +24,8 @@ import numpy as np
 from ..convert import Geometry, voxel_to_world
 from .anatomy import organ_of
 
-__all__ = ["BOX_COLUMNS", "OrganCase", "label_extents", "boxes_from_labels", "world_box", "write_boxes_csv", "read_boxes_csv",
-           "read_label_table", "organ_boxes", "read_organ_folder", "check_label_map", "boxes_from_label_file"]
+__all__ = ["BOX_COLUMNS", "OrganCase", "label_extents", "boxes_from_labels", "world_box", "write_boxes_csv",
+           "read_boxes_csv", "read_label_table", "organ_boxes", "read_organ_folder", "check_label_map", "boxes_from_label_file"]
 
 BOX_COLUMNS = ("case", "organ", "label_id", "x0", "y0", "z0", "x1", "y1", "z1", "vz0", "vy0", "vx0", "vz1", "vy1",
                "vx1", "voxels", "touches_border")

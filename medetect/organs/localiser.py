@@ -32,7 +32,8 @@ from torch.utils.data import Dataset
 from .anatomy import ORGANS
 from .data import OrganCase, read_organ_folder
 
-__all__ = ["OrganVolumes", "training_cases", "train_organs", "localise", "best_per_class", "save_organ_model", "ORGAN_TASK"]
+__all__ = ["OrganVolumes", "training_cases", "train_organs", "localise", "best_per_class", "save_organ_model",
+           "ORGAN_TASK"]
 
 log = logging.getLogger(__name__)
 ORGAN_TASK = "organ-localisation"  # the ``extra["task"]`` of an organ localiser's model file
