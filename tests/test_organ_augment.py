@@ -121,3 +121,14 @@ def test_organ_volumes_augment_reproducibly_per_epoch(two_folders):
     plain = OrganVolumes(cases, cfg.preprocess.build(), cfg.model.class_names)[0]
     assert first["image"].shape[2:] == plain["image"].shape[2:]  # z may be cropped, never the plane
     assert first["image"].min() >= 0 and first["image"].max() <= 1
+
+
+def test_a_misspelt_held_out_case_is_refused_before_any_run_folder_is_written(two_folders, tmp_path):
+    from medetect.organs.localiser import train_organs
+
+    a, _ = two_folders
+    cfg = OrganLocalisationConfig()
+    cfg.data.root, cfg.data.exclude_cases = str(a), ["phantom_99999"]
+    with pytest.raises(ValueError, match="data.exclude_cases: no training folder has a case named 'phantom_99999'"):
+        train_organs(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

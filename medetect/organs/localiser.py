@@ -126,21 +126,7 @@ class OrganVolumes(Dataset):
         return {"image": image, "boxes": boxes, "labels": labels}
 
 
-def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[int]]:
-    """The training CTs a ``data`` section names, with how often each is drawn per epoch: the phantoms generated into
-    ``run_dir/phantoms`` when no folder is named or with ``mix_phantoms`` (once each), every case of ``root`` (once)
-    and of ``extra_roots`` (``extra_repeat`` times), in that order; cases named in ``exclude_cases`` are left out (a
-    name that no folder holds is an error: a typo must not train on the case it meant to hold out)."""
-    from .phantoms import write_organ_dataset
-
-    dc = data_config
-    folders = [(f, 1) for f in [dc.root] if f] + [(f, dc.extra_repeat) for f in dc.extra_roots if f]
-    if not folders or dc.mix_phantoms:  # the phantoms first, then the real folders in the order named
-        root = run_dir / "phantoms"
-        if not (root / "boxes.csv").is_file():
-            log.info("generating %d phantoms into %s", dc.phantoms, root)
-            write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
-        folders.insert(0, (root, 1))
+def _folder_cases(dc, folders) -> tuple[list[OrganCase], list[int], set[str]]:
     cases: list[OrganCase] = []
     repeats: list[int] = []
     seen: set[str] = set()
@@ -152,6 +138,40 @@ def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[in
             raise ValueError(f"{Path(f) / 'boxes.csv'}: lists no cases to train on")
         cases += got
         repeats += [rep] * len(got)
+    return cases, repeats, seen
+
+
+def _uses_phantoms(dc) -> bool:
+    return not (dc.root or any(dc.extra_roots)) or dc.mix_phantoms
+
+
+def check_training_folders(data_config) -> None:
+    """The named folders and held-out case names, checked before a run folder is written (reading only the
+    ``boxes.csv`` files and volume headers): a typo is one sentence, and no run folder is left behind."""
+    dc = data_config
+    folders = [(f, 1) for f in [dc.root] if f] + [(f, dc.extra_repeat) for f in dc.extra_roots if f]
+    _, _, seen = _folder_cases(dc, folders)
+    unknown = sorted(set(dc.exclude_cases) - seen)
+    if unknown and not _uses_phantoms(dc):  # phantom names are known once they are generated
+        raise ValueError(f"data.exclude_cases: no training folder has a case named {unknown[0]!r}")
+
+
+def training_cases(data_config, run_dir: Path) -> tuple[list[OrganCase], list[int]]:
+    """The training CTs a ``data`` section names, with how often each is drawn per epoch: the phantoms generated into
+    ``run_dir/phantoms`` when no folder is named or with ``mix_phantoms`` (once each), every case of ``root`` (once)
+    and of ``extra_roots`` (``extra_repeat`` times), in that order; cases named in ``exclude_cases`` are left out (a
+    name that no folder holds is an error: a typo must not train on the case it meant to hold out)."""
+    from .phantoms import write_organ_dataset
+
+    dc = data_config
+    folders = [(f, 1) for f in [dc.root] if f] + [(f, dc.extra_repeat) for f in dc.extra_roots if f]
+    if _uses_phantoms(dc):  # the phantoms first, then the real folders in the order named
+        root = run_dir / "phantoms"
+        if not (root / "boxes.csv").is_file():
+            log.info("generating %d phantoms into %s", dc.phantoms, root)
+            write_organ_dataset(root, dc.phantoms, dc.seed, spacing_range=(tuple(dc.slice_mm), tuple(dc.in_plane_mm)))
+        folders.insert(0, (root, 1))
+    cases, repeats, seen = _folder_cases(dc, folders)
     unknown = sorted(set(dc.exclude_cases) - seen)
     if unknown:
         raise ValueError(f"data.exclude_cases: no training folder has a case named {unknown[0]!r}")
@@ -177,6 +197,7 @@ def train_organs(config, run_dir, *, resume: bool = False, overwrite: bool = Fal
     from ..models.detector import build_detector
 
     run_dir = Path(run_dir)
+    check_training_folders(config.data)
     prepare_run_dir(run_dir, config.to_dict(), resume=resume, overwrite=overwrite,
                     allow_config_change=allow_config_change)
     cases, repeats = training_cases(config.data, run_dir)
