@@ -1,4 +1,4 @@
-"""The one atomic file writer of the library: every file medetect writes that a reader (or a resumed run) must never
+"""The one atomic file writer of the library (and the one reader of its JSON records, :func:`read_json`): every file medetect writes that a reader (or a resumed run) must never
 see half-written goes through :func:`write_atomically` (model files, checkpoints' JSON, run records, reports).
 
 A temporary file is made beside the target (same folder, so the final rename stays on one file system), written,
@@ -7,12 +7,13 @@ that fails removes its temporary file and leaves the target as it was."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomically", "write_text_atomically"]
+__all__ = ["write_atomically", "write_text_atomically", "read_json"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], mode: int = 0o644) -> Path:
@@ -36,3 +37,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], mod
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """``text`` (UTF-8) to ``path`` through :func:`write_atomically`."""
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | os.PathLike, then: str = ""):
+    """The JSON record at ``path``; damaged JSON is one sentence naming the file (and ``then``, what to do)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})" + (f"; {then}" if then else "")) from None

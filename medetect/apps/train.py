@@ -20,7 +20,7 @@ from ..data.folds import fold_sizes
 from ..engine.curves import read_best
 from ..engine.runs import config_diff, describe_diff, prepare_run_dir
 from ..engine.trainer import json_safe
-from ..files import write_text_atomically
+from ..files import read_json, write_text_atomically
 from .tasks import TASKS, task_named
 
 __all__ = ["CV_CONFIG", "CV_SUMMARY", "FOLD_DONE", "train", "train_folds", "cv_summary"]
@@ -74,10 +74,7 @@ def _prepare_cv_dir(root: Path, record: dict, defaults: dict, *, resume: bool, o
         if not path.is_file():
             raise ValueError(f"{root} holds no cross-validation run ({CV_CONFIG} is missing): pass another --run-dir, "
                              "or --overwrite to move it aside")
-        try:
-            old = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it to resume these folds") from None
+        old = read_json(path, "fix or remove it to resume these folds")
         diff = config_diff(old, record, defaults)
         if diff and not allow_config_change:
             raise ValueError(f"the folds or config differ from the ones {root} was trained with ({describe_diff(diff)}): "

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text_atomically
+from ..files import read_json, write_text_atomically
 from .checkpoint import CheckpointWarning, latest_checkpoint
 
 __all__ = ["prepare_run_dir", "config_diff", "describe_diff"]
@@ -142,10 +142,7 @@ def prepare_run_dir(
         if ckpt is None:
             logger.warning("%s holds no checkpoint yet: --resume starts this run at epoch 0", run_dir)
         if cfg_path.is_file():
-            try:
-                old = json.loads(cfg_path.read_text())
-            except ValueError as e:
-                raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or remove it to resume this run") from e
+            old = read_json(cfg_path, "fix or remove it to resume this run")
             diff = config_diff(old, config, defaults)
             if diff and not allow_config_change:
                 raise ValueError(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_text_atomically
+from ..files import read_json, write_text_atomically
 from ..engine.runs import _move_aside, config_diff
 from ..schema import build_config
 from .config import LineageConfig
@@ -39,10 +39,7 @@ def load_lineage_config(folder: str | Path) -> LineageConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{folder} is not a lineage folder: {CONFIG_FILE} is missing (train one with "
                                 "medetect lineage train)")
-    try:
-        raw = json.loads(file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    raw = read_json(file)
     try:
         return build_config(LineageConfig, raw)
     except ValueError as e:
