@@ -48,6 +48,11 @@ def data(out: Path, n: int, **phantom_kw) -> None:
 
 
 def _folders(out: Path, real: list[Path]) -> list[tuple[str, Path]]:
+    """The held-out phantoms (skipped with a line when not generated yet) and each named real folder (which must be
+    an organ folder: a missing one is an error, never silently skipped)."""
+    for f in real:
+        if not (Path(f) / "boxes.csv").is_file():
+            raise FileNotFoundError(f"--real {f}: not an organ folder (no boxes.csv there)")
     return [("heldout_phantoms", out / "heldout")] + [(f"real:{Path(f).name}", Path(f)) for f in real]
 
 
@@ -153,6 +158,8 @@ def ship(run: Path, out: Path, score_thresh: float | None = None) -> None:
 def table(out: Path) -> None:
     """The Xu-style markdown table (per organ: wall distance, centroid distance, IoU, detection rate) of
     ``OUT/results.json``: held-out phantoms, then each real case separately."""
+    if not (out / "results.json").is_file():
+        raise FileNotFoundError(f"{out / 'results.json'}: not there; run the evaluate stage with the same --out first")
     res = json.loads((out / "results.json").read_text())
 
     def f(v, nd=1):
@@ -196,9 +203,24 @@ def main() -> None:
                          "the shared organ-ct-sample)")
     ap.add_argument("--smoke", action="store_true", help="data, evaluate, time and table on 2 coarse phantoms and a "
                                                          "small timing volume (seconds; not a result)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args()
     if a.stage is None and not a.smoke:
         ap.error("a stage is required (or --smoke)")
+    if a.stage == "ship" and not a.run:
+        ap.error("ship needs the training run folder (or a model file)")
+    if a.score_thresh is not None and not 0 <= a.score_thresh <= 1:
+        ap.error(f"--score-thresh must be in [0, 1], got {a.score_thresh:g}")
+    try:
+        run(a)
+    except (FileNotFoundError, ValueError) as e:  # a user mistake: one sentence, exit 2
+        if a.debug:
+            raise
+        print(f"organs_localiser: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(a: argparse.Namespace) -> None:
     if a.out is None:
         import tempfile
 
